@@ -1,0 +1,308 @@
+"""Experiment configuration: YAML + dotted overrides -> frozen, validated dataclasses.
+
+This is the only place configuration is parsed. Every section is a frozen dataclass; `Literal[...]` fields
+list their allowed values, and `__post_init__` checks ranges. Errors are `ConfigError` (a ValueError) whose
+message names the dotted key, the bad value and what is allowed, so the CLI can print one line and exit 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the key and the bad value."""
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' has invalid value {value!r}: expected {expected}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A local HF checkpoint directory; None builds the embedded tiny model (see nested_reft_ds.model).
+    path: str | None = None
+    # Architecture and size of the embedded model (ignored when `path` is set).
+    arch: Literal["qwen2", "llama", "qwen3", "mistral"] = "qwen2"
+    hidden_size: int = 128
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    # "auto": flash_attention_2 on CUDA when flash-attn imports, else sdpa.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            value = getattr(self, key)
+            _require(value >= 1, f"model.{key}", value, "an integer >= 1")
+        _require(self.hidden_size % self.num_heads == 0, "model.hidden_size", self.hidden_size,
+                 f"a multiple of model.num_heads={self.num_heads}")
+        _require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", self.num_kv_heads,
+                 f"a divisor of model.num_heads={self.num_heads}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Built-in source name, or "json" for a local JSONL/JSON/parquet file given by `path`.
+    source: Literal["synthetic", "gsm8k", "math500", "svamp", "aime24", "amc23", "asdiv", "mawps", "json"] = \
+        "synthetic"
+    # Data file (JSONL/JSON/parquet) or a hub dataset id; required for every source but "synthetic".
+    path: str | None = None
+    split: str = "train"
+    # Field mapping for "json" sources (built-in sources know their own layout).
+    question_field: str | None = None
+    answer_field: str | None = None
+    # How to read the reference answer out of `answer_field`: as is, or after GSM8K's "#### ".
+    answer_format: Literal["plain", "gsm8k"] = "plain"
+    # Synthetic arithmetic task: number of problems and difficulty knobs.
+    num_problems: int = 4000
+    eval_problems: int = 128
+    min_operand: int = 1
+    max_operand: int = 20
+    min_steps: int = 1
+    max_steps: int = 2
+    # "auto": the tokenizer's chat template when it has one, else the plain template.
+    prompt_template: Literal["auto", "plain", "chat"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.source != "synthetic":
+            _require(self.path is not None, "data.path", self.path,
+                     f"a data file or dataset id (required when data.source={self.source!r})")
+        _require(self.num_problems >= 1, "data.num_problems", self.num_problems, "an integer >= 1")
+        _require(self.eval_problems >= 0, "data.eval_problems", self.eval_problems, "an integer >= 0")
+        _require(0 <= self.min_operand <= self.max_operand, "data.max_operand", self.max_operand,
+                 f"an integer >= data.min_operand={self.min_operand} >= 0")
+        _require(1 <= self.min_steps <= self.max_steps, "data.max_steps", self.max_steps,
+                 f"an integer >= data.min_steps={self.min_steps} >= 1")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    # Prompts per optimizer step, summed over all data-parallel ranks (must divide evenly by the world size).
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # ZeRO-3 parameter handling during generation (see nested_reft_ds.engine.gather).
+    gather: Literal["once", "streamed", "auto"] = "once"
+
+    def __post_init__(self) -> None:
+        _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "an integer >= 1")
+        _require(self.group_size >= 2, "rollout.group_size", self.group_size,
+                 "an integer >= 2 (group-relative advantages need at least two samples)")
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _require(self.temperature > 0, "rollout.temperature", self.temperature, "a float > 0")
+        _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "a float in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SkipConfig:
+    # Fraction of decoder layers the behaviour model skips (0 = standard ReFT, on-policy).
+    ratio: float = 0.25
+    strategy: Literal["random", "contiguous"] = "random"
+    # "fixed": `ratio` every step; "linear": ramps from 0 to `ratio` over `warmup_steps`.
+    schedule: Literal["fixed", "linear"] = "fixed"
+    warmup_steps: int = 0
+    protect_first: int = 1
+    protect_last: int = 1
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.ratio < 1.0, "skip.ratio", self.ratio, "a float in [0, 1)")
+        _require(self.warmup_steps >= 0, "skip.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _require(self.protect_first >= 0, "skip.protect_first", self.protect_first, "an integer >= 0")
+        _require(self.protect_last >= 0, "skip.protect_last", self.protect_last, "an integer >= 0")
+        _require(self.schedule != "linear" or self.warmup_steps > 0, "skip.warmup_steps", self.warmup_steps,
+                 "an integer > 0 when skip.schedule='linear'")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    # Off-policy correction for behaviour (nested) samples; weights use pi_prox / behaviour, detached.
+    correction: Literal["none", "seq_is", "token_tis", "token_mis", "seq_mis"] = "token_tis"
+    # Truncation cap C for seq_is / token_tis (None: no cap).
+    is_cap: float | None = 2.0
+    # Masking band [mask_low, mask_high] for token_mis / seq_mis.
+    mask_low: float = 0.5
+    mask_high: float = 2.0
+    # seq_mis: test the geometric-mean ratio exp(mean_t log rho_t) instead of the raw product.
+    seq_mis_geometric: bool = True
+    self_normalize: bool = False
+    # PPO trust region on pi_theta / pi_prox (decoupled from the off-policy weight).
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k3"] = "k3"
+
+    def __post_init__(self) -> None:
+        _require(self.is_cap is None or self.is_cap >= 1.0, "algorithm.is_cap", self.is_cap, "null or a float >= 1")
+        _require(0.0 <= self.mask_low < 1.0 < self.mask_high, "algorithm.mask_low/mask_high",
+                 (self.mask_low, self.mask_high), "0 <= mask_low < 1 < mask_high")
+        _require(0.0 < self.clip_eps_low < 1.0, "algorithm.clip_eps_low", self.clip_eps_low, "a float in (0, 1)")
+        _require(self.clip_eps_high > 0.0, "algorithm.clip_eps_high", self.clip_eps_high, "a float > 0")
+        _require(self.kl_coef >= 0.0, "algorithm.kl_coef", self.kl_coef, "a float >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 30
+    # Sequences per forward/backward on each rank; gradient accumulation follows from the rollout size.
+    micro_batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    seed: int = 1234
+    # ZeRO stage used when no DeepSpeed JSON is given (`--deepspeed`).
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    # "auto": bf16 on CUDA when supported, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Supervised warm-up on worked solutions before RL (gives a from-scratch model non-zero reward).
+    sft_steps: int = 0
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 64
+    save_every: int = 0
+    output_dir: str = "runs/tiny_arith"
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "micro_batch_size", "sft_batch_size"):
+            _require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "an integer >= 1")
+        for key in ("warmup_steps", "sft_steps", "save_every"):
+            _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "an integer >= 0")
+        for key in ("lr", "sft_lr"):
+            _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a float > 0")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0 (0 disables clipping)")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a float >= 0")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_every: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+    # Held-out greedy accuracy every N steps (0: only before and after training).
+    eval_every: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.log_every >= 1, "logging.log_every", self.log_every, "an integer >= 1")
+        _require(self.eval_every >= 0, "logging.eval_every", self.eval_every, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    skip: SkipConfig = field(default_factory=SkipConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+def _allowed(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_allowed(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; accept ints for floats. Raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - every annotation above is handled
+        raise AssertionError(f"unsupported annotation {tp} for {key}")
+    raise ConfigError(f"config key '{key}' has invalid value {value!r}: expected {_allowed(tp)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}': allowed keys in "
+                          f"'{prefix.rstrip('.') or '<root>'}' are {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in values:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, values[name] or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", values[name], tp)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value (e.g. rollout.group_size=8)")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key '{dotted}' must be section.key, e.g. rollout.group_size")
+    value = yaml.safe_load(raw) if raw.strip() else None  # YAML typing: 8 -> int, 0.5 -> float, null -> None
+    section = tree.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config key '{parts[0]}' must be a mapping, got {section!r}")
+    section[parts[1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load a YAML experiment config (None: all defaults) and apply dotted `section.key=value` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    for override in overrides:
+        _apply_override(tree, override)
+    return _build(ExperimentConfig, tree, "")
