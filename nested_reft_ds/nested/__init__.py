@@ -1,0 +1,5 @@
+"""Dynamic layer skipping: skip plans (pure, rank-consistent by construction) and the nested model view."""
+from .plan import SkipPlan, num_skipped, sample_skip_plan, scheduled_ratio
+from .view import decoder_layers, nested_view
+
+__all__ = ["SkipPlan", "decoder_layers", "nested_view", "num_skipped", "sample_skip_plan", "scheduled_ratio"]
