@@ -1,0 +1,115 @@
+"""The policy-gradient loss: off-policy weight x decoupled PPO-clip surrogate, plus an optional reference KL.
+
+Three policies are kept apart: beta sampled the tokens (behavior_logprobs), pi_prox is the full target at
+rollout time (prox_logprobs, detached), pi_theta is being optimised (logprobs, with grad). The off-policy
+weight w = f(pi_prox / beta) is detached and corrects for sampling from beta; the PPO trust region acts on
+pi_theta / pi_prox only, so it clips optimisation drift and never the nested-model mismatch.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import AlgorithmConfig
+from .kl import kl_estimate
+from .weights import LOG_RATIO_CLAMP, importance_weights
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    prox_logprobs: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: AlgorithmConfig,
+    *,
+    num_global_tokens: float,
+    num_global_seqs: float,
+    ref_logprobs: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    group_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """This micro-batch's share of the global loss, and its metrics.
+
+    logprobs [B, T] (pi_theta, with grad); prox_logprobs, behavior_logprobs, ref_logprobs [B, T] (detached);
+    advantages [B] (one per sequence); mask [B, T] (1 on completion tokens). Token loss:
+        l_t = -w_t * min(r_t A, clip(r_t, 1 - clip_eps_low, 1 + clip_eps_high) A) + kl_coef * KL_t,
+    r_t = pi_theta / pi_prox, w_t from `importance_weights` with `cfg.correction`, KL_t the k1/k3 estimate
+    of KL(pi_theta || pi_ref) at the sampled token (unweighted, as in GRPO).
+
+    Normalisation contract: summing the returned losses over every micro-batch on every rank gives the global
+    objective, so the counts are global (all-reduced by the caller):
+      token_mean               sum_t l_t / num_global_tokens
+      seq_mean_token_mean      sum_i mean_t l_it / num_global_seqs
+      seq_mean_token_sum_norm  sum_t l_t / (num_global_seqs * max_completion_length)   (Dr. GRPO; default T)
+    `group_size` is needed only for `cfg.self_normalize` (each prompt group must sit in one micro-batch).
+
+    metrics (floats; keys ending `_max`/`_min` are max/min-reduced, the rest averaged over micro-batches):
+    every `importance_weights` statistic, plus clip_frac (tokens whose clipped branch is active),
+    ppo_ratio_{mean,min,max} (pi_theta / pi_prox), pg_loss (mean token surrogate loss), kl_ref (when
+    ref_logprobs is given) and nonfinite_logprobs_count (completion tokens with non-finite pi_theta log-probs).
+    Completion tokens with a non-finite pi_theta, pi_prox or beta log-prob are excluded from the loss.
+    """
+    if cfg.loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_agg {cfg.loss_agg!r} is not one of {', '.join(LOSS_AGGREGATIONS)}")
+    if logprobs.shape != mask.shape or advantages.shape != mask.shape[:1]:
+        raise ValueError(f"expected logprobs/mask [B, T] and advantages [B], got {tuple(logprobs.shape)}, "
+                         f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
+    if cfg.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(f"algorithm.kl_coef={cfg.kl_coef} > 0 needs ref_logprobs (a reference model)")
+
+    weights, stats = importance_weights(
+        prox_logprobs, behavior_logprobs, mask, correction=cfg.correction, cap=cfg.is_cap, low=cfg.mask_low,
+        high=cfg.mask_high, self_normalize=cfg.self_normalize, group_size=group_size,
+        geometric=cfg.seq_mis_geometric)                                           # [B, T], detached
+
+    completion = mask > 0                                                          # [B, T]
+    prox = prox_logprobs.detach().float()                                          # [B, T]
+    # Padding may hold -inf/NaN log-probs: select before any arithmetic so no NaN reaches the backward pass.
+    # A completion token with any non-finite log-prob is a corrupted sample and leaves the loss entirely.
+    logp_finite = torch.isfinite(logprobs.detach())                                 # [B, T]
+    ok = completion & logp_finite & torch.isfinite(prox) & torch.isfinite(behavior_logprobs.detach())
+    logp = torch.where(ok, logprobs.float(), 0.0)                                   # [B, T]
+    prox = torch.where(ok, prox, 0.0)                                              # [B, T]
+
+    ratio = torch.exp((logp - prox).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))      # [B, T] pi_theta / pi_prox
+    adv = advantages.detach().float()[:, None]                                     # [B, 1]
+    low, high = 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(low, high) * adv)           # [B, T]
+    pg_token = -weights * surrogate                                                # [B, T]
+    token_loss = pg_token
+    kl_token = None
+    if ref_logprobs is not None:
+        ref = torch.where(ok, ref_logprobs.detach().float(), 0.0)                  # [B, T]
+        kl_token = torch.where(ok & torch.isfinite(ref), kl_estimate(logp, ref, cfg.kl_estimator), 0.0)
+        if cfg.kl_coef > 0:
+            token_loss = token_loss + cfg.kl_coef * kl_token
+    token_loss = torch.where(ok, token_loss, 0.0)                                  # [B, T]
+
+    if cfg.loss_agg == "token_mean":
+        loss = token_loss.sum() / max(float(num_global_tokens), 1.0)
+    elif cfg.loss_agg == "seq_mean_token_mean":
+        per_seq = token_loss.sum(dim=1) / completion.sum(dim=1).clamp(min=1)        # [B]
+        loss = per_seq.sum() / max(float(num_global_seqs), 1.0)
+    else:
+        length = max_completion_length if max_completion_length is not None else mask.shape[1]
+        loss = token_loss.sum() / (max(float(num_global_seqs), 1.0) * length)
+
+    with torch.no_grad():
+        n_ok = ok.sum().clamp(min=1)
+        clipped = ((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low))        # [B, T]
+        big, small = torch.finfo(ratio.dtype).max, torch.finfo(ratio.dtype).min
+        any_ok = ok.any()
+        extra = {
+            "clip_frac": (clipped & ok).sum() / n_ok,
+            "ppo_ratio_mean": torch.where(ok, ratio, 0.0).sum() / n_ok,
+            "ppo_ratio_min": torch.where(any_ok, torch.where(ok, ratio, big).min(), 1.0),
+            "ppo_ratio_max": torch.where(any_ok, torch.where(ok, ratio, small).max(), 1.0),
+            "pg_loss": torch.where(ok, pg_token, 0.0).sum() / n_ok,
+            "nonfinite_logprobs_count": (completion & ~logp_finite).sum().float(),
+        }
+        if kl_token is not None:
+            extra["kl_ref"] = kl_token.sum() / n_ok
+        values = torch.stack([v.float() for v in extra.values()]).tolist()
+    return loss, {**stats, **dict(zip(extra.keys(), values))}

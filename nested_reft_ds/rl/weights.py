@@ -1,0 +1,172 @@
+"""Off-policy correction weights for behaviour (nested) samples, and their diagnostics.
+
+Notation: rho_t = pi_prox(y_t | h_t) / beta(y_t | h_t) per completion token, rho = prod_t rho_t per sequence.
+Everything is computed in log space: a per-token ratio of 1.1 is ~14,000 over 100 tokens, so products
+saturate float32 long before they are interesting. Log-ratios are clamped to +-LOG_RATIO_CLAMP before exp.
+
+A token whose log-ratio is NaN/inf (e.g. -inf - -inf from a masked-out vocabulary entry) is never
+propagated: it gets weight 0 and is counted; under a sequence-level correction its whole sequence gets 0
+because the sequence ratio is undefined.
+"""
+from __future__ import annotations
+
+import torch
+
+CORRECTIONS = ("none", "seq_is", "token_tis", "token_mis", "seq_mis")
+SEQUENCE_CORRECTIONS = ("seq_is", "seq_mis")
+
+# exp(20) ~ 4.9e8: squares and batch sums stay finite in float32; a real run that reaches it is broken anyway.
+LOG_RATIO_CLAMP = 20.0
+
+_QUANTILES = (0.1, 0.5, 0.9)
+
+
+def _quantiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
+    """Linear-interpolation quantiles of a non-empty 1-D tensor (as torch.quantile, without its size limit)."""
+    s = torch.sort(x).values
+    out = []
+    for q in qs:
+        pos = q * (s.numel() - 1)
+        lo = int(pos)
+        hi = min(lo + 1, s.numel() - 1)
+        out.append(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+    return out
+
+
+def _summary(x: torch.Tensor, name: str, neutral: float, quantiles: bool = True) -> dict[str, torch.Tensor]:
+    """mean/min/max (+ p10/p50/p90) of a 1-D tensor; `neutral` for every entry when it is empty."""
+    keys = ["mean", "min", "max"] + ([f"p{round(q * 100)}" for q in _QUANTILES] if quantiles else [])
+    if x.numel() == 0:
+        return {f"{name}_{k}": x.new_tensor(neutral) for k in keys}
+    values = [x.mean(), x.min(), x.max()] + (_quantiles(x, _QUANTILES) if quantiles else [])
+    return {f"{name}_{k}": v for k, v in zip(keys, values)}
+
+
+def _ess(w: torch.Tensor) -> torch.Tensor:
+    """Normalised effective sample size (sum w)^2 / (N sum w^2) of 1-D weights; 1 when empty, 0 when all zero."""
+    if w.numel() == 0:
+        return w.new_tensor(1.0)
+    sq = (w * w).sum()
+    return torch.where(sq > 0, w.sum() ** 2 / (w.numel() * sq.clamp_min(1e-30)), sq.new_tensor(0.0))
+
+
+def importance_weights(
+    prox_logprobs: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    correction: str,
+    cap: float | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    self_normalize: bool = False,
+    group_size: int | None = None,
+    geometric: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Detached per-token off-policy weights [B, T] and their diagnostics.
+
+    prox_logprobs, behavior_logprobs [B, T]: log pi_prox and log beta of the sampled tokens; mask [B, T]
+    (1 on completion tokens, 0 elsewhere). Tokens with mask 0 always get weight 0.
+
+    correction:
+      none       w = 1 (treats behaviour samples as on-policy; biased when beta != pi)
+      seq_is     w = rho, or min(rho, cap); with `self_normalize`, rescaled so the valid sequences of each
+                 prompt group (contiguous rows of `group_size`) have mean weight 1. Uncapped: unbiased.
+      token_tis  w_t = min(rho_t, cap) (cap None: plain per-token ratio)
+      token_mis  w_t = rho_t if low <= rho_t <= high else 0 (masked IS, IcePop-style)
+      seq_mis    s = exp(mean_t log rho_t) if `geometric` else rho; w = s if low <= s <= high else 0, on every
+                 token of the sequence (the geometric form is the length-normalised ratio GSPO uses)
+    Sequence-level weights are repeated on each completion token of the sequence.
+
+    stats (python floats; `_min`/`_max` keys are min/max-reducible, the rest are means):
+      ratio_tok_{mean,min,max,p10,p50,p90}  raw rho_t over valid completion tokens, before truncation
+      ratio_seq_{mean,min,max,p10,p50,p90}  raw rho over valid sequences, before truncation
+      log_ratio_seq_{mean,min,max}          log rho (does not saturate)
+      frac_truncated, frac_masked           in the correction's unit: sequences for seq_*, else tokens
+      ess                                   ESS/N of the weights used, same unit
+      ess_tok_raw, ess_seq_raw              ESS/N of the untruncated rho_t / rho
+      kl_behavior_k1, kl_behavior_k3        KL(beta || pi_prox) per token from the sampled tokens
+      weight_mean                           mean weight over completion tokens
+      nonfinite_count, nonfinite_frac       completion tokens whose ratio was NaN/inf (weight forced to 0)
+    """
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction {correction!r} is not one of {', '.join(CORRECTIONS)}")
+    if correction in ("token_mis", "seq_mis") and (low is None or high is None):
+        raise ValueError(f"correction={correction!r} needs the band low/high, got low={low!r} high={high!r}")
+    if self_normalize and correction != "seq_is":
+        raise ValueError(f"self_normalize=True applies to correction='seq_is' only, got {correction!r}")
+    if self_normalize and (group_size is None or group_size < 1 or mask.shape[0] % group_size != 0):
+        raise ValueError(f"self_normalize=True needs group_size dividing the batch ({mask.shape[0]} rows), "
+                         f"got group_size={group_size!r}")
+    if not prox_logprobs.shape == behavior_logprobs.shape == mask.shape:
+        raise ValueError(f"shape mismatch: prox {tuple(prox_logprobs.shape)}, behavior "
+                         f"{tuple(behavior_logprobs.shape)}, mask {tuple(mask.shape)}")
+
+    with torch.no_grad():
+        completion = mask > 0                                                          # [B, T]
+        raw = prox_logprobs.detach().float() - behavior_logprobs.detach().float()      # [B, T]
+        bad = completion & ~torch.isfinite(raw)                                        # [B, T]
+        valid = completion & ~bad                                                      # [B, T]
+        log_ratio = torch.where(valid, raw, 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
+        ratio = torch.exp(log_ratio)                                                   # [B, T]
+        n_tok = valid.sum(dim=1)                                                       # [B]
+        seq_valid = (n_tok > 0) & ~bad.any(dim=1)                                      # [B]
+        seq_log_ratio = log_ratio.sum(dim=1)                                           # [B]
+        seq_ratio = torch.exp(seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [B]
+
+        truncated = torch.zeros_like(valid)
+        dropped = torch.zeros_like(valid)
+        if correction == "none":
+            w_unit = torch.ones_like(ratio)
+        elif correction == "token_tis":
+            truncated = ratio > cap if cap is not None else truncated
+            w_unit = ratio.clamp(max=cap) if cap is not None else ratio
+        elif correction == "token_mis":
+            dropped = (ratio < low) | (ratio > high)
+            w_unit = torch.where(dropped, 0.0, ratio)
+        elif correction == "seq_is":
+            truncated = seq_ratio > cap if cap is not None else torch.zeros_like(seq_valid)
+            w_unit = seq_ratio.clamp(max=cap) if cap is not None else seq_ratio        # [B]
+            if self_normalize:
+                w_g = torch.where(seq_valid, w_unit, 0.0).view(-1, group_size)          # [N, G]
+                n_g = seq_valid.view(-1, group_size).sum(dim=1, keepdim=True)           # [N, 1]
+                total = w_g.sum(dim=1, keepdim=True)
+                w_unit = torch.where(total > 0, w_g * n_g / total.clamp_min(1e-30), 0.0).reshape(-1)
+        else:  # seq_mis
+            stat = torch.exp(seq_log_ratio / n_tok.clamp(min=1)) if geometric else seq_ratio  # [B]
+            dropped = (stat < low) | (stat > high)
+            w_unit = torch.where(dropped, 0.0, stat)                                   # [B]
+
+        if correction in SEQUENCE_CORRECTIONS:
+            w_unit = torch.where(seq_valid, w_unit, 0.0)                               # [B]
+            weights = torch.where(valid, w_unit[:, None], 0.0)                         # [B, T]
+            unit_w = w_unit[seq_valid]
+            frac_truncated = truncated[seq_valid].float()
+            frac_masked = dropped[seq_valid].float()
+        else:
+            weights = torch.where(valid, w_unit, 0.0)                                  # [B, T]
+            unit_w = weights[valid]
+            frac_truncated = truncated[valid].float()
+            frac_masked = dropped[valid].float()
+
+        tok_lr = log_ratio[valid]                                                      # [n_valid]
+        n_completion = completion.sum().clamp(min=1)
+        stats: dict[str, torch.Tensor] = {}
+        stats.update(_summary(ratio[valid], "ratio_tok", 1.0))
+        stats.update(_summary(seq_ratio[seq_valid], "ratio_seq", 1.0))
+        stats.update(_summary(seq_log_ratio[seq_valid], "log_ratio_seq", 0.0, quantiles=False))
+        zero = ratio.new_tensor(0.0)
+        stats["frac_truncated"] = frac_truncated.mean() if frac_truncated.numel() else zero
+        stats["frac_masked"] = frac_masked.mean() if frac_masked.numel() else zero
+        stats["ess"] = _ess(unit_w)
+        stats["ess_tok_raw"] = _ess(ratio[valid])
+        stats["ess_seq_raw"] = _ess(seq_ratio[seq_valid])
+        stats["kl_behavior_k1"] = -tok_lr.mean() if tok_lr.numel() else zero
+        # k3 for KL(beta || pi) with samples from beta: (rho - 1) - log rho.
+        stats["kl_behavior_k3"] = (torch.expm1(tok_lr) - tok_lr).mean() if tok_lr.numel() else zero
+        stats["weight_mean"] = weights.sum() / n_completion
+        stats["nonfinite_count"] = bad.sum().float()
+        stats["nonfinite_frac"] = bad.sum() / n_completion
+        # One device->host transfer for all statistics.
+        values = torch.stack([v.float() for v in stats.values()]).tolist()
+    return weights, dict(zip(stats.keys(), values))
