@@ -1,0 +1,158 @@
+"""Adaptive skip ratio (`skip.schedule: adaptive`) and learned layer selection (`skip.strategy: learned`).
+
+Both are pure and deterministic in their inputs. The training loop all-reduces the statistics it feeds them
+(ESS, KL) before calling, so every rank computes the same ratio and the same layer weights with no
+communication here; both round-trip through `state_dict()` so a resumed run continues the same sequence.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+
+class AdaptiveSkipController:
+    """Moves the skip ratio each step toward the largest value whose off-policyness stays inside a target.
+
+    After each step: if the measured statistics are inside every configured target (ESS/N >= target_ess,
+    KL <= target_kl) the ratio rises by `step_size`, otherwise it falls by `step_size`; it is clipped to
+    [ratio_min, ratio_max]. It therefore climbs while skipping is cheap and settles oscillating within one
+    step of the boundary. A non-finite statistic counts as outside the target (back off when unsure).
+    """
+
+    def __init__(self, ratio_init: float, ratio_min: float, ratio_max: float, *, target_ess: float | None = None,
+                 target_kl: float | None = None, step_size: float = 0.05) -> None:
+        if not 0.0 <= ratio_min <= ratio_init <= ratio_max < 1.0:
+            raise ValueError(f"adaptive skip needs 0 <= ratio_min <= ratio_init <= ratio_max < 1, got "
+                             f"ratio_min={ratio_min}, ratio_init={ratio_init}, ratio_max={ratio_max}")
+        if target_ess is None and target_kl is None:
+            raise ValueError("adaptive skip needs a target: target_ess and/or target_kl")
+        if target_ess is not None and not 0.0 < target_ess <= 1.0:
+            raise ValueError(f"target_ess must be in (0, 1], got {target_ess}")
+        if target_kl is not None and not target_kl > 0.0:
+            raise ValueError(f"target_kl must be > 0, got {target_kl}")
+        if not step_size > 0.0:
+            raise ValueError(f"step_size must be > 0, got {step_size}")
+        self.ratio_min, self.ratio_max = ratio_min, ratio_max
+        self.target_ess, self.target_kl, self.step_size = target_ess, target_kl, step_size
+        self.ratio = ratio_init
+        self.steps = 0
+
+    def within_target(self, ess: float | None = None, kl: float | None = None) -> bool:
+        """Whether (ess, kl) satisfy every configured target; a configured target needs its statistic."""
+        for name, value, target in (("ess", ess, self.target_ess), ("kl", kl, self.target_kl)):
+            if target is not None and value is None:
+                raise ValueError(f"the controller has a {name} target ({target}) but update() got {name}=None")
+        ok = True
+        if self.target_ess is not None:
+            ok &= math.isfinite(ess) and ess >= self.target_ess
+        if self.target_kl is not None:
+            ok &= math.isfinite(kl) and kl <= self.target_kl
+        return bool(ok)
+
+    def update(self, ess: float | None = None, kl: float | None = None) -> float:
+        """Feed this step's (all-reduced) ESS/N and per-token KL(beta || pi); returns the ratio for the next step."""
+        delta = self.step_size if self.within_target(ess, kl) else -self.step_size
+        self.ratio = min(self.ratio_max, max(self.ratio_min, self.ratio + delta))
+        self.steps += 1
+        return self.ratio
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.ratio_min <= state["ratio"] <= self.ratio_max:
+            raise ValueError(f"saved skip ratio {state['ratio']} is outside [{self.ratio_min}, {self.ratio_max}]")
+        self.ratio, self.steps = float(state["ratio"]), int(state["steps"])
+
+
+class LayerCostTracker:
+    """Running per-layer estimates of the KL that skipping each layer costs, from per-step (skipped set, KL).
+
+    A step only reveals the KL of its whole skipped set, so costs are attributed by discounted ridge
+    regression on the additive model KL ~ sum_{l in skipped} c_l: each step adds its indicator row with
+    weight 1 and every older step is discounted by `decay`. The ridge (`prior_strength` pseudo-observations
+    per layer) shrinks toward the average cost per skipped layer, so an unseen layer costs the average.
+    """
+
+    def __init__(self, num_layers: int, decay: float = 0.9, prior_strength: float = 1.0) -> None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if not prior_strength > 0.0:
+            raise ValueError(f"prior_strength must be > 0, got {prior_strength}")
+        self.num_layers, self.decay, self.prior_strength = num_layers, decay, prior_strength
+        # float64 sums on CPU: identical arithmetic on every rank.
+        self.gram = torch.zeros(num_layers, num_layers, dtype=torch.float64)  # [L, L] sum d^k x x^T
+        self.moment = torch.zeros(num_layers, dtype=torch.float64)            # [L] sum d^k x kl
+        self.kl_sum = 0.0    # sum d^k kl
+        self.size_sum = 0.0  # sum d^k |skipped|
+        self.updates = 0
+
+    def update(self, skipped_layers: Iterable[int], kl: float) -> None:
+        """Record that skipping `skipped_layers` cost `kl` (all-reduced KL(beta || pi) per token) this step.
+
+        Steps that skipped nothing or measured a non-finite KL carry no information and are ignored.
+        """
+        layers = sorted(set(skipped_layers))
+        if any(not 0 <= layer < self.num_layers for layer in layers):
+            raise ValueError(f"skipped layers {layers} out of range for {self.num_layers} layers")
+        if not layers or not math.isfinite(kl):
+            return
+        x = torch.zeros(self.num_layers, dtype=torch.float64)
+        x[layers] = 1.0
+        self.gram = self.decay * self.gram + torch.outer(x, x)
+        self.moment = self.decay * self.moment + x * kl
+        self.kl_sum = self.decay * self.kl_sum + kl
+        self.size_sum = self.decay * self.size_sum + len(layers)
+        self.updates += 1
+
+    def costs(self) -> list[float]:
+        """Estimated KL cost of skipping each layer, [L]."""
+        prior = self.kl_sum / self.size_sum if self.size_sum > 0 else 0.0
+        ones = torch.ones(self.num_layers, dtype=torch.float64)
+        system = self.gram + self.prior_strength * torch.eye(self.num_layers, dtype=torch.float64)
+        deviation = torch.linalg.solve(system, self.moment - self.gram @ ones * prior)
+        return (prior + deviation).tolist()
+
+    def sampling_weights(self, protected: Iterable[int], temperature: float = 1.0,
+                         explore: float = 0.1) -> list[float]:
+        """One weight per layer for `sample_skip_plan(strategy="learned")`: 0 for protected layers, and for
+        the others softmax(-(c_l / mean c - 1) / temperature) mixed with `explore` of the uniform distribution,
+        so cheap layers are preferred, every unprotected layer keeps a positive chance and the estimates of
+        the others keep being refreshed. Uniform until some KL has been recorded.
+        """
+        if not temperature > 0.0 or not 0.0 < explore <= 1.0:
+            raise ValueError(f"need temperature > 0 and explore in (0, 1], got {temperature}, {explore}")
+        blocked = set(protected)
+        candidates = [layer for layer in range(self.num_layers) if layer not in blocked]
+        if not candidates:
+            raise ValueError(f"every one of the {self.num_layers} layers is protected")
+        cost = torch.tensor(self.costs(), dtype=torch.float64)[candidates]
+        scale = cost.mean().abs().item()
+        if scale < 1e-12:
+            probs = torch.full((len(candidates),), 1.0 / len(candidates), dtype=torch.float64)
+        else:
+            probs = torch.softmax(-(cost / scale - 1.0) / temperature, dim=0)
+        probs = (1.0 - explore) * probs + explore / len(candidates)
+        weights = [0.0] * self.num_layers
+        for layer, p in zip(candidates, probs.tolist()):
+            weights[layer] = p
+        return weights
+
+    def metrics(self) -> dict[str, float]:
+        """Per-layer cost estimates for logging, keyed `layer_cost/<index>`."""
+        return {f"layer_cost/{layer}": cost for layer, cost in enumerate(self.costs())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gram": self.gram.tolist(), "moment": self.moment.tolist(), "kl_sum": self.kl_sum,
+                "size_sum": self.size_sum, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        gram = torch.tensor(state["gram"], dtype=torch.float64)
+        if gram.shape != (self.num_layers, self.num_layers):
+            raise ValueError(f"saved layer-cost state is for {gram.shape[0]} layers, this model has {self.num_layers}")
+        self.gram, self.moment = gram, torch.tensor(state["moment"], dtype=torch.float64)
+        self.kl_sum, self.size_sum, self.updates = float(state["kl_sum"]), float(state["size_sum"]), int(state["updates"])
