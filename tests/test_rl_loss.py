@@ -152,6 +152,7 @@ def test_nonfinite_inputs_never_reach_the_gradient():
     behavior[0, 0] = float("nan")        # a broken behaviour log-prob on a completion token
     prox[1, 0] = float("-inf")           # and a broken prox one
     logp[2, 0] = float("-inf")           # and a broken pi_theta one
+    ref[3, 0] = float("nan")             # and a broken reference one (drops only its KL term)
     for correction in CORRECTIONS:
         lp = leaf(logp)
         loss, m = policy_loss(lp, prox, behavior, adv, mask, cfg(correction=correction, kl_coef=0.1),

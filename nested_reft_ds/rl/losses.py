@@ -81,8 +81,11 @@ def policy_loss(
     token_loss = pg_token
     kl_token = None
     if ref_logprobs is not None:
-        ref = torch.where(ok, ref_logprobs.detach().float(), 0.0)                  # [B, T]
-        kl_token = torch.where(ok & torch.isfinite(ref), kl_estimate(logp, ref, cfg.kl_estimator), 0.0)
+        ref = ref_logprobs.detach().float()                                         # [B, T]
+        ref_ok = ok & torch.isfinite(ref)
+        # Where ref is unusable, feed logp itself (KL 0, finite gradient) rather than let NaN into the backward.
+        ref = torch.where(ref_ok, ref, logp.detach())
+        kl_token = torch.where(ref_ok, kl_estimate(logp, ref, cfg.kl_estimator), 0.0)  # [B, T]
         if cfg.kl_coef > 0:
             token_loss = token_loss + cfg.kl_coef * kl_token
     token_loss = torch.where(ok, token_loss, 0.0)                                  # [B, T]
