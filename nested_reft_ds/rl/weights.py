@@ -114,8 +114,10 @@ def importance_weights(
         seq_log_ratio = log_ratio.sum(dim=1)                                           # [B]
         seq_ratio = torch.exp(seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [B]
 
-        truncated = torch.zeros_like(valid)
-        dropped = torch.zeros_like(valid)
+        # The correction's unit: sequences [B] for seq_*, tokens [B, T] otherwise.
+        unit_valid = seq_valid if correction in SEQUENCE_CORRECTIONS else valid
+        truncated = torch.zeros_like(unit_valid)
+        dropped = torch.zeros_like(unit_valid)
         if correction == "none":
             w_unit = torch.ones_like(ratio)
         elif correction == "token_tis":
@@ -125,7 +127,7 @@ def importance_weights(
             dropped = (ratio < low) | (ratio > high)
             w_unit = torch.where(dropped, 0.0, ratio)
         elif correction == "seq_is":
-            truncated = seq_ratio > cap if cap is not None else torch.zeros_like(seq_valid)
+            truncated = seq_ratio > cap if cap is not None else truncated
             w_unit = seq_ratio.clamp(max=cap) if cap is not None else seq_ratio        # [B]
             if self_normalize:
                 w_g = torch.where(seq_valid, w_unit, 0.0).view(-1, group_size)          # [N, G]
@@ -137,17 +139,11 @@ def importance_weights(
             dropped = (stat < low) | (stat > high)
             w_unit = torch.where(dropped, 0.0, stat)                                   # [B]
 
-        if correction in SEQUENCE_CORRECTIONS:
-            w_unit = torch.where(seq_valid, w_unit, 0.0)                               # [B]
-            weights = torch.where(valid, w_unit[:, None], 0.0)                         # [B, T]
-            unit_w = w_unit[seq_valid]
-            frac_truncated = truncated[seq_valid].float()
-            frac_masked = dropped[seq_valid].float()
-        else:
-            weights = torch.where(valid, w_unit, 0.0)                                  # [B, T]
-            unit_w = weights[valid]
-            frac_truncated = truncated[valid].float()
-            frac_masked = dropped[valid].float()
+        w_unit = torch.where(unit_valid, w_unit, 0.0)                                  # [B] or [B, T]
+        weights = torch.where(valid, w_unit[:, None] if w_unit.dim() == 1 else w_unit, 0.0)  # [B, T]
+        unit_w = w_unit[unit_valid]
+        frac_truncated = truncated[unit_valid].float()
+        frac_masked = dropped[unit_valid].float()
 
         tok_lr = log_ratio[valid]                                                      # [n_valid]
         n_completion = completion.sum().clamp(min=1)
