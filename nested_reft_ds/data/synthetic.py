@@ -1,0 +1,46 @@
+"""Synthetic arithmetic word problems: the embedded default task (seeded, difficulty knobs, worked solutions).
+
+A problem is a short story of 1..k steps over a running count ("Ann has 7 pens. Ann gets 5 more. ..."),
+answered by a number. Each problem carries a worked solution in the format the reward expects
+("7+5=12. \\boxed{12}"), which the SFT warm-up teaches before RL.
+"""
+from __future__ import annotations
+
+import random
+
+from .problem import MathProblem
+
+NAMES = ("Ann", "Ben", "Cat", "Dan", "Eve", "Tom", "Sam", "Lia")
+ITEMS = ("apples", "pens", "cards", "coins", "books", "shells")
+
+
+def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_operand: int = 20,
+                       min_steps: int = 1, max_steps: int = 2) -> list[MathProblem]:
+    """`count` problems drawn from a generator seeded by `seed` (same seed, same problems, on any machine).
+
+    Difficulty: operands in [min_operand, max_operand], between min_steps and max_steps additions or
+    subtractions; a subtraction never takes the count below zero.
+    """
+    if count < 1 or not 0 <= min_operand <= max_operand or not 1 <= min_steps <= max_steps:
+        raise ValueError(f"invalid synthetic task: count={count}, operands=[{min_operand}, {max_operand}], "
+                         f"steps=[{min_steps}, {max_steps}]")
+    rng = random.Random(f"nested-reft-synthetic:{seed}")
+    problems = []
+    for _ in range(count):
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        total = rng.randint(min_operand, max_operand)
+        sentences, work = [f"{name} has {total} {item}."], []
+        for _ in range(rng.randint(min_steps, max_steps)):
+            amount = rng.randint(min_operand, max_operand)
+            if rng.random() < 0.5 or amount > total:
+                sentences.append(f"{name} gets {amount} more.")
+                work.append(f"{total}+{amount}={total + amount}.")
+                total += amount
+            else:
+                sentences.append(f"{name} gives away {amount}.")
+                work.append(f"{total}-{amount}={total - amount}.")
+                total -= amount
+        sentences.append(f"How many {item} does {name} have?")
+        problems.append(MathProblem(question=" ".join(sentences), answer=str(total), source="synthetic",
+                                    solution=" ".join(work) + f" \\boxed{{{total}}}"))
+    return problems

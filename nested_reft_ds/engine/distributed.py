@@ -1,0 +1,86 @@
+"""Process-group start-up and the few collectives the training loop needs.
+
+Every function here that communicates says so: every rank must call it, in the same order.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from ..nested import SkipPlan
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or, for a plain single process, create) the process group; returns (rank, world_size).
+
+    Works under the deepspeed launcher, torchrun and `python -m` alike: they all export RANK / WORLD_SIZE /
+    LOCAL_RANK; a bare process gets a one-rank group on a free local port. NCCL on CUDA, gloo on CPU.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_same_plan(plan: SkipPlan) -> None:
+    """Raise on every rank if any two ranks hold different skip plans. Collective (two all-reduces).
+
+    MIN and MAX of the plan fingerprint agree iff all ranks agree, so every rank reaches the same verdict and
+    raises together: a mismatch can neither hang the job nor silently sample from different models.
+    """
+    fingerprint = torch.tensor([plan.fingerprint()], dtype=torch.int64, device=device())
+    low, high = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if low.item() != high.item():
+        raise RuntimeError(f"skip plans differ across ranks (rank {dist.get_rank()} holds skipped={plan.skipped}); "
+                           "check that every rank uses the same skip seed, schedule and step")
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks. Collective."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Combine per-rank metrics: keys ending in `_max` take the max, `_min` the min, the rest the mean.
+    Collective; every rank must pass the same keys."""
+    keys = sorted(metrics)
+    world = dist.get_world_size()
+    groups = {op: [k for k in keys if kind(k)] for op, kind in (
+        (dist.ReduceOp.MAX, lambda k: k.endswith("_max")), (dist.ReduceOp.MIN, lambda k: k.endswith("_min")),
+        (dist.ReduceOp.SUM, lambda k: not k.endswith(("_max", "_min"))))}
+    reduced = {}
+    for op, group in groups.items():
+        if not group:
+            continue
+        tensor = torch.tensor([float(metrics[k]) for k in group], dtype=torch.float64, device=device())
+        dist.all_reduce(tensor, op=op)
+        scale = 1.0 / world if op == dist.ReduceOp.SUM else 1.0
+        reduced.update({k: v * scale for k, v in zip(group, tensor.tolist())})
+    return reduced
+
+
+def barrier() -> None:
+    dist.barrier()

@@ -1,0 +1,344 @@
+"""Nested-ReFT training recipe: `python -m nested_reft_ds.train` / `nested-reft train` / the deepspeed launcher.
+
+One RL step, top to bottom (see `rl_step`):
+    plan skip -> rollout with the nested behaviour model -> reward -> group advantages
+    -> target log-probs with the full model -> off-policy corrected clipped loss -> backward/step -> log
+
+Where this departs from the Nested-ReFT paper, and why:
+- The off-policy correction is configurable (`algorithm.correction`, default per-token truncated IS,
+  `token_tis`) instead of one fixed estimator: per-token forms keep variance bounded when sequence ratio
+  products saturate (a per-token ratio of 1.1 is ~14,000 over 100 tokens).
+- pi_prox (the full target at sampling time) is read off the training forward itself, detached. With one
+  optimisation pass per rollout batch, DeepSpeed steps the optimizer only after the last micro-batch, so every
+  micro-batch is computed under the sampling-time weights and pi_prox == pi_theta numerically; this saves
+  one full forward pass per step. A second pass per batch would need a separate no-grad forward.
+- Log-probs for both behaviour and target are taken at the rollout temperature, the distribution that was
+  sampled from.
+- The skip plan is a pure function of (seed, step) rather than broadcast from rank 0: no communication, and
+  resume reproduces it; agreement is still verified by a collective check each step.
+- The embedded default starts from a randomly initialised tiny model, so an SFT warm-up (`train.sft_steps`)
+  precedes RL to give it non-zero reward; a pretrained `model.path` sets sft_steps to 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import engine as ds
+from .config import ConfigError, ExperimentConfig, load_config
+from .data import MathProblem, problems_from_config
+from .data.templates import format_prompt
+from .model import build_tiny_model, select_attn_implementation
+from .nested import SkipPlan, sample_skip_plan, scheduled_ratio
+from .reward import score_batch
+from .rl import compute_advantages, policy_loss, token_logprobs
+from .rollout import Rollout, generate, position_ids_from_mask
+from .run_log import RunLog
+
+log = logging.getLogger("nested_reft_ds")
+
+
+# ------------------------------------------------------------------------------------------ data plumbing
+
+def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the global batch for `step`: consecutive slices of a per-epoch seeded permutation.
+
+    A pure function of (seed, step), so every rank and every resumed run draw the same batch."""
+    indices, position = [], step * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(position, num_items)
+        order = list(range(num_items))
+        random.Random(f"nested-reft-data:{seed}:{epoch}").shuffle(order)
+        take = min(batch_size - len(indices), num_items - offset)
+        indices += order[offset:offset + take]
+        position += take
+    return indices
+
+
+def local_share(items: list, rank: int, world: int) -> list:
+    """Rank `rank`'s contiguous slice of a global batch whose size divides by `world`."""
+    size = len(items) // world
+    return items[rank * size:(rank + 1) * size]
+
+
+def encode_prompts(tokenizer, problems: list[MathProblem], template: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    texts = [format_prompt(p.question, tokenizer, template) for p in problems]
+    enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def teacher_forced(tokenizer, problems: list[MathProblem], template: str, device) -> Rollout:
+    """Worked solutions (+ EOS) laid out like a rollout, for the SFT warm-up."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, problems, template, device)
+    targets = [tokenizer(" " + p.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+               for p in problems]
+    width = max(len(t) for t in targets)
+    completions = torch.full((len(targets), width), tokenizer.pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(targets), width), dtype=torch.long)
+    for row, target in enumerate(targets):
+        completions[row, :len(target)] = torch.tensor(target)
+        completion_mask[row, :len(target)] = 1
+    return Rollout(sequences=torch.cat([prompt_ids, completions.to(device)], 1), prompt_mask=prompt_mask,
+                   completion_mask=completion_mask.to(device),
+                   behavior_logprobs=torch.zeros(completions.shape, device=device))
+
+
+def completion_logprobs(model, rollout: Rollout, rows: slice, temperature: float) -> torch.Tensor:
+    """Log-probs [b, T] of the completion tokens of `rollout[rows]` under the full target (with grad)."""
+    mask = rollout.attention_mask[rows]
+    logits = model(input_ids=rollout.sequences[rows], attention_mask=mask,
+                   position_ids=position_ids_from_mask(mask), use_cache=False).logits
+    start = rollout.prompt_length
+    return token_logprobs(logits[:, start - 1:-1], rollout.completions[rows], temperature)
+
+
+def micro_batches(engine, num_rows: int) -> list[slice]:
+    micro = engine.train_micro_batch_size_per_gpu()
+    assert num_rows == micro * engine.gradient_accumulation_steps(), "batch layout checked in fill_ds_config"
+    return [slice(start, start + micro) for start in range(0, num_rows, micro)]
+
+
+def sampling_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
+    """Per (seed, step, rank) sampling noise: independent across ranks, reproduced on resume."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 10_007 + rank) % 2 ** 63)
+
+
+# ----------------------------------------------------------------------------------------------- phases
+
+def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, step: int, rank: int,
+             world: int) -> dict[str, float]:
+    """One supervised step on worked solutions (the warm-up): token-mean cross entropy over all ranks."""
+    lr = cfg.train.sft_lr * (1.0 - step / cfg.train.sft_steps)  # linear decay to 0 across the warm-up
+    ds.set_learning_rate(engine, lr)
+    local_rows = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps()
+    chosen = batch_indices(len(problems), local_rows * world, step, cfg.train.seed + 1)
+    batch = teacher_forced(tokenizer, [problems[i] for i in local_share(chosen, rank, world)],
+                           cfg.data.prompt_template, ds.device())
+    (num_global_tokens,) = ds.all_reduce_sum([batch.num_completion_tokens])
+    engine.train()
+    total = 0.0
+    for rows in micro_batches(engine, local_rows):
+        logprobs = completion_logprobs(engine, batch, rows, 1.0)
+        loss = -(logprobs * batch.completion_mask[rows]).sum() / num_global_tokens
+        engine.backward(loss * ds.loss_scale_for_engine(engine))
+        engine.step()
+        total += loss.item()
+    return ds.reduce_metrics({"sft_loss": total * world, "lr": lr})
+
+
+def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, step: int, rank: int,
+            world: int) -> dict[str, float]:
+    """One Nested-ReFT step. Collective: every rank runs it for the same `step`."""
+    timer = time.perf_counter
+    t0 = timer()
+    G, algo = cfg.rollout.group_size, cfg.algorithm
+
+    # 1. Skip plan: a pure function of (seed, step), identical on every rank.
+    num_layers = engine.module.config.num_hidden_layers
+    ratio = scheduled_ratio(cfg.skip.ratio, step, cfg.skip.schedule, cfg.skip.warmup_steps)
+    plan = sample_skip_plan(num_layers, ratio, step, cfg.train.seed, cfg.skip.protect_first,
+                            cfg.skip.protect_last, cfg.skip.strategy)
+
+    # 2. Rollout: G samples per prompt from the nested behaviour model, with their behaviour log-probs.
+    chosen = batch_indices(len(problems), cfg.rollout.prompts_per_step, step, cfg.train.seed)
+    batch = [problems[i] for i in local_share(chosen, rank, world)]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, batch, cfg.data.prompt_template, ds.device())
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+    engine.eval()
+    with ds.skip_aware_gather(engine, plan, mode=cfg.rollout.gather) as model:
+        rollout = generate(model, prompt_ids, prompt_mask, plan, max_new_tokens=cfg.rollout.max_new_tokens,
+                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           generator=sampling_generator(cfg.train.seed, step, rank, ds.device()))
+    t_rollout = timer()
+
+    # 3. Reward: verify each completion's final answer against its problem's reference.
+    texts = tokenizer.batch_decode(rollout.completions, skip_special_tokens=True)
+    rewards = torch.tensor(score_batch(texts, [p.answer for p in batch for _ in range(G)]),
+                           dtype=torch.float32, device=ds.device())  # [B*G]
+    t_reward = timer()
+
+    # 4. Group-relative advantages (each prompt's G samples are contiguous rows).
+    advantages = compute_advantages(rewards, G, algo.advantage)  # [B*G]
+
+    # 5-6. Target log-probs with the full model, corrected clipped loss, backward/step per micro-batch.
+    completion_mask = rollout.completion_mask.float()
+    num_global_tokens, num_global_seqs = ds.all_reduce_sum([completion_mask.sum().item(), len(texts)])
+    engine.train()
+    micro_metrics = []
+    for rows in micro_batches(engine, len(texts)):
+        logprobs = completion_logprobs(engine, rollout, rows, cfg.rollout.temperature)  # [b, T] pi_theta
+        loss, metrics = policy_loss(logprobs, logprobs.detach(), rollout.behavior_logprobs[rows], advantages[rows],
+                                    completion_mask[rows], algo, num_global_tokens=num_global_tokens,
+                                    num_global_seqs=num_global_seqs, group_size=G,
+                                    max_completion_length=cfg.rollout.max_new_tokens)
+        engine.backward(loss * ds.loss_scale_for_engine(engine))
+        engine.step()
+        micro_metrics.append({"loss": loss.item() * world * len(texts) / (rows.stop - rows.start), **metrics})
+    t_train = timer()
+
+    # 7. Log: per-rank means over micro-batches, then reduced over ranks.
+    local = {key: sum(m[key] for m in micro_metrics) / len(micro_metrics) for key in micro_metrics[0]}
+    local.update({key: max(m[key] for m in micro_metrics) for key in micro_metrics[0] if key.endswith("_max")})
+    local.update({key: min(m[key] for m in micro_metrics) for key in micro_metrics[0] if key.endswith("_min")})
+    generated_tokens = rollout.num_completion_tokens
+    local.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+                 accuracy=(rewards >= 1.0).float().mean().item(),
+                 completion_length=generated_tokens / len(texts),
+                 rollout_tokens_per_s=generated_tokens * world / (t_rollout - t0),
+                 train_tokens_per_s=rollout.attention_mask.sum().item() * world / (t_train - t_reward),
+                 time_rollout_s=t_rollout - t0, time_reward_s=t_reward - t_rollout, time_train_s=t_train - t_reward,
+                 time_step_s=t_train - t0, grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                 skip_ratio=plan.ratio)
+    reduced = ds.reduce_metrics(local)
+    reduced["skipped_layers"] = list(plan.skipped)
+    return reduced
+
+
+def greedy_accuracy(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, rank: int,
+                    world: int) -> float:
+    """Held-out greedy accuracy of the full target (no skipping). Collective: one gather for the whole eval."""
+    shard = problems[rank::world]
+    correct = 0.0
+    engine.eval()
+    with ds.skip_aware_gather(engine, SkipPlan(engine.module.config.num_hidden_layers), cfg.rollout.gather) as model:
+        for start in range(0, len(shard), 64):
+            batch = shard[start:start + 64]
+            ids, mask = encode_prompts(tokenizer, batch, cfg.data.prompt_template, ds.device())
+            rollout = generate(model, ids, mask, SkipPlan(model.config.num_hidden_layers),
+                               max_new_tokens=cfg.rollout.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id, greedy=True)
+            texts = tokenizer.batch_decode(rollout.completions, skip_special_tokens=True)
+            correct += sum(score >= 1.0 for score in score_batch(texts, [p.answer for p in batch]))
+    (total_correct,) = ds.all_reduce_sum([correct])
+    return total_correct / max(len(problems), 1)
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+@dataclass
+class Progress:
+    """What a checkpoint adds to DeepSpeed's own state: where in the run we are."""
+    sft_step: int = 0
+    rl_step: int = 0
+
+    def tag(self) -> str:
+        return f"rl_step{self.rl_step}" if self.rl_step else f"sft_step{self.sft_step}"
+
+
+def prepare_model_dir(cfg: ExperimentConfig, out_dir: Path, rank: int) -> Path:
+    """model.path, or the embedded tiny model built (once, by rank 0) into <output_dir>/base_model."""
+    if cfg.model.path is not None:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"config key 'model.path' has invalid value {cfg.model.path!r}: expected a local "
+                              "Hugging Face checkpoint directory (with config.json)")
+        return path
+    path = out_dir / "base_model"
+    if rank == 0 and not (path / "config.json").is_file():
+        build_tiny_model(cfg.model, path, cfg.train.seed)
+    ds.barrier()
+    return path
+
+
+def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[str, float]:
+    """Train per `cfg`; returns summary numbers (reward and accuracy before/after). Collective."""
+    rank, world = ds.init_distributed()
+    torch.manual_seed(cfg.train.seed)
+    out_dir = Path(cfg.train.output_dir)
+    ds_config = ds.fill_ds_config(ds.load_ds_config(ds_config_path, cfg), cfg, world)
+    train_problems, eval_problems = problems_from_config(cfg.data, cfg.train.seed)
+    model_dir = prepare_model_dir(cfg, out_dir, rank)
+    model, tokenizer = ds.load_model_for_engine(model_dir, ds_config, cfg.model.attn_implementation)
+    engine = ds.build_engine(model, ds_config)
+    ckpt_dir = out_dir / "checkpoints"
+
+    progress = Progress()
+    if resume != "none":
+        state = ds.load_checkpoint(engine, ckpt_dir if resume == "auto" else Path(resume))
+        if state is None and resume != "auto":
+            raise ConfigError(f"--resume {resume}: no committed checkpoint there")
+        if state is not None:
+            progress = Progress(**state["progress"])
+    run_log = RunLog(out_dir, rank == 0, total_steps=cfg.train.steps, start_step=progress.rl_step,
+                     tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+    run_log.message(f"world {world} | ZeRO-{engine.zero_optimization_stage()} | attention "
+                    f"{select_attn_implementation(cfg.model.attn_implementation)} | "
+                    f"{model.config.num_hidden_layers} layers | resume at sft {progress.sft_step}, rl {progress.rl_step}")
+
+    def checkpoint() -> None:
+        ds.save_checkpoint(engine, ckpt_dir, progress.tag(), {"progress": vars(progress), "config": cfg.to_dict()})
+
+    while progress.sft_step < cfg.train.sft_steps:
+        metrics = sft_step(engine, tokenizer, train_problems, cfg, progress.sft_step, rank, world)
+        if progress.sft_step % cfg.logging.log_every == 0:
+            run_log.log(progress.sft_step, metrics, phase="sft")
+        progress.sft_step += 1
+        if progress.sft_step == cfg.train.sft_steps:
+            checkpoint()
+
+    summary = {"accuracy_before": greedy_accuracy(engine, tokenizer, eval_problems, cfg, rank, world)}
+    run_log.log(progress.rl_step, {"accuracy": summary["accuracy_before"]}, phase="eval")
+    first_rewards, last_rewards = [], []
+    while progress.rl_step < cfg.train.steps:
+        step = progress.rl_step
+        ds.set_learning_rate(engine, cfg.train.lr * min(1.0, (step + 1) / max(cfg.train.warmup_steps, 1)))
+        metrics = rl_step(engine, tokenizer, train_problems, cfg, step, rank, world)
+        (first_rewards if step < cfg.train.steps / 2 else last_rewards).append(metrics["reward_mean"])
+        if step % cfg.logging.log_every == 0:
+            run_log.log(step, metrics)
+        progress.rl_step += 1
+        if cfg.logging.eval_every and progress.rl_step % cfg.logging.eval_every == 0:
+            run_log.log(progress.rl_step, {"accuracy": greedy_accuracy(engine, tokenizer, eval_problems, cfg, rank,
+                                                                       world)}, phase="eval")
+        if (cfg.train.save_every and progress.rl_step % cfg.train.save_every == 0) or progress.rl_step == cfg.train.steps:
+            checkpoint()
+    summary["accuracy_after"] = greedy_accuracy(engine, tokenizer, eval_problems, cfg, rank, world)
+    run_log.log(progress.rl_step, {"accuracy": summary["accuracy_after"]}, phase="eval")
+    if first_rewards and last_rewards:
+        summary.update(reward_first_half=sum(first_rewards) / len(first_rewards),
+                       reward_second_half=sum(last_rewards) / len(last_rewards))
+    run_log.message("summary: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    run_log.close()
+    return summary
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="nested-reft train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="experiment YAML (default: the embedded tiny arithmetic recipe)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set rollout.group_size=8 (repeatable)")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON (\"auto\" values are filled from the config)")
+    parser.add_argument("--resume", default="auto", metavar="auto|none|DIR",
+                        help="auto: continue from <output_dir>/checkpoints if committed there (default); "
+                             "none: start fresh; DIR: a checkpoint directory")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def train_main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run(cfg, args.deepspeed, args.resume)
+    except (ConfigError, ValueError) as err:
+        print(f"nested-reft: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return train_main(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
