@@ -1,0 +1,373 @@
+"""`nested-reft eval`: pass@1, unbiased pass@k, maj@k and completion statistics on math benchmarks.
+
+    nested-reft eval --model PATH --benchmarks gsm8k,math500,svamp --data-dir ../shared/data \\
+        --samples 8 --temperature 0.6 --output eval.json
+
+The metric functions at the top are pure. `evaluate_problems` evaluates whatever list of problems it is
+given and returns local sums (`EvalSums`) plus per-problem records; data-parallel callers give each rank a
+shard (`problems[rank::world]`) and add the sums (`EvalSums.as_list` / `from_list` for an all-reduce).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .data import MathProblem, synthetic_problems
+from .data.sources import BUILTIN_SOURCES, load_problems
+from .data.templates import format_prompt
+from .nested import SkipPlan
+from .reward import DEFAULT_REL_TOL, DEFAULT_TIMEOUT, Outcome, VerifierPool, compare_answers, score_batch_with_stats
+from .rollout import generate
+
+SYNTHETIC_DEFAULT_COUNT = 256
+
+
+# ------------------------------------------------------------------------------------------- pure metrics
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased estimator of pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), in the numerically stable
+    product form. The probability that at least one of k samples drawn without replacement is correct."""
+    if not 0 <= num_correct <= num_samples:
+        raise ValueError(f"num_correct must be in [0, num_samples={num_samples}], got {num_correct}")
+    if not 1 <= k <= num_samples:
+        raise ValueError(f"k must be in [1, num_samples={num_samples}], got {k}")
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(num_samples - num_correct + 1, num_samples + 1))
+
+
+def reported_ks(num_samples: int) -> list[int]:
+    """The k of pass@k in reports: powers of two below n, and n itself."""
+    ks = [1 << i for i in range(num_samples.bit_length()) if 1 << i < num_samples]
+    return ks + [num_samples]
+
+
+def cluster_answers(answers: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, rel_tol: float = DEFAULT_REL_TOL,
+                    pool: VerifierPool | None = None) -> list[int]:
+    """A cluster id per answer, numbered in order of first appearance: an answer joins the first cluster
+    whose first member it is `math_equal` to ("6", "6.0" and "\\frac{12}{2}" share a cluster)."""
+    representatives: list[str] = []
+    ids = []
+    for answer in answers:
+        outcomes = compare_answers([(answer, rep) for rep in representatives], timeout=timeout, rel_tol=rel_tol,
+                                   pool=pool) if representatives else []
+        match = next((i for i, outcome in enumerate(outcomes) if outcome is Outcome.EQUAL), None)
+        if match is None:
+            representatives.append(answer)
+            match = len(representatives) - 1
+        ids.append(match)
+    return ids
+
+
+def majority_vote(answers: Sequence[str | None], correct: Sequence[bool], k: int | None = None, *,
+                  timeout: float = DEFAULT_TIMEOUT, rel_tol: float = DEFAULT_REL_TOL,
+                  pool: VerifierPool | None = None) -> tuple[str | None, bool]:
+    """(majority answer, whether it is correct) over the first `k` samples (default all).
+
+    Samples without an answer do not vote. All correct answers are one cluster (each equals the reference);
+    wrong answers are clustered with `cluster_answers`. The largest cluster wins; a tie goes to the cluster
+    whose first vote came first. No votes: (None, False).
+    """
+    votes = [(i, a, c) for i, (a, c) in enumerate(zip(answers[:k], correct[:k])) if a is not None]
+    if not votes:
+        return None, False
+    wrong = [(i, a) for i, a, c in votes if not c]
+    wrong_ids = cluster_answers([a for _, a in wrong], timeout=timeout, rel_tol=rel_tol, pool=pool) if wrong else []
+    label_of = {i: ("wrong", cluster) for (i, _), cluster in zip(wrong, wrong_ids)}
+    labels = [label_of.get(i, ("correct", 0)) for i, _, _ in votes]
+    sizes = Counter(labels)
+    first_position = {}
+    for position, label in enumerate(labels):
+        first_position.setdefault(label, position)
+    winner = max(sizes, key=lambda label: (sizes[label], -first_position[label]))
+    return votes[first_position[winner]][1], winner[0] == "correct"
+
+
+def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int | None = None, **options) -> bool:
+    """Whether the majority answer of the first `k` samples is correct (see `majority_vote`)."""
+    return majority_vote(answers, correct, k, **options)[1]
+
+
+@dataclass
+class EvalSums:
+    """Additive totals for one benchmark; `metrics()` turns them into rates. Sums from shards add up to the
+    sums of the whole (the reduction contract for data-parallel evaluation)."""
+
+    samples_per_problem: int
+    problems: int = 0
+    samples: int = 0
+    pass_at_k: dict[int, float] = field(default_factory=dict)  # k -> sum over problems of pass@k
+    majority_correct: int = 0
+    completion_tokens: int = 0
+    truncated: int = 0  # completions that hit max_new_tokens without EOS
+    no_answer: int = 0
+    timeouts: int = 0
+    generation_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        for k in reported_ks(self.samples_per_problem):
+            self.pass_at_k.setdefault(k, 0.0)
+
+    def _fields(self) -> list[str]:
+        return ["problems", "samples", "majority_correct", "completion_tokens", "truncated", "no_answer", "timeouts",
+                "generation_seconds"]
+
+    def as_list(self) -> list[float]:
+        """Values in a fixed order, for an element-wise all-reduce."""
+        ks = reported_ks(self.samples_per_problem)
+        return [float(getattr(self, name)) for name in self._fields()] + [self.pass_at_k[k] for k in ks]
+
+    @classmethod
+    def from_list(cls, samples_per_problem: int, values: Sequence[float]) -> EvalSums:
+        sums = cls(samples_per_problem)
+        names = sums._fields()
+        for name, value in zip(names, values):
+            setattr(sums, name, value if name == "generation_seconds" else round(value))
+        sums.pass_at_k = dict(zip(reported_ks(samples_per_problem), values[len(names):]))
+        return sums
+
+    def __add__(self, other: EvalSums) -> EvalSums:
+        if other.samples_per_problem != self.samples_per_problem:
+            raise ValueError(f"cannot add sums over {self.samples_per_problem} and {other.samples_per_problem} "
+                             "samples per problem")
+        return EvalSums.from_list(self.samples_per_problem, [a + b for a, b in zip(self.as_list(), other.as_list())])
+
+    def metrics(self) -> dict[str, float]:
+        problems, samples = max(self.problems, 1), max(self.samples, 1)
+        out = {f"pass@{k}": total / problems for k, total in self.pass_at_k.items()}
+        out.update({
+            f"maj@{self.samples_per_problem}": self.majority_correct / problems,
+            "mean_completion_tokens": self.completion_tokens / samples,
+            "truncated_rate": self.truncated / samples,
+            "no_answer_rate": self.no_answer / samples,
+            "reward_timeouts": float(self.timeouts),
+            "tokens_per_s": self.completion_tokens / self.generation_seconds if self.generation_seconds else 0.0,
+            "problems": float(self.problems),
+            "samples": float(self.samples),
+        })
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    samples: int = 8
+    temperature: float = 0.6
+    top_p: float = 1.0
+    greedy: bool = False
+    max_new_tokens: int = 1024
+    batch_size: int = 32  # sequences per generate() call
+    prompt_template: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.greedy and self.samples != 1:
+            raise ValueError(f"greedy decoding gives one sample per problem; got samples={self.samples}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {self.max_new_tokens}, "
+                             f"{self.batch_size}")
+
+
+def _generate_completions(model, tokenizer, prompts: list[str], settings: GenerationSettings, plan,
+                          device: torch.device) -> tuple[list[str], list[int], list[bool], float]:
+    """(completion text, completion tokens, truncated) per prompt, and the seconds spent generating."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # similar lengths share a batch: less padding
+    texts: list[str] = [""] * len(prompts)
+    tokens = [0] * len(prompts)
+    truncated = [False] * len(prompts)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    eos_ids = tokenizer.eos_token_id
+    seconds = 0.0
+    for start in range(0, len(order), settings.batch_size):
+        rows = order[start:start + settings.batch_size]
+        encoded = tokenizer([prompts[i] for i in rows], padding=True, padding_side="left", return_tensors="pt",
+                            add_special_tokens=False)
+        began = time.perf_counter()
+        rollout = generate(model, encoded.input_ids.to(device), encoded.attention_mask.to(device), plan,
+                           max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                           top_p=settings.top_p, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                           greedy=settings.greedy, generator=generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - began
+        completions = rollout.completions.cpu()  # [b, T]
+        mask = rollout.completion_mask.cpu()  # [b, T]
+        ended = torch.isin(completions, torch.tensor(eos_ids if isinstance(eos_ids, list) else [eos_ids]))
+        ended = (ended & mask.bool()).any(dim=1)  # [b]
+        decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        for row, i in enumerate(rows):
+            texts[i], tokens[i], truncated[i] = decoded[row], int(mask[row].sum()), not bool(ended[row])
+    return texts, tokens, truncated, seconds
+
+
+def evaluate_problems(model, tokenizer, problems: Sequence[MathProblem], settings: GenerationSettings, *,
+                      plan=None, reward_timeout: float = DEFAULT_TIMEOUT, rel_tol: float = DEFAULT_REL_TOL,
+                      pool: VerifierPool | None = None,
+                      first_index: int = 0, index_stride: int = 1) -> tuple[EvalSums, list[dict[str, Any]]]:
+    """Sample `settings.samples` completions per problem, score them, and return local sums and per-problem
+    records. `plan` is the skip plan to generate with (default: the full model). `first_index` and
+    `index_stride` number the records when `problems` is a shard (`all[rank::world]`)."""
+    device = next(model.parameters()).device
+    plan = plan if plan is not None else SkipPlan(model.config.num_hidden_layers)
+    n = settings.samples
+    prompts = [format_prompt(p.question, tokenizer, settings.prompt_template) for p in problems]
+    expanded = [prompt for prompt in prompts for _ in range(n)]  # [P*n], problem-major
+    texts, tokens, truncated, seconds = _generate_completions(model, tokenizer, expanded, settings, plan, device)
+    scored = score_batch_with_stats(texts, [p.answer for p in problems for _ in range(n)], timeout=reward_timeout,
+                                    rel_tol=rel_tol, pool=pool)
+
+    sums = EvalSums(n, problems=len(problems), samples=len(texts), completion_tokens=sum(tokens),
+                    truncated=sum(truncated), no_answer=scored.num_no_answer,
+                    timeouts=scored.count(Outcome.TIMEOUT), generation_seconds=seconds)
+    records = []
+    for p, problem in enumerate(problems):
+        rows = range(p * n, (p + 1) * n)
+        answers = [scored.answers[r] for r in rows]
+        correct = [scored.correct[r] for r in rows]
+        for k in sums.pass_at_k:
+            sums.pass_at_k[k] += pass_at_k(n, sum(correct), k)
+        majority, majority_correct = majority_vote(answers, correct, timeout=reward_timeout, rel_tol=rel_tol,
+                                                   pool=pool)
+        sums.majority_correct += majority_correct
+        records.append({
+            "index": first_index + p * index_stride, "question": problem.question, "reference": problem.answer,
+            "prompt": prompts[p], "num_correct": sum(correct), "majority_answer": majority,
+            "majority_correct": majority_correct,
+            "samples": [{"completion": texts[r], "answer": scored.answers[r], "correct": scored.correct[r],
+                         "outcome": None if scored.outcomes[r] is None else scored.outcomes[r].value,
+                         "tokens": tokens[r], "truncated": truncated[r]} for r in rows],
+        })
+    return sums, records
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    parser.add_argument("--benchmarks", default="gsm8k",
+                        help="comma-separated: built-in names (" + ", ".join(BUILTIN_SOURCES) + ", synthetic) read "
+                             "from --data-dir, or NAME=PATH (a built-in name with its own file or directory, or any "
+                             "name for a JSONL/parquet file with question/answer fields)")
+    parser.add_argument("--data-dir", help="directory holding <benchmark>/<split>.jsonl (e.g. ../shared/data)")
+    parser.add_argument("--split", default="test", help="split (file name in --data-dir folders)")
+    parser.add_argument("--limit", type=int, help="first N problems of each benchmark (synthetic: how many, "
+                                                  f"default {SYNTHETIC_DEFAULT_COUNT})")
+    parser.add_argument("--samples", type=int, help="samples per problem (default 8; 1 with --greedy)")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding, one sample per problem")
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch")
+    parser.add_argument("--prompt-template", choices=["auto", "plain", "chat"], default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (and the synthetic task's seed)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: bfloat16 on CUDA when supported, else float32")
+    parser.add_argument("--reward-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per comparison")
+    parser.add_argument("--rel-tol", type=float, default=DEFAULT_REL_TOL, help="relative tolerance for decimals")
+    parser.add_argument("--output", help="write metrics and per-problem records as JSON here")
+    parser.add_argument("--samples-jsonl", help="write one JSON line per sample here")
+    return parser
+
+
+def benchmark_problems(spec: str, *, data_dir: str | None, split: str, limit: int | None,
+                       seed: int) -> tuple[str, list[MathProblem]]:
+    """(name, problems) for one --benchmarks entry: "gsm8k", "gsm8k=path", "mine=path.jsonl" or "synthetic"."""
+    name, _, path = spec.partition("=")
+    name = name.strip()
+    if name == "synthetic" and not path:
+        return name, synthetic_problems(limit or SYNTHETIC_DEFAULT_COUNT, seed)
+    if not path:
+        if name not in BUILTIN_SOURCES:
+            raise ValueError(f"unknown benchmark {name!r}: use one of {sorted(BUILTIN_SOURCES)} or 'synthetic', "
+                             "or NAME=PATH for a JSONL file with question/answer fields")
+        if data_dir is None:
+            raise ValueError(f"benchmark {name!r} needs --data-dir DIR (reads DIR/{name}/{split}.jsonl) "
+                             f"or {name}=PATH")
+        path = str(Path(data_dir) / name)
+    source = name if name in BUILTIN_SOURCES else "json"
+    return name, load_problems(source, path, split=split, limit=limit)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def markdown_table(results: dict[str, dict[str, float]]) -> str:
+    names = list(results)
+    columns = [c for c in results[names[0]] if c.startswith(("pass@", "maj@"))] + [
+        "mean_completion_tokens", "truncated_rate", "no_answer_rate", "tokens_per_s"]
+    header = "| benchmark | problems | " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 2)]
+    for name in names:
+        row = results[name]
+        cells = [f"{row[c]:.1f}" if c in ("mean_completion_tokens", "tokens_per_s") else f"{row.get(c, 0.0):.4f}"
+                 for c in columns]
+        lines.append(f"| {name} | {int(row['problems'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .model import load_model_and_tokenizer
+
+    try:
+        settings = GenerationSettings(samples=args.samples if args.samples is not None else 1 if args.greedy else 8, temperature=args.temperature,
+                                      top_p=args.top_p, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
+                                      batch_size=args.batch_size, prompt_template=args.prompt_template,
+                                      seed=args.seed)
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        benchmarks = [benchmark_problems(spec, data_dir=args.data_dir, split=args.split, limit=args.limit,
+                                         seed=args.seed) for spec in args.benchmarks.split(",") if spec.strip()]
+        if not benchmarks:
+            raise ValueError("--benchmarks is empty")
+        device = torch.device(args.device)
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=_dtype(args.dtype, device))
+    except ValueError as error:
+        print(f"nested-reft eval: error: {error}", file=sys.stderr)
+        return 2
+    model.to(device).eval()
+
+    results: dict[str, dict[str, float]] = {}
+    report: dict[str, Any] = {"model": args.model, "settings": dataclasses.asdict(settings), "benchmarks": {}}
+    with VerifierPool() as pool:
+        for name, problems in benchmarks:
+            sums, records = evaluate_problems(model, tokenizer, problems, settings, reward_timeout=args.reward_timeout,
+                                              rel_tol=args.rel_tol, pool=pool)
+            results[name] = sums.metrics()
+            report["benchmarks"][name] = {"metrics": results[name], "problems": records}
+            print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items() if "@" in k),
+                  file=sys.stderr)
+    print(markdown_table(results))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    if args.samples_jsonl:
+        with open(args.samples_jsonl, "w", encoding="utf-8") as handle:
+            for name, benchmark in report["benchmarks"].items():
+                for record in benchmark["problems"]:
+                    for s, sample in enumerate(record["samples"]):
+                        handle.write(json.dumps({"benchmark": name, "index": record["index"], "sample": s,
+                                                 "prompt": record["prompt"], "reference": record["reference"],
+                                                 **sample}, ensure_ascii=False) + "\n")
+    return 0
