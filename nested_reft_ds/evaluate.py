@@ -25,9 +25,10 @@ import torch
 from .data import MathProblem, synthetic_problems
 from .data.sources import BUILTIN_SOURCES, load_problems
 from .data.templates import format_prompt
-from .nested import SkipPlan
+from .nested import SkipPlan, sample_skip_plan
 from .reward import DEFAULT_REL_TOL, DEFAULT_TIMEOUT, Outcome, VerifierPool, compare_answers, score_batch_with_stats
-from .rollout import generate
+from .rl import token_logprobs
+from .rollout import generate, position_ids_from_mask
 
 SYNTHETIC_DEFAULT_COUNT = 256
 
@@ -82,6 +83,8 @@ def majority_vote(answers: Sequence[str | None], correct: Sequence[bool], k: int
     if not votes:
         return None, False
     wrong = [(i, a) for i, a, c in votes if not c]
+    if len(votes) - len(wrong) > len(wrong):  # no cluster of wrong answers can outvote the correct ones
+        return next(a for _, a, c in votes if c), True
     wrong_ids = cluster_answers([a for _, a in wrong], timeout=timeout, rel_tol=rel_tol, pool=pool) if wrong else []
     label_of = {i: ("wrong", cluster) for (i, _), cluster in zip(wrong, wrong_ids)}
     labels = [label_of.get(i, ("correct", 0)) for i, _, _ in votes]
@@ -113,6 +116,8 @@ class EvalSums:
     no_answer: int = 0
     timeouts: int = 0
     generation_seconds: float = 0.0
+    kl_sum: float = 0.0  # sum over completion tokens of log beta - log pi
+    kl_tokens: int = 0  # tokens the KL was measured on (0: not measured)
 
     def __post_init__(self) -> None:
         for k in reported_ks(self.samples_per_problem):
@@ -120,7 +125,7 @@ class EvalSums:
 
     def _fields(self) -> list[str]:
         return ["problems", "samples", "majority_correct", "completion_tokens", "truncated", "no_answer", "timeouts",
-                "generation_seconds"]
+                "generation_seconds", "kl_sum", "kl_tokens"]
 
     def as_list(self) -> list[float]:
         """Values in a fixed order, for an element-wise all-reduce."""
@@ -132,7 +137,7 @@ class EvalSums:
         sums = cls(samples_per_problem)
         names = sums._fields()
         for name, value in zip(names, values):
-            setattr(sums, name, value if name == "generation_seconds" else round(value))
+            setattr(sums, name, value if name in ("generation_seconds", "kl_sum") else round(value))
         sums.pass_at_k = dict(zip(reported_ks(samples_per_problem), values[len(names):]))
         return sums
 
@@ -155,6 +160,8 @@ class EvalSums:
             "problems": float(self.problems),
             "samples": float(self.samples),
         })
+        if self.kl_tokens:
+            out["kl_behavior_target"] = self.kl_sum / self.kl_tokens
         return out
 
 
@@ -180,22 +187,48 @@ class GenerationSettings:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.prompt_template not in ("auto", "plain", "chat"):
+            raise ValueError(f"prompt_template must be 'auto', 'plain' or 'chat', got {self.prompt_template!r}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {self.max_new_tokens}, "
                              f"{self.batch_size}")
 
 
+@dataclass
+class _Generated:
+    texts: list[str]
+    tokens: list[int]  # completion tokens per prompt (EOS included)
+    truncated: list[bool]  # hit max_new_tokens without EOS
+    seconds: float
+    kl_sum: float = 0.0  # sum over completion tokens of log beta - log pi (k1 estimate of KL(beta || pi))
+    kl_tokens: int = 0
+
+
+def _target_logprobs(model, rollout, temperature: float, rows_per_forward: int) -> torch.Tensor:
+    """Log-probs [B, T] of the sampled completion tokens under the full `model`, at the sampling temperature;
+    a few rows per forward so the [rows, T, V] logits stay small."""
+    new_tokens = rollout.completions.shape[1]
+    chunks = []
+    for start in range(0, rollout.sequences.shape[0], rows_per_forward):
+        rows = slice(start, start + rows_per_forward)
+        mask = rollout.attention_mask[rows]
+        logits = model(input_ids=rollout.sequences[rows], attention_mask=mask,
+                       position_ids=position_ids_from_mask(mask), use_cache=False,
+                       logits_to_keep=new_tokens + 1).logits  # positions P-1 .. P+T-1
+        chunks.append(token_logprobs(logits[:, :-1], rollout.completions[rows], temperature))
+    return torch.cat(chunks)
+
+
 def _generate_completions(model, tokenizer, prompts: list[str], settings: GenerationSettings, plan,
-                          device: torch.device) -> tuple[list[str], list[int], list[bool], float]:
-    """(completion text, completion tokens, truncated) per prompt, and the seconds spent generating."""
+                          device: torch.device, measure_kl: bool = False) -> _Generated:
+    """Sample one completion per prompt with `plan`; with `measure_kl`, also score the sampled tokens under
+    the full model (behaviour-target KL of the nested model)."""
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # similar lengths share a batch: less padding
-    texts: list[str] = [""] * len(prompts)
-    tokens = [0] * len(prompts)
-    truncated = [False] * len(prompts)
+    out = _Generated(texts=[""] * len(prompts), tokens=[0] * len(prompts), truncated=[False] * len(prompts),
+                     seconds=0.0)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    eos_ids = tokenizer.eos_token_id
-    seconds = 0.0
+    eos_id = tokenizer.eos_token_id
     for start in range(0, len(order), settings.batch_size):
         rows = order[start:start + settings.batch_size]
         encoded = tokenizer([prompts[i] for i in rows], padding=True, padding_side="left", return_tensors="pt",
@@ -203,40 +236,50 @@ def _generate_completions(model, tokenizer, prompts: list[str], settings: Genera
         began = time.perf_counter()
         rollout = generate(model, encoded.input_ids.to(device), encoded.attention_mask.to(device), plan,
                            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                           top_p=settings.top_p, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                           top_p=settings.top_p, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
                            greedy=settings.greedy, generator=generator)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds += time.perf_counter() - began
+        out.seconds += time.perf_counter() - began
+        if measure_kl:
+            with torch.no_grad():
+                target = _target_logprobs(model, rollout, settings.temperature, rows_per_forward=4)  # [b, T]
+            mask = rollout.completion_mask.float()
+            out.kl_sum += float(((rollout.behavior_logprobs - target) * mask).sum())
+            out.kl_tokens += int(mask.sum())
         completions = rollout.completions.cpu()  # [b, T]
         mask = rollout.completion_mask.cpu()  # [b, T]
-        ended = torch.isin(completions, torch.tensor(eos_ids if isinstance(eos_ids, list) else [eos_ids]))
-        ended = (ended & mask.bool()).any(dim=1)  # [b]
+        ended = ((completions == eos_id) & mask.bool()).any(dim=1)  # [b]
         decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
         for row, i in enumerate(rows):
-            texts[i], tokens[i], truncated[i] = decoded[row], int(mask[row].sum()), not bool(ended[row])
-    return texts, tokens, truncated, seconds
+            out.texts[i], out.tokens[i], out.truncated[i] = decoded[row], int(mask[row].sum()), not bool(ended[row])
+    return out
 
 
 def evaluate_problems(model, tokenizer, problems: Sequence[MathProblem], settings: GenerationSettings, *,
-                      plan=None, reward_timeout: float = DEFAULT_TIMEOUT, rel_tol: float = DEFAULT_REL_TOL,
+                      plan: SkipPlan | None = None, measure_kl: bool = False,
+                      reward_timeout: float = DEFAULT_TIMEOUT, rel_tol: float = DEFAULT_REL_TOL,
                       pool: VerifierPool | None = None,
                       first_index: int = 0, index_stride: int = 1) -> tuple[EvalSums, list[dict[str, Any]]]:
     """Sample `settings.samples` completions per problem, score them, and return local sums and per-problem
-    records. `plan` is the skip plan to generate with (default: the full model). `first_index` and
-    `index_stride` number the records when `problems` is a shard (`all[rank::world]`)."""
+    records. `plan` is the skip plan to generate with (default: the full model); with `measure_kl` the
+    sampled tokens are also scored under the full model, giving the nested behaviour model's KL to the target
+    (`kl_behavior_target`; meaningful for sampled, not greedy, decoding). `first_index` and `index_stride`
+    number the records when `problems` is a shard (`all[rank::world]`)."""
     device = next(model.parameters()).device
     plan = plan if plan is not None else SkipPlan(model.config.num_hidden_layers)
     n = settings.samples
     prompts = [format_prompt(p.question, tokenizer, settings.prompt_template) for p in problems]
     expanded = [prompt for prompt in prompts for _ in range(n)]  # [P*n], problem-major
-    texts, tokens, truncated, seconds = _generate_completions(model, tokenizer, expanded, settings, plan, device)
+    generated = _generate_completions(model, tokenizer, expanded, settings, plan, device, measure_kl=measure_kl)
+    texts, tokens, truncated = generated.texts, generated.tokens, generated.truncated
     scored = score_batch_with_stats(texts, [p.answer for p in problems for _ in range(n)], timeout=reward_timeout,
                                     rel_tol=rel_tol, pool=pool)
 
     sums = EvalSums(n, problems=len(problems), samples=len(texts), completion_tokens=sum(tokens),
                     truncated=sum(truncated), no_answer=scored.num_no_answer,
-                    timeouts=scored.count(Outcome.TIMEOUT), generation_seconds=seconds)
+                    timeouts=scored.count(Outcome.TIMEOUT), generation_seconds=generated.seconds,
+                    kl_sum=generated.kl_sum, kl_tokens=generated.kl_tokens)
     records = []
     for p, problem in enumerate(problems):
         rows = range(p * n, (p + 1) * n)
@@ -281,6 +324,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="auto: bfloat16 on CUDA when supported, else float32")
+    parser.add_argument("--skip-ratios", default="0",
+                        help="comma-separated layer-skip ratios of the nested behaviour model to evaluate (first and "
+                             "last layer kept); a ratio > 0 also reports its KL to the full model")
     parser.add_argument("--reward-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per comparison")
     parser.add_argument("--rel-tol", type=float, default=DEFAULT_REL_TOL, help="relative tolerance for decimals")
     parser.add_argument("--output", help="write metrics and per-problem records as JSON here")
@@ -318,47 +364,70 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
     names = list(results)
     columns = [c for c in results[names[0]] if c.startswith(("pass@", "maj@"))] + [
         "mean_completion_tokens", "truncated_rate", "no_answer_rate", "tokens_per_s"]
+    if any("kl_behavior_target" in row for row in results.values()):
+        columns.append("kl_behavior_target")
     header = "| benchmark | problems | " + " | ".join(columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 2)]
     for name in names:
         row = results[name]
-        cells = [f"{row[c]:.1f}" if c in ("mean_completion_tokens", "tokens_per_s") else f"{row.get(c, 0.0):.4f}"
-                 for c in columns]
+        cells = ["-" if c not in row else f"{row[c]:.1f}" if c in ("mean_completion_tokens", "tokens_per_s")
+                 else f"{row[c]:.4f}" for c in columns]
         lines.append(f"| {name} | {int(row['problems'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _skip_ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError as error:
+        raise ValueError(f"--skip-ratios must be comma-separated numbers, got {text!r}") from error
+    if not ratios or any(not 0 <= r < 1 for r in ratios):
+        raise ValueError(f"--skip-ratios must be numbers in [0, 1), got {text!r}")
+    return ratios
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from .model import load_model_and_tokenizer
 
     try:
-        settings = GenerationSettings(samples=args.samples if args.samples is not None else 1 if args.greedy else 8, temperature=args.temperature,
-                                      top_p=args.top_p, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
-                                      batch_size=args.batch_size, prompt_template=args.prompt_template,
-                                      seed=args.seed)
+        settings = GenerationSettings(samples=args.samples if args.samples is not None else 1 if args.greedy else 8,
+                                      temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
+                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                      prompt_template=args.prompt_template, seed=args.seed)
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        ratios = _skip_ratios(args.skip_ratios)
         benchmarks = [benchmark_problems(spec, data_dir=args.data_dir, split=args.split, limit=args.limit,
                                          seed=args.seed) for spec in args.benchmarks.split(",") if spec.strip()]
         if not benchmarks:
             raise ValueError("--benchmarks is empty")
         device = torch.device(args.device)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=_dtype(args.dtype, device))
+        num_layers = model.config.num_hidden_layers
+        plans = {ratio: sample_skip_plan(num_layers, ratio, step=0, seed=args.seed) for ratio in ratios}
+        warm_up_prompt = format_prompt("1+1", tokenizer, settings.prompt_template)  # checks the template choice
     except ValueError as error:
         print(f"nested-reft eval: error: {error}", file=sys.stderr)
         return 2
     model.to(device).eval()
+    # One short generation first, so that one-time initialisation is not counted in the first row's tokens/s.
+    _generate_completions(model, tokenizer, [warm_up_prompt],
+                          dataclasses.replace(settings, max_new_tokens=2, batch_size=1), SkipPlan(num_layers), device)
 
     results: dict[str, dict[str, float]] = {}
     report: dict[str, Any] = {"model": args.model, "settings": dataclasses.asdict(settings), "benchmarks": {}}
     with VerifierPool() as pool:
         for name, problems in benchmarks:
-            sums, records = evaluate_problems(model, tokenizer, problems, settings, reward_timeout=args.reward_timeout,
-                                              rel_tol=args.rel_tol, pool=pool)
-            results[name] = sums.metrics()
-            report["benchmarks"][name] = {"metrics": results[name], "problems": records}
-            print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items() if "@" in k),
-                  file=sys.stderr)
+            for ratio, plan in plans.items():
+                row = name if ratios == [0.0] else f"{name} skip={ratio:g}"
+                sums, records = evaluate_problems(model, tokenizer, problems, settings, plan=plan,
+                                                  measure_kl=bool(plan.skipped) and not settings.greedy,
+                                                  reward_timeout=args.reward_timeout, rel_tol=args.rel_tol, pool=pool)
+                results[row] = sums.metrics()
+                report["benchmarks"][row] = {"skip_ratio": ratio, "skipped_layers": list(plan.skipped),
+                                             "metrics": results[row], "problems": records}
+                print(f"{row}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[row].items() if "@" in k),
+                      file=sys.stderr)
     print(markdown_table(results))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -109,9 +110,9 @@ def test_evaluate_problems_aggregates_scored_samples(monkeypatch):
     tokens = list(range(1, 13))
     truncated = [False] * 11 + [True]
 
-    def fake_generate(model, tokenizer, prompts, settings, plan, device):
+    def fake_generate(model, tokenizer, prompts, settings, plan, device, measure_kl):
         assert len(prompts) == 12 and prompts[0] == prompts[3] != prompts[4]  # problem-major, 4 samples each
-        return completions, tokens, truncated, 2.0
+        return evaluate._Generated(completions, tokens, truncated, seconds=2.0)
 
     class FakeModel:
         config = type("Config", (), {"num_hidden_layers": 2})()
@@ -206,3 +207,38 @@ def test_eval_cli_greedy_and_errors(tiny_models, tmp_path, capsys):
     assert "greedy decoding gives one sample" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--benchmarks", "synthetic"]) == 2
     assert "not a Hugging Face checkpoint" in capsys.readouterr().err
+
+
+def test_kl_of_the_full_model_to_itself_is_zero_and_grows_with_skipping(tiny_models):
+    # Checks that the target log-probs are aligned with the sampled tokens: with no layer skipped the
+    # behaviour and target distributions are the same model, so every per-token log-ratio is ~0.
+    from nested_reft_ds.model import load_model_and_tokenizer
+    from nested_reft_ds.nested import SkipPlan
+
+    model, tokenizer = load_model_and_tokenizer(tiny_models["llama"])
+    problems = synthetic_problems(2, seed=5)
+    settings = GenerationSettings(samples=2, temperature=1.0, max_new_tokens=4, batch_size=4)
+    full, _ = evaluate_problems(model, tokenizer, problems, settings, measure_kl=True)
+    assert full.kl_tokens == full.completion_tokens > 0
+    assert abs(full.kl_sum) / full.kl_tokens < 1e-4
+    nested, _ = evaluate_problems(model, tokenizer, problems, settings, plan=SkipPlan(6, (1, 2, 3, 4)),
+                                  measure_kl=True)
+    assert abs(nested.metrics()["kl_behavior_target"]) > 1e-3
+    assert "kl_behavior_target" not in EvalSums(2, problems=1, samples=2, completion_tokens=4).metrics()
+
+
+def test_eval_cli_skip_ratios(tiny_models, tmp_path, capsys):
+    from nested_reft_ds.cli import main
+
+    output = tmp_path / "skip.json"
+    assert main(["eval", "--model", str(tiny_models["qwen2"]), "--benchmarks", "synthetic", "--limit", "2",
+                 "--samples", "2", "--max-new-tokens", "4", "--skip-ratios", "0,0.5", "--output", str(output)]) == 0
+    rows = json.loads(output.read_text())["benchmarks"]
+    assert list(rows) == ["synthetic skip=0", "synthetic skip=0.5"]
+    assert rows["synthetic skip=0"]["skipped_layers"] == [] and len(rows["synthetic skip=0.5"]["skipped_layers"]) == 3
+    assert "kl_behavior_target" not in rows["synthetic skip=0"]["metrics"]
+    assert math.isfinite(rows["synthetic skip=0.5"]["metrics"]["kl_behavior_target"])
+    assert "| synthetic skip=0.5 |" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tiny_models["qwen2"]), "--benchmarks", "synthetic",
+                 "--skip-ratios", "0.9"]) == 2
+    assert "skip ratio 0.9" in capsys.readouterr().err
