@@ -6,6 +6,7 @@ module cannot decide for certain (`fast_equal` returns None) goes to the sympy w
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -52,6 +53,8 @@ class Number:
 
 def _unwrap_command(text: str, command_pattern: str) -> str | None:
     """`\\cmd{X}` spanning the whole string -> "X" (balanced braces), else None."""
+    if not text.startswith("\\"):
+        return None
     match = re.match(command_pattern + r"\{", text)
     if not match:
         return None
@@ -66,6 +69,7 @@ def _unwrap_command(text: str, command_pattern: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8192)  # GRPO groups repeat references and answers within a batch
 def strip_answer(text: str) -> str:
     """Remove presentation that never changes an answer's value: surrounding math delimiters, a whole-string
     `\\boxed{}`/`\\text{}`, spacing commands, `\\left`/`\\right`, degree signs, `{,}`, a trailing full stop."""
