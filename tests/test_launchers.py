@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = REPO / "launchers"
@@ -358,3 +359,143 @@ def test_slurm_usr1_before_time_limit_requeues_the_job(fake_slurm, script):
     text = (LAUNCHERS / "slurm" / script).read_text()
     for directive in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --open-mode=append"):
         assert f"\n{directive}\n" in text
+
+
+# ------------------------------------------------------------------------ simulated 2-node run (distributed)
+
+LINE = re.compile(r"^(?:\[rank (\d+)\] )?\[(sft|rl|eval) (\d+)\] (.*)$")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _all_ranks_logging() -> bool:
+    """Whether the trainer can print its step lines on every rank (a `logging.all_ranks` option)."""
+    import dataclasses
+
+    from nested_reft_ds.config import LoggingConfig
+
+    return "all_ranks" in {f.name for f in dataclasses.fields(LoggingConfig)}
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """Two `multinode.sh --no-ssh` invocations, node ranks 0 and 1, on this machine: the shipped loopback hostfile
+    (two names for this host, one slot each), master 127.0.0.1, gloo, ZeRO-3, the tiny 2-rank recipe."""
+    out = tmp_path_factory.mktemp("two_nodes")
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPSPEED": str(deepspeed if deepspeed.exists() else "deepspeed")}
+    extra = ["--set", f"train.output_dir={out / 'run'}"]
+    if _all_ranks_logging():
+        extra += ["--set", "logging.all_ranks=true"]
+    port = str(_free_port())
+    procs, logs = [], []
+    start = time.monotonic()
+    for node in (0, 1):
+        log = open(out / f"node{node}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [LAUNCHERS / "multinode.sh", "--hostfile", LAUNCHERS / "hostfile.loopback", "--no-ssh", "--node-rank",
+             str(node), "--master-addr", "127.0.0.1", "--master-port", port, "--config", TINY, "--resume", "none",
+             "--", *extra], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        deadline = start + 900
+        while any(p.poll() is None for p in procs):
+            # A node that fails leaves the other waiting on a collective: stop it instead of timing out.
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for log in logs:
+            log.close()
+    elapsed = time.monotonic() - start
+    texts = [(out / f"node{node}.log").read_text() for node in (0, 1)]
+    codes = [p.returncode for p in procs]
+    if codes != [0, 0]:
+        pytest.fail(f"2-node launch failed, exit codes {codes} after {elapsed:.0f}s\n--- node 0\n{texts[0][-5000:]}"
+                    f"\n--- node 1\n{texts[1][-5000:]}")
+    print(f"simulated 2-node ZeRO-3 run: {elapsed:.1f}s")
+    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    return texts, metrics, out
+
+
+@pytest.mark.distributed
+def test_two_nodes_join_one_zero3_job(two_nodes):
+    texts, _, _ = two_nodes
+    for node, text in enumerate(texts):
+        assert f"nnodes=2, num_local_procs=1, node_rank={node}" in text
+        assert "dist_world_size=2" in text
+        assert "exits successfully" in text
+    assert "world 2 | ZeRO-3" in texts[0]
+
+
+@pytest.mark.distributed
+def test_two_nodes_trained_the_seeded_skip_plans_with_finite_losses(two_nodes):
+    from nested_reft_ds.config import load_config
+    from nested_reft_ds.nested import sample_skip_plan, scheduled_ratio
+
+    _, metrics, _ = two_nodes
+    cfg = load_config(REPO / TINY)
+    rl = [m for m in metrics if m["phase"] == "rl"]
+    sft = [m for m in metrics if m["phase"] == "sft"]
+    assert [m["step"] for m in sft] == [0, 1] and [m["step"] for m in rl] == [0, 1]
+    for record in rl:
+        ratio = scheduled_ratio(cfg.skip.ratio, record["step"], cfg.skip.schedule, cfg.skip.warmup_steps)
+        plan = sample_skip_plan(cfg.model.num_layers, ratio, record["step"], cfg.train.seed, cfg.skip.protect_first,
+                                cfg.skip.protect_last, cfg.skip.strategy)
+        assert record["skipped_layers"] == list(plan.skipped)
+    assert all(m["loss"] == m["loss"] and abs(m["loss"]) < 1e3 for m in rl), [m["loss"] for m in rl]
+
+
+@pytest.mark.distributed
+def test_two_node_zero3_first_loss_equals_the_single_process_reference(two_nodes):
+    """The first SFT step sees the initial weights: the 2-node ZeRO-3 loss (token mean over both nodes' halves
+    of the global batch) must equal the same batch's loss computed here with the plain HF model. Catches
+    weights loaded or partitioned wrongly, e.g. in the wrong dtype."""
+    from nested_reft_ds.config import load_config
+    from nested_reft_ds.data import problems_from_config
+    from nested_reft_ds.model import load_model_and_tokenizer
+    from nested_reft_ds.train import batch_indices, completion_logprobs, teacher_forced
+
+    _, metrics, out = two_nodes
+    cfg = load_config(REPO / TINY)
+    model, tokenizer = load_model_and_tokenizer(out / "run" / "base_model", "sdpa")
+    problems, _ = problems_from_config(cfg.data, cfg.train.seed)
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size  # the global SFT batch of step 0
+    chosen = batch_indices(len(problems), rows, 0, cfg.train.seed + 1)
+    batch = teacher_forced(tokenizer, [problems[i] for i in chosen], cfg.data.prompt_template, "cpu")
+    with torch.no_grad():
+        logprobs = completion_logprobs(model, batch, slice(0, rows), 1.0)
+    reference = (-(logprobs * batch.completion_mask).sum() / batch.completion_mask.sum()).item()
+    first = next(m for m in metrics if m["phase"] == "sft" and m["step"] == 0)
+    # fp32 on CPU agrees to ~1e-7 relative; weights rounded through bf16 on the way in are off by ~6e-6.
+    assert first["sft_loss"] == pytest.approx(reference, rel=2e-6), (
+        f"2-node ZeRO-3 first loss {first['sft_loss']!r} != single-process reference {reference!r}")
+
+
+@pytest.mark.distributed
+def test_both_nodes_logged_identical_skip_plans_and_losses(two_nodes):
+    if not _all_ranks_logging():
+        pytest.xfail("the trainer prints step lines on rank 0 only; node 1 has nothing to compare until a "
+                     "`logging.all_ranks` option exists (issue 7 report)")
+    texts, _, _ = two_nodes
+    per_node = []
+    for text in texts:
+        lines = {}
+        for line in text.splitlines():
+            match = LINE.match(line)
+            if match:
+                lines[(match.group(2), int(match.group(3)))] = match.group(4)
+        per_node.append(lines)
+    assert {key for key in per_node[0] if key[0] == "rl"} == {("rl", 0), ("rl", 1)}
+    assert all("skip [" in per_node[0][("rl", step)] for step in (0, 1))
+    assert per_node[0] == per_node[1]
