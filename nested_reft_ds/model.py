@@ -73,7 +73,7 @@ def select_attn_implementation(requested: str = "auto") -> str:
     return requested
 
 
-def _load_tokenizer(path: Path):
+def load_tokenizer(path: Path):
     # transformers 5's AutoTokenizer replaces a generic tokenizer.json with the model type's tokenizer class
     # (Qwen2Tokenizer re-splits our characters and drops spaces); a checkpoint that declares the generic
     # backend, as the embedded one does, is loaded with that backend.
@@ -91,7 +91,7 @@ def load_model_and_tokenizer(path: str | Path, attn_implementation: str = "auto"
         raise ValueError(f"model.path={str(path)!r} is not a Hugging Face checkpoint directory (no config.json)")
     attn = select_attn_implementation(attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype)
-    tokenizer = _load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     log.info("loaded %s (%s, %d layers, attention=%s, dtype=%s)", path, model.config.model_type,

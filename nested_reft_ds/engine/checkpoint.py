@@ -76,7 +76,7 @@ def export_hf_model(save_dir: str | Path, output_dir: str | Path, tag: str | Non
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..model import _load_tokenizer
+    from ..model import load_tokenizer
 
     save_dir = Path(save_dir)
     tag = tag or latest_tag(save_dir)
@@ -99,5 +99,5 @@ def export_hf_model(save_dir: str | Path, output_dir: str | Path, tag: str | Non
     model.tie_weights()
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
-    _load_tokenizer(base_model).save_pretrained(output_dir)
+    load_tokenizer(base_model).save_pretrained(output_dir)
     return output_dir

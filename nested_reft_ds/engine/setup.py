@@ -1,6 +1,7 @@
 """Building the DeepSpeed engine around a HF causal LM."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -8,23 +9,73 @@ from typing import Any
 import deepspeed
 import torch
 
-from ..model import load_model_and_tokenizer
+from transformers import AutoConfig
+from transformers.initialization import no_init_weights
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from ..model import load_tokenizer, load_model_and_tokenizer, select_attn_implementation
 
 log = logging.getLogger(__name__)
 
-# transformers partitions weights at load time (zero.Init) while an HfDeepSpeedConfig with ZeRO-3 is alive;
-# it is kept for the life of the process, as transformers requires.
-_live_hf_ds_config = None
+def _checkpoint_tensors(path: Path):
+    """name -> lazy tensor loader over a HF safetensors checkpoint (single file or sharded with an index)."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    if not all((path / name).is_file() for name in files):
+        raise ValueError(f"{str(path)!r} has no safetensors weights; ZeRO-3 loading reads *.safetensors")
+    handles = [safe_open(str(path / name), framework="pt") for name in files]
+    return {key: (handle, key) for handle in handles for key in handle.keys()}
 
 
 def load_model_for_engine(path: str | Path, ds_config: dict[str, Any], attn_implementation: str):
-    """Load model + tokenizer so that under ZeRO-3 no rank ever materialises the full model."""
-    global _live_hf_ds_config
-    bf16 = ds_config.get("bf16", {}).get("enabled", False)
-    if ds_config.get("zero_optimization", {}).get("stage") == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-        _live_hf_ds_config = HfDeepSpeedConfig(ds_config)
-    return load_model_and_tokenizer(path, attn_implementation, dtype=torch.bfloat16 if bf16 else torch.float32)
+    """Load model + tokenizer; under ZeRO-3 no rank ever materialises the full model.
+
+    ZeRO-3: the model is constructed inside `deepspeed.zero.Init` (each parameter partitioned as it is
+    created), then filled module by module: gather that module's parameters, rank 0 copies them from the
+    safetensors files, re-partition. Peak memory is one module, not the model. (transformers' own ZeRO-3
+    path needs accelerate, which the deepspeed launcher path avoids.)
+    """
+    path = Path(path)
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled", False) else torch.float32
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return load_model_and_tokenizer(path, attn_implementation, dtype=dtype)
+    model_config = AutoConfig.from_pretrained(path)
+    # Resolve (import) the model class first: zero.Init patches torch.Tensor.__new__, which breaks
+    # transformers' lazy module imports if they happen inside it.
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
+    # Random init is skipped: every weight is overwritten below (and init indexes into empty partitions).
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        model = model_class._from_config(model_config, dtype=dtype,
+                                         attn_implementation=select_attn_implementation(attn_implementation))
+        model.tie_weights()  # a tied LM head must share the embedding's (partitioned) parameter
+    tensors = _checkpoint_tensors(path)
+    rank0 = torch.distributed.get_rank() == 0
+    missing = []
+    for module_name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            for name, param in params.items():
+                key = f"{module_name}.{name}" if module_name else name
+                if key not in tensors:
+                    missing.append(key)
+                elif rank0:
+                    handle, tensor_key = tensors[key]
+                    param.data.copy_(handle.get_tensor(tensor_key).to(param.dtype))
+    # transformers 5 computes derived buffers (rotary inv_freq) in _init_weights, which no_init_weights
+    # skipped; buffer-only modules hold no partitioned parameters, so initialising them here is safe.
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is None and next(module.buffers(recurse=False), None) is not None:
+            model._init_weights(module)
+    tied = {"lm_head.weight"} if model_config.tie_word_embeddings else set()
+    if set(missing) - tied:
+        raise ValueError(f"checkpoint {str(path)!r} lacks weights for {sorted(set(missing) - tied)[:5]}")
+    log.info("loaded %s partitioned with ZeRO-3 (dtype %s)", path, dtype)
+    return model, load_tokenizer(path)
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any]):

@@ -1,0 +1,130 @@
+"""Every multi-rank ZeRO-3 check in one launch (DeepSpeed start-up is the expensive part on CPU).
+
+Run by tests/test_distributed.py as `deepspeed --num_gpus 2 tests/distributed/zero3_worker.py --out DIR`; each
+rank writes DIR/rank<r>.json, which the tests assert on. Nothing is mocked: real engine, real ZeRO-3, gloo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+import nested_reft_ds.train as train
+from nested_reft_ds import engine as ds
+from nested_reft_ds.config import load_config
+from nested_reft_ds.engine.gather import zero3_coordinator
+from nested_reft_ds.model import load_model_and_tokenizer
+from nested_reft_ds.nested import SkipPlan
+from nested_reft_ds.rollout import generate
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["model.hidden_size=32", "model.num_layers=6", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.intermediate_size=64", "rollout.prompts_per_step=4", "rollout.group_size=2",
+        "rollout.max_new_tokens=20", "train.micro_batch_size=2", "train.sft_steps=30", "train.sft_lr=0.01",
+        "data.min_operand=0", "data.max_operand=1", "train.steps=3",
+        "train.save_every=1", "data.num_problems=32", "data.eval_problems=4", "logging.tensorboard=false",
+        "logging.progress_bar=false", "skip.ratio=0.34", "train.lr=1e-3"]
+
+
+def record_rl_steps(records: list) -> None:
+    """Wrap the real rl_step to keep what this rank saw at each step (the skip plan is this rank's own)."""
+    real_step = train.rl_step
+
+    def recording(*args, **kwargs):
+        metrics = real_step(*args, **kwargs)
+        records.append({key: metrics[key] for key in ("skipped_layers", "loss", "reward_mean", "completion_length",
+                                                       "ratio_tok_max", "grad_norm")} | {"step": args[4]})
+        return metrics
+
+    train.rl_step = recording
+
+
+def statuses(layers) -> list[list[str]]:
+    return [sorted({p.ds_status.name for p in layer.parameters()}) for layer in layers]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int)
+    out = Path(parser.parse_args().out)
+    rank, world = ds.init_distributed()
+    result: dict = {"world": world}
+    zero3 = str(REPO / "ds_configs" / "zero3.json")
+
+    # 1. A continuous 3-step run, checkpointing every step.
+    records_a: list = []
+    record_rl_steps(records_a)
+    cfg_a = load_config(None, TINY + [f"train.output_dir={out}/run_a"])
+    result["summary_a"] = train.run(cfg_a, zero3, resume="none")
+    result["steps_a"] = list(records_a)
+
+    # 2. Resume from the step-2 checkpoint in a fresh directory: step 2 must replay exactly.
+    if rank == 0:
+        run_b = out / "run_b"
+        shutil.copytree(out / "run_a" / "base_model", run_b / "base_model")
+        shutil.copytree(out / "run_a" / "checkpoints" / "rl_step2", run_b / "checkpoints" / "rl_step2")
+        (run_b / "checkpoints" / "latest").write_text("rl_step2")
+    ds.barrier()
+    records_a.clear()
+    cfg_b = load_config(None, TINY + [f"train.output_dir={out}/run_b"])
+    train.run(cfg_b, zero3, resume="auto")
+    result["steps_b"] = list(records_a)
+
+    # 3. Gather-once invariants on a fresh engine with every parameter partitioned (persistence threshold 0).
+    ds_config = ds.fill_ds_config(ds.load_ds_config(zero3, cfg_a), cfg_a, world)
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    base = out / "run_a" / "base_model"
+    reference, tokenizer = load_model_and_tokenizer(base, "sdpa")  # plain, unsharded copy of the same weights
+    model, _ = ds.load_model_for_engine(base, ds_config, "sdpa")
+    engine = ds.build_engine(model, ds_config)
+    layers = engine.module.model.layers
+    coordinator = zero3_coordinator(engine)
+    hooks_before = [len(coordinator.forward_hooks), len(coordinator.backward_hooks)]
+    prompts = [f"Question: {rank + 3}+{rank + 4}?", "Q: 5-2?"]
+    enc = tokenizer(prompts, padding=True, return_tensors="pt")
+    plan = SkipPlan(6, (1, 2))
+    kwargs = dict(max_new_tokens=12, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  greedy=True)
+    with ds.skip_aware_gather(engine, plan) as gathered:
+        result["status_inside"] = statuses(layers)
+        result["embed_status_inside"] = engine.module.model.embed_tokens.weight.ds_status.name
+        nested_tokens = generate(gathered, enc.input_ids, enc.attention_mask, plan, **kwargs).sequences
+        result["hooks_inside"] = sum(len(m._forward_pre_hooks) for m in layers)
+    result["status_after"] = statuses(layers)
+    result["hooks_after"] = [len(coordinator.forward_hooks), len(coordinator.backward_hooks)]
+    result["hooks_before"] = hooks_before
+    expected = generate(reference.eval(), enc.input_ids, enc.attention_mask, plan, **kwargs).sequences
+    result["tokens_match_plain_model"] = bool(torch.equal(nested_tokens, expected))
+
+    # 4. Ranks holding different plans: a clear error on every rank, never a hang.
+    mismatched = SkipPlan(6, (1,)) if rank == 0 else SkipPlan(6, (2,))
+    try:
+        with ds.skip_aware_gather(engine, mismatched):
+            result["mismatch"] = "entered"
+    except RuntimeError as err:
+        result["mismatch"] = str(err)
+
+    # 5. An exception inside generation: hooks and partitioning restored, and training goes on.
+    try:
+        with ds.skip_aware_gather(engine, plan):
+            raise KeyError("failure inside generation")
+    except KeyError:
+        pass
+    result["status_after_error"] = statuses(layers)
+    result["hooks_after_error"] = [len(coordinator.forward_hooks), len(coordinator.backward_hooks)]
+    problems, _ = train.problems_from_config(cfg_a.data, cfg_a.train.seed)
+    metrics = train.rl_step(engine, tokenizer, problems, cfg_a, 0, rank, world)
+    result["loss_after_error"] = metrics["loss"]
+    result["loss_after_error_finite"] = math.isfinite(metrics["loss"])
+
+    (out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
