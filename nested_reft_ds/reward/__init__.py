@@ -2,6 +2,10 @@
 
 Pure Python (no torch, no DeepSpeed). Sympy work runs in persistent worker processes that are killed when a
 comparison overruns its time limit, so a pathological completion cannot stall or exhaust a training step.
+
+    result = score_batch_with_stats(completions, references, format_weight=0.1)
+    rewards = result.scores                      # one float per completion
+    log.update(result.log_metrics())             # reward/timeouts, reward/parse_failures, ...
 """
 from .extract import extract_answer, has_boxed_answer, last_boxed
 from .pool import Outcome, VerifierPool, WorkerStartError, default_pool

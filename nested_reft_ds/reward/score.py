@@ -94,7 +94,8 @@ def math_equal(pred: str | None, ref: str, timeout: float = DEFAULT_TIMEOUT, *, 
     Numbers compare exactly when both are written exactly (integers, fractions) and within relative tolerance
     `rel_tol` when either is a decimal. With `choices`, a choice letter matches its option's content.
     False when `pred` is None, on timeout (`timeout` seconds, enforced by killing the worker), when either
-    side cannot be parsed, and for inputs over the size limits.
+    side cannot be parsed, and for inputs over the size limits. The timeout bounds the comparison itself; the
+    first call that needs sympy in a process also waits for a worker to start (about half a second).
     """
     if pred is None:
         return False
