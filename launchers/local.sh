@@ -20,7 +20,14 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 usage() { sed -n '2,/^set -euo pipefail$/{/^set -euo/d;s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"; }
 die() { printf 'local.sh: error: %s\n' "$*" >&2; exit 2; }
-print_cmd() { local out; printf -v out '%q ' "$@"; printf '%s\n' "${out% }"; }
+# Print a command so that it can be pasted into a shell: plain words as they are, the rest single-quoted.
+print_cmd() {
+  local arg safe='^[A-Za-z0-9_./:=@%+,-]+$' out=()
+  for arg in "$@"; do
+    if [[ "$arg" =~ $safe ]]; then out+=("$arg"); else out+=("'${arg//\'/\'\\\'\'}'"); fi
+  done
+  printf '%s\n' "${out[*]}"
+}
 # Value of a `# key: value` metadata line in a recipe (empty when absent).
 recipe_meta() {
   if [[ -n "$1" && -f "$1" ]]; then sed -n "s/^# $2: *\([^ ]*\) *\$/\1/p" "$1" | head -n 1; fi

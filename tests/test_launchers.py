@@ -64,12 +64,12 @@ def test_every_script_is_strict_bash_and_passes_shellcheck():
 
 def test_local_dry_run_prints_the_deepspeed_command():
     result = run([LAUNCHERS / "local.sh", "--dry-run", "--num-gpus", "2", "--config", TINY, "--master-port", "29611",
-                  "--set", "train.steps=3", "--", "--set", "train.output_dir=/tmp/with space"], cwd=REPO)
+                  "--set", "train.steps=3", "--", "--set", "train.output_dir=/tmp/it's here"], cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert last_command(result.stdout) == [
         "deepspeed", "--num_gpus", "2", "--master_port", "29611", "--module", "nested_reft_ds.train",
         "--config", TINY, "--deepspeed", f"{REPO}/ds_configs/zero3.json",  # from the recipe's header
-        "--resume", "auto", "--set", "train.steps=3", "--set", "train.output_dir=/tmp/with space"]
+        "--resume", "auto", "--set", "train.steps=3", "--set", "train.output_dir=/tmp/it's here"]
     env = exports(result.stdout)
     assert env["PYTHONPATH"].split(":")[0] == str(REPO) and env["TOKENIZERS_PARALLELISM"] == "false"
     assert "note" not in result.stderr  # the recipe is written for 2 ranks
