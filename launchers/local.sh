@@ -6,7 +6,9 @@
 #                      [--resume auto|none|DIR] [--set SECTION.KEY=VALUE]... [--dry-run] [-- TRAIN_ARGS...]
 #
 # Every option has an environment equivalent: NUM_GPUS, CONFIG, DS_CONFIG, MASTER_PORT, RESUME, DRY_RUN=1.
-#   --num-gpus     processes to start (default: GPUs reported by nvidia-smi, else 1; on CPU: 1 rank per process)
+#   --num-gpus     processes to start (default: the GPUs in CUDA_VISIBLE_DEVICES, else those nvidia-smi lists,
+#                  else 1; on a CPU-only machine each rank is a CPU process). With CUDA_VISIBLE_DEVICES set,
+#                  the first N of those GPUs are used.
 #   --config       experiment YAML (default: the embedded tiny recipe)
 #   --deepspeed    DeepSpeed JSON (default: the recipe's `# ds_config:` line, else built from train.zero_stage)
 #   --resume       passed to the trainer (default: auto, i.e. continue from <output_dir>/checkpoints if present)
@@ -57,14 +59,30 @@ while (($#)); do
   esac
 done
 
+# Which devices: the DeepSpeed launcher drops CUDA_VISIBLE_DEVICES whenever --num_gpus is given, so a visible
+# set (numeric ids) is passed on as --include localhost:<the first N ids> instead.
+VISIBLE=()
+if [[ "${CUDA_VISIBLE_DEVICES:-}" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+  IFS=, read -r -a VISIBLE <<< "$CUDA_VISIBLE_DEVICES"
+fi
 if [[ -z "$NUM_GPUS" ]]; then
   NUM_GPUS=1
-  if command -v nvidia-smi >/dev/null 2>&1; then
+  if ((${#VISIBLE[@]})); then
+    NUM_GPUS="${#VISIBLE[@]}"
+  elif command -v nvidia-smi >/dev/null 2>&1; then
     detected="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
     ((detected > 0)) && NUM_GPUS="$detected"
   fi
 fi
 [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || die "--num-gpus must be a positive integer, got '$NUM_GPUS'"
+if ((${#VISIBLE[@]})); then
+  ((NUM_GPUS <= ${#VISIBLE[@]})) \
+    || die "--num-gpus $NUM_GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES makes ${#VISIBLE[@]} visible"
+  ids="${VISIBLE[*]:0:NUM_GPUS}"
+  DEVICES=(--include "localhost:${ids// /,}")
+else
+  DEVICES=(--num_gpus "$NUM_GPUS")
+fi
 [[ -z "$CONFIG" || -f "$CONFIG" ]] || die "config file '$CONFIG' does not exist"
 if [[ -z "$DS_CONFIG" ]]; then
   meta="$(recipe_meta "$CONFIG" ds_config)"
@@ -88,7 +106,7 @@ export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 ENV_SET+=(TOKENIZERS_PARALLELISM PYTHONPATH)
 
-cmd=("$DEEPSPEED" --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" --module nested_reft_ds.train)
+cmd=("$DEEPSPEED" "${DEVICES[@]}" --master_port "$MASTER_PORT" --module nested_reft_ds.train)
 [[ -n "$CONFIG" ]] && cmd+=(--config "$CONFIG")
 [[ -n "$DS_CONFIG" ]] && cmd+=(--deepspeed "$DS_CONFIG")
 cmd+=(--resume "$RESUME" "${TRAIN_ARGS[@]}")

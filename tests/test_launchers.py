@@ -31,8 +31,19 @@ def shellcheck() -> str:
     return found
 
 
+# Variables the launchers read: cleared so that the caller's environment (a GPU box, a SLURM job) cannot leak in.
+LAUNCHER_VARIABLES = {"CUDA_VISIBLE_DEVICES", "NUM_GPUS", "CONFIG", "DS_CONFIG", "MASTER_ADDR", "MASTER_PORT", "RESUME",
+                      "DRY_RUN", "DEEPSPEED", "TORCHRUN", "HOSTFILE", "NO_SSH", "NODE_RANK", "GPUS_PER_NODE", "LOG_DIR",
+                      "REPO_DIR", "OMP_NUM_THREADS"}
+
+
+def clean_environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("SLURM")}
+
+
 def run(cmd, env=None, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], env={**os.environ, **(env or {})}, capture_output=True, text=True,
+    base = clean_environ()
+    return subprocess.run([str(c) for c in cmd], env={**base, **(env or {})}, capture_output=True, text=True,
                           timeout=60, **kwargs)
 
 
@@ -87,6 +98,23 @@ def test_local_dry_run_from_environment_and_defaults(tmp_path):
     # No config: the embedded default, no --deepspeed (the trainer builds one from train.zero_stage).
     bare = run([LAUNCHERS / "local.sh", "--dry-run", "--num-gpus", "1"], cwd=tmp_path)
     assert last_command(bare.stdout)[-2:] == ["--resume", "auto"] and "--deepspeed" not in bare.stdout
+
+
+def test_local_keeps_the_users_visible_gpus():
+    """The DeepSpeed launcher discards CUDA_VISIBLE_DEVICES when given --num_gpus; local.sh passes --include."""
+    from deepspeed.launcher.runner import parse_args, parse_inclusion_exclusion
+
+    every = run([LAUNCHERS / "local.sh", "--dry-run"], env={"CUDA_VISIBLE_DEVICES": "4,5,6"}, cwd=REPO)
+    first_two = run([LAUNCHERS / "local.sh", "--dry-run", "--num-gpus", "2"], env={"CUDA_VISIBLE_DEVICES": "4,5,6"},
+                    cwd=REPO)
+    assert last_command(every.stdout)[1:3] == ["--include", "localhost:4,5,6"]
+    command = last_command(first_two.stdout)
+    assert command[1:3] == ["--include", "localhost:4,5"] and "--num_gpus" not in command
+    args = parse_args(command[1:])
+    assert parse_inclusion_exclusion({"localhost": 8}, args.include, args.exclude) == {"localhost": [4, 5]}
+    too_many = run([LAUNCHERS / "local.sh", "--dry-run", "--num-gpus", "4"], env={"CUDA_VISIBLE_DEVICES": "4,5,6"},
+                   cwd=REPO)
+    assert too_many.returncode == 2 and "makes 3 visible" in too_many.stderr
 
 
 def test_local_rejects_bad_input_and_notes_world_size_mismatch():
@@ -211,9 +239,7 @@ def fake_slurm(tmp_path):
     log = tmp_path / "calls.jsonl"
 
     def environment(nodelist: str, hosts: list[str], **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
-        env.pop("OMP_NUM_THREADS", None)
-        return {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), "STUB_HOSTS": ",".join(hosts),
+        return {**clean_environ(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), "STUB_HOSTS": ",".join(hosts),
                 "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "nr", "SLURM_JOB_NODELIST": nodelist,
                 "SLURM_NNODES": str(len(hosts)), "SLURM_SUBMIT_DIR": str(REPO), "LOG_DIR": str(tmp_path / "logs"),
                 **extra}
@@ -389,7 +415,7 @@ def two_nodes(tmp_path_factory):
     (two names for this host, one slot each), master 127.0.0.1, gloo, ZeRO-3, the tiny 2-rank recipe."""
     out = tmp_path_factory.mktemp("two_nodes")
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPSPEED": str(deepspeed if deepspeed.exists() else "deepspeed")}
+    env = {**clean_environ(), "OMP_NUM_THREADS": "1", "DEEPSPEED": str(deepspeed if deepspeed.exists() else "deepspeed")}
     extra = ["--set", f"train.output_dir={out / 'run'}"]
     if _all_ranks_logging():
         extra += ["--set", "logging.all_ranks=true"]
