@@ -154,6 +154,23 @@ class AlgorithmConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    # Per-comparison time bound for symbolic equivalence (worker process, hard kill past it).
+    timeout: float = 5.0
+    # Relative tolerance when either side is a decimal (exact numbers must match exactly).
+    rel_tol: float = 1e-4
+    # Added to the 0/1 correctness reward when the completion has a well-formed \boxed{} answer.
+    format_weight: float = 0.0
+    # Fall back to the last number in the completion when it states no explicit final answer.
+    last_number: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.timeout > 0, "reward.timeout", self.timeout, "a float > 0 (seconds)")
+        _require(self.rel_tol >= 0, "reward.rel_tol", self.rel_tol, "a float >= 0")
+        _require(self.format_weight >= 0, "reward.format_weight", self.format_weight, "a float >= 0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 30
     # Sequences per forward/backward on each rank; gradient accumulation follows from the rollout size.
@@ -170,12 +187,11 @@ class TrainConfig:
     # Supervised warm-up on worked solutions before RL (gives a from-scratch model non-zero reward).
     sft_steps: int = 0
     sft_lr: float = 3e-3
-    sft_batch_size: int = 64
     save_every: int = 0
     output_dir: str = "runs/tiny_arith"
 
     def __post_init__(self) -> None:
-        for key in ("steps", "micro_batch_size", "sft_batch_size"):
+        for key in ("steps", "micro_batch_size"):
             _require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "an integer >= 1")
         for key in ("warmup_steps", "sft_steps", "save_every"):
             _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "an integer >= 0")
@@ -205,6 +221,7 @@ class ExperimentConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     skip: SkipConfig = field(default_factory=SkipConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

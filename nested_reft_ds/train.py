@@ -38,7 +38,7 @@ from .data import MathProblem, problems_from_config
 from .data.templates import format_prompt
 from .model import build_tiny_model, select_attn_implementation
 from .nested import SkipPlan, sample_skip_plan, scheduled_ratio
-from .reward import score_batch
+from .reward import score_batch_with_stats
 from .rl import compute_advantages, policy_loss, token_logprobs
 from .rollout import Rollout, generate, position_ids_from_mask
 from .run_log import RunLog
@@ -106,6 +106,12 @@ def micro_batches(engine, num_rows: int) -> list[slice]:
     return [slice(start, start + micro) for start in range(0, num_rows, micro)]
 
 
+def score(completions: list[str], references: list[str], cfg: ExperimentConfig):
+    """Verifier scores (+ counts of timeouts / parse failures) under the experiment's reward settings."""
+    return score_batch_with_stats(completions, references, timeout=cfg.reward.timeout, rel_tol=cfg.reward.rel_tol,
+                                  format_weight=cfg.reward.format_weight, last_number=cfg.reward.last_number)
+
+
 def sampling_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
     """Per (seed, step, rank) sampling noise: independent across ranks, reproduced on resume."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 10_007 + rank) % 2 ** 63)
@@ -162,8 +168,8 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
 
     # 3. Reward: verify each completion's final answer against its problem's reference.
     texts = tokenizer.batch_decode(rollout.completions, skip_special_tokens=True)
-    rewards = torch.tensor(score_batch(texts, [p.answer for p in batch for _ in range(G)]),
-                           dtype=torch.float32, device=ds.device())  # [B*G]
+    scored = score(texts, [p.answer for p in batch for _ in range(G)], cfg)
+    rewards = torch.tensor(scored.scores, dtype=torch.float32, device=ds.device())  # [B*G]
     t_reward = timer()
 
     # 4. Group-relative advantages (each prompt's G samples are contiguous rows).
@@ -190,8 +196,9 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
     local.update({key: max(m[key] for m in micro_metrics) for key in micro_metrics[0] if key.endswith("_max")})
     local.update({key: min(m[key] for m in micro_metrics) for key in micro_metrics[0] if key.endswith("_min")})
     generated_tokens = rollout.num_completion_tokens
+    local.update({key.replace("/", "_"): value for key, value in scored.log_metrics().items()})
     local.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-                 accuracy=(rewards >= 1.0).float().mean().item(),
+                 accuracy=sum(scored.correct) / len(texts),
                  completion_length=generated_tokens / len(texts),
                  rollout_tokens_per_s=generated_tokens * world / (t_rollout - t0),
                  train_tokens_per_s=rollout.attention_mask.sum().item() * world / (t_train - t_reward),
@@ -217,7 +224,7 @@ def greedy_accuracy(engine, tokenizer, problems: list[MathProblem], cfg: Experim
                                max_new_tokens=cfg.rollout.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id, greedy=True)
             texts = tokenizer.batch_decode(rollout.completions, skip_special_tokens=True)
-            correct += sum(score >= 1.0 for score in score_batch(texts, [p.answer for p in batch]))
+            correct += sum(score(texts, [p.answer for p in batch], cfg).correct)
     (total_correct,) = ds.all_reduce_sum([correct])
     return total_correct / max(len(problems), 1)
 

@@ -1,0 +1,52 @@
+"""DeepSpeed JSON: "auto" filled from the experiment config; explicit disagreements named with their numbers."""
+import json
+from pathlib import Path
+
+import pytest
+
+from nested_reft_ds.config import ConfigError, load_config
+from nested_reft_ds.engine.ds_config import batch_layout, fill_ds_config, load_ds_config
+
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+def test_auto_values_follow_rollout_and_micro_batch():
+    cfg = load_config(None, ["rollout.prompts_per_step=16", "rollout.group_size=8", "train.micro_batch_size=16",
+                             "train.lr=2e-5", "train.grad_clip=0.5"])
+    filled = fill_ds_config(json.loads((DS_CONFIGS / "zero3.json").read_text()), cfg, world_size=4)
+    # 16 prompts / 4 ranks * 8 samples = 32 sequences per rank = 16 per micro-batch x 2 accumulation steps.
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
+            filled["train_batch_size"]) == (16, 2, 128)
+    assert filled["optimizer"]["params"]["lr"] == 2e-5 and filled["gradient_clipping"] == 0.5
+    assert filled["bf16"]["enabled"] is False  # CPU
+    assert filled["zero_optimization"]["stage"] == 3
+
+
+def test_explicit_batch_sizes_that_disagree_show_the_numbers():
+    cfg = load_config(None, ["rollout.prompts_per_step=8", "rollout.group_size=4", "train.micro_batch_size=4"])
+    user = {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8}
+    with pytest.raises(ConfigError, match=r"micro_batch_size_per_gpu=4 x gradient_accumulation_steps=8 x "
+                                          r"world_size=2 \(train_batch_size=64\).*= 32 sequences"):
+        fill_ds_config(user, cfg, world_size=2)
+
+
+def test_layout_errors_name_the_knob():
+    cfg = load_config(None, ["rollout.prompts_per_step=3"])
+    with pytest.raises(ConfigError, match="rollout.prompts_per_step"):
+        batch_layout(cfg, 2)
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.group_size=3", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        batch_layout(cfg, 1)
+
+
+def test_hybrid_engine_block_is_refused_with_what_we_use_instead():
+    cfg = load_config(None)
+    with pytest.raises(ConfigError, match="gather-once"):
+        fill_ds_config({"hybrid_engine": {"enabled": True}}, cfg, 1)
+
+
+def test_every_shipped_ds_config_fills():
+    cfg = load_config(None)
+    for path in sorted(DS_CONFIGS.glob("*.json")):
+        filled = fill_ds_config(load_ds_config(path, cfg), cfg, 1)
+        assert "auto" not in json.dumps(filled), path
