@@ -145,6 +145,11 @@ def test_multinode_pdsh_dry_run(hostfile):
         "--master_port", "29500", "--module", "nested_reft_ds.train", "--config", TINY,
         "--deepspeed", f"{REPO}/ds_configs/zero3.json", "--resume", "auto"]
     assert "written for world size 2, this hostfile gives 12 ranks" in result.stderr
+    from deepspeed.launcher.runner import parse_args
+
+    args = parse_args(last_command(result.stdout)[1:])
+    assert (args.launcher, args.no_ssh, args.hostfile, args.user_script) == \
+        ("pdsh", False, str(hostfile), "nested_reft_ds.train")
 
 
 @pytest.mark.parametrize("node_rank", [0, 2])
