@@ -106,12 +106,21 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class SkipConfig:
-    # Fraction of decoder layers the behaviour model skips (0 = standard ReFT, on-policy).
+    # Fraction of decoder layers the behaviour model skips (0 = standard ReFT, on-policy); the starting ratio
+    # of the adaptive schedule.
     ratio: float = 0.25
-    strategy: Literal["random", "contiguous"] = "random"
-    # "fixed": `ratio` every step; "linear": ramps from 0 to `ratio` over `warmup_steps`.
-    schedule: Literal["fixed", "linear"] = "fixed"
+    # Which layers: uniform subset, one contiguous block, or weighted toward layers whose skipping cost the
+    # least measured KL so far ("learned").
+    strategy: Literal["random", "contiguous", "learned"] = "random"
+    # "fixed": `ratio` every step; "linear": ramps from 0 to `ratio` over `warmup_steps`; "adaptive": moves
+    # each step toward the largest ratio whose ESS/N >= target_ess and KL <= target_kl.
+    schedule: Literal["fixed", "linear", "adaptive"] = "fixed"
     warmup_steps: int = 0
+    ratio_min: float = 0.0
+    ratio_max: float = 0.5
+    target_ess: float | None = None
+    target_kl: float | None = None
+    step_size: float = 0.05
     protect_first: int = 1
     protect_last: int = 1
 
@@ -122,6 +131,15 @@ class SkipConfig:
         _require(self.protect_last >= 0, "skip.protect_last", self.protect_last, "an integer >= 0")
         _require(self.schedule != "linear" or self.warmup_steps > 0, "skip.warmup_steps", self.warmup_steps,
                  "an integer > 0 when skip.schedule='linear'")
+        if self.schedule == "adaptive":
+            _require(0.0 <= self.ratio_min <= self.ratio <= self.ratio_max < 1.0, "skip.ratio_min/ratio/ratio_max",
+                     (self.ratio_min, self.ratio, self.ratio_max), "0 <= ratio_min <= ratio <= ratio_max < 1")
+            _require(self.target_ess is not None or self.target_kl is not None, "skip.target_ess/target_kl",
+                     (self.target_ess, self.target_kl), "at least one target when skip.schedule='adaptive'")
+            _require(self.step_size > 0, "skip.step_size", self.step_size, "a float > 0")
+        _require(self.target_ess is None or 0 < self.target_ess <= 1, "skip.target_ess", self.target_ess,
+                 "null or a float in (0, 1]")
+        _require(self.target_kl is None or self.target_kl > 0, "skip.target_kl", self.target_kl, "null or a float > 0")
 
 
 @dataclass(frozen=True)
@@ -208,6 +226,8 @@ class LoggingConfig:
     progress_bar: bool = True
     # Held-out greedy accuracy every N steps (0: only before and after training).
     eval_every: int = 0
+    # Every rank also prints its step lines (prefixed "[rank R]"); files are written by rank 0 only.
+    all_ranks: bool = False
 
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "logging.log_every", self.log_every, "an integer >= 1")

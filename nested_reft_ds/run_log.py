@@ -18,8 +18,9 @@ class RunLog:
     """Writes only on rank 0 (`enabled`); appends, so a resumed run continues the same files."""
 
     def __init__(self, out_dir: Path, enabled: bool, *, total_steps: int, start_step: int, tensorboard: bool,
-                 progress_bar: bool):
+                 progress_bar: bool, echo_prefix: str | None = None):
         self.enabled = enabled
+        self.echo_prefix = echo_prefix  # non-zero ranks with logging.all_ranks: print lines, write no files
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -33,6 +34,8 @@ class RunLog:
 
     def log(self, step: int, metrics: dict[str, Any], phase: str = "rl") -> None:
         if not self.enabled:
+            if self.echo_prefix is not None:
+                print(self.echo_prefix + self.line(step, metrics, phase), flush=True)
             return
         record = {"phase": phase, "step": step, **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
@@ -43,10 +46,14 @@ class RunLog:
                     self.writer.add_scalar(f"{phase}/{key}", value, step)
         if phase == "rl":
             self.bar.update(1)
+        self.bar.write(self.line(step, metrics, phase))
+
+    @staticmethod
+    def line(step: int, metrics: dict[str, Any], phase: str) -> str:
         parts = [fmt.format(metrics[key]) for key, fmt in SUMMARY if key in metrics]
         if "skipped_layers" in metrics:
             parts.append(f"skip {metrics['skipped_layers']}")
-        self.bar.write(f"[{phase} {step}] " + " | ".join(parts))
+        return f"[{phase} {step}] " + " | ".join(parts)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -14,7 +14,8 @@ Where this departs from the Nested-ReFT paper, and why:
   one full forward pass per step. A second pass per batch would need a separate no-grad forward.
 - Log-probs for both behaviour and target are taken at the rollout temperature, the distribution that was
   sampled from.
-- The skip plan is a pure function of (seed, step) rather than broadcast from rank 0: no communication, and
+- The skip plan is a function of (seed, step) and of statistics already all-reduced (adaptive schedule, learned
+  layer choice), not broadcast from rank 0: no communication, and
   resume reproduces it; agreement is still verified by a collective check each step.
 - The embedded default starts from a randomly initialised tiny model, so an SFT warm-up (`train.sft_steps`)
   precedes RL to give it non-zero reward; a pretrained `model.path` sets sft_steps to 0.
@@ -37,7 +38,7 @@ from .config import ConfigError, ExperimentConfig, load_config
 from .data import MathProblem, problems_from_config
 from .data.templates import format_prompt
 from .model import build_tiny_model, select_attn_implementation
-from .nested import SkipPlan, sample_skip_plan, scheduled_ratio
+from .nested import SkipPlan, SkipScheduler
 from .reward import score_batch_with_stats
 from .rl import compute_advantages, policy_loss, token_logprobs
 from .rollout import Rollout, generate, position_ids_from_mask
@@ -140,18 +141,15 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
     return ds.reduce_metrics({"sft_loss": total * world, "lr": lr})
 
 
-def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, step: int, rank: int,
-            world: int) -> dict[str, float]:
+def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, skip: SkipScheduler, step: int,
+            rank: int, world: int) -> dict[str, float]:
     """One Nested-ReFT step. Collective: every rank runs it for the same `step`."""
     timer = time.perf_counter
     t0 = timer()
     G, algo = cfg.rollout.group_size, cfg.algorithm
 
-    # 1. Skip plan: a pure function of (seed, step), identical on every rank.
-    num_layers = engine.module.config.num_hidden_layers
-    ratio = scheduled_ratio(cfg.skip.ratio, step, cfg.skip.schedule, cfg.skip.warmup_steps)
-    plan = sample_skip_plan(num_layers, ratio, step, cfg.train.seed, cfg.skip.protect_first,
-                            cfg.skip.protect_last, cfg.skip.strategy)
+    # 1. Skip plan: a function of (seed, step) and rank-reduced statistics only, identical on every rank.
+    plan = skip.plan(step)
 
     # 2. Rollout: G samples per prompt from the nested behaviour model, with their behaviour log-probs.
     chosen = batch_indices(len(problems), cfg.rollout.prompts_per_step, step, cfg.train.seed)
@@ -206,6 +204,8 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
                  time_step_s=t_train - t0, grad_norm=float(engine.get_global_grad_norm() or 0.0),
                  skip_ratio=plan.ratio)
     reduced = ds.reduce_metrics(local)
+    skip.observe(plan, ess=reduced["ess"], kl=reduced["kl_behavior_k3"])
+    reduced.update(skip.metrics())
     reduced["skipped_layers"] = list(plan.skipped)
     return reduced
 
@@ -266,6 +266,7 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
     model_dir = prepare_model_dir(cfg, out_dir, rank)
     model, tokenizer = ds.load_model_for_engine(model_dir, ds_config, cfg.model.attn_implementation)
     engine = ds.build_engine(model, ds_config)
+    skip = SkipScheduler(cfg.skip, model.config.num_hidden_layers, cfg.train.seed)
     ckpt_dir = out_dir / "checkpoints"
 
     progress = Progress()
@@ -275,14 +276,17 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
             raise ConfigError(f"--resume {resume}: no committed checkpoint there")
         if state is not None:
             progress = Progress(**state["progress"])
+            skip.load_state_dict(state["skip"])
     run_log = RunLog(out_dir, rank == 0, total_steps=cfg.train.steps, start_step=progress.rl_step,
-                     tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+                     tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
+                     echo_prefix=f"[rank {rank}] " if cfg.logging.all_ranks and rank != 0 else None)
     run_log.message(f"world {world} | ZeRO-{engine.zero_optimization_stage()} | attention "
                     f"{select_attn_implementation(cfg.model.attn_implementation)} | "
                     f"{model.config.num_hidden_layers} layers | resume at sft {progress.sft_step}, rl {progress.rl_step}")
 
     def checkpoint() -> None:
-        ds.save_checkpoint(engine, ckpt_dir, progress.tag(), {"progress": vars(progress), "config": cfg.to_dict()})
+        ds.save_checkpoint(engine, ckpt_dir, progress.tag(), {"progress": vars(progress), "skip": skip.state_dict(),
+                                                        "config": cfg.to_dict()})
 
     while progress.sft_step < cfg.train.sft_steps:
         metrics = sft_step(engine, tokenizer, train_problems, cfg, progress.sft_step, rank, world)
@@ -298,7 +302,7 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
     while progress.rl_step < cfg.train.steps:
         step = progress.rl_step
         ds.set_learning_rate(engine, cfg.train.lr * min(1.0, (step + 1) / max(cfg.train.warmup_steps, 1)))
-        metrics = rl_step(engine, tokenizer, train_problems, cfg, step, rank, world)
+        metrics = rl_step(engine, tokenizer, train_problems, cfg, skip, step, rank, world)
         (first_rewards if step < cfg.train.steps / 2 else last_rewards).append(metrics["reward_mean"])
         if step % cfg.logging.log_every == 0:
             run_log.log(step, metrics)
@@ -315,6 +319,7 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
                        reward_second_half=sum(last_rewards) / len(last_rewards))
     run_log.message("summary: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     run_log.close()
+    ds.barrier()  # no rank tears down while another still communicates
     return summary
 
 
@@ -340,6 +345,8 @@ def train_main(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as err:
         print(f"nested-reft: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        ds.shutdown_distributed()
     return 0
 
 

@@ -43,7 +43,7 @@ def test_both_ranks_ran_the_same_plans_with_finite_loss(ranks):
     assert r0["world"] == r1["world"] == 2
     assert [s["step"] for s in r0["steps_a"]] == [0, 1, 2]
     assert [s["skipped_layers"] for s in r0["steps_a"]] == [s["skipped_layers"] for s in r1["steps_a"]]
-    assert all(len(s["skipped_layers"]) == 2 for s in r0["steps_a"])
+    assert all(1 <= len(s["skipped_layers"]) <= 3 and 0 not in s["skipped_layers"] for s in r0["steps_a"])
     assert len({tuple(s["skipped_layers"]) for s in r0["steps_a"]}) > 1, "a fresh plan each step"
     assert all(abs(s["loss"]) < 1e3 and s["loss"] == s["loss"] for s in r0["steps_a"])
 

@@ -108,3 +108,45 @@ def test_view_restores_on_exception(tiny_models):
     assert model.model.layers is layers and model.config.num_hidden_layers == 6
     assert [layer.self_attn.layer_idx for layer in layers] == list(range(6))
     assert len(model.config.layer_types) == 6
+
+
+def test_scheduler_fixed_matches_sample_skip_plan():
+    from nested_reft_ds.config import SkipConfig
+    from nested_reft_ds.nested import SkipScheduler
+    scheduler = SkipScheduler(SkipConfig(ratio=0.25), num_layers=12, seed=3)
+    assert [scheduler.plan(s) for s in range(5)] == [sample_skip_plan(12, 0.25, s, 3) for s in range(5)]
+
+
+def test_adaptive_scheduler_moves_ratio_and_resumes_identically():
+    from nested_reft_ds.config import SkipConfig
+    from nested_reft_ds.nested import SkipScheduler
+    cfg = SkipConfig(ratio=0.25, schedule="adaptive", strategy="learned", ratio_min=0.0, ratio_max=0.5,
+                     target_kl=0.05, step_size=0.125)
+    kls = [0.01, 0.01, 0.2, 0.01, 0.3, 0.02, 0.01, 0.01]
+
+    def drive(scheduler, steps):
+        plans = []
+        for step in steps:
+            plan = scheduler.plan(step)
+            scheduler.observe(plan, ess=0.9, kl=kls[step])
+            plans.append(plan)
+        return plans
+
+    full = SkipScheduler(cfg, 8, seed=1)
+    plans = drive(full, range(8))
+    ratios = [len(p.skipped) for p in plans]
+    assert ratios[:3] == [2, 3, 4] and ratios[3] < ratios[2], "rises inside the KL target, backs off outside"
+    first = SkipScheduler(cfg, 8, seed=1)
+    drive(first, range(4))
+    resumed = SkipScheduler(cfg, 8, seed=1)
+    resumed.load_state_dict(first.state_dict())
+    assert drive(resumed, range(4, 8)) == plans[4:]
+
+
+def test_scheduler_rejects_ratio_that_cannot_fit():
+    from nested_reft_ds.config import ConfigError, SkipConfig
+    from nested_reft_ds.nested import SkipScheduler
+    with pytest.raises(ValueError, match="unprotected"):
+        SkipScheduler(SkipConfig(ratio=0.25, schedule="adaptive", ratio_max=0.9, target_ess=0.8), 4, 0)
+    with pytest.raises(ConfigError, match="at least one target"):
+        SkipConfig(schedule="adaptive")

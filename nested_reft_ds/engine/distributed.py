@@ -84,3 +84,9 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 def barrier() -> None:
     dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group (if any) so launchers see a clean exit on every rank."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -47,7 +47,9 @@ def load_model_for_engine(path: str | Path, ds_config: dict[str, Any], attn_impl
     # transformers' lazy module imports if they happen inside it.
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
     # Random init is skipped: every weight is overwritten below (and init indexes into empty partitions).
-    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    # No explicit dtype: DeepSpeed 0.19.8 turns dtype=float32 into bf16 on its CPU accelerator; without one the
+    # parameter dtype follows the config's bf16/fp16 flags.
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = model_class._from_config(model_config, dtype=dtype,
                                          attn_implementation=select_attn_implementation(attn_implementation))
         model.tie_weights()  # a tied LM head must share the embedding's (partitioned) parameter

@@ -28,7 +28,11 @@ TINY = ["model.hidden_size=32", "model.num_layers=6", "model.num_heads=2", "mode
         "rollout.max_new_tokens=20", "train.micro_batch_size=2", "train.sft_steps=30", "train.sft_lr=0.01",
         "data.min_operand=0", "data.max_operand=1", "train.steps=3",
         "train.save_every=1", "data.num_problems=32", "data.eval_problems=4", "logging.tensorboard=false",
-        "logging.progress_bar=false", "skip.ratio=0.34", "train.lr=1e-3"]
+        "logging.progress_bar=false", "train.lr=1e-3",
+        # Adaptive ratio + learned layer choice: plans depend on all-reduced statistics and scheduler state,
+        # so equal plans across ranks and an exact replay after resume both test that state end to end.
+        "skip.schedule=adaptive", "skip.strategy=learned", "skip.ratio=0.34", "skip.ratio_min=0.17",
+        "skip.ratio_max=0.5", "skip.step_size=0.17", "skip.target_ess=0.999"]
 
 
 def record_rl_steps(records: list) -> None:
@@ -38,7 +42,7 @@ def record_rl_steps(records: list) -> None:
     def recording(*args, **kwargs):
         metrics = real_step(*args, **kwargs)
         records.append({key: metrics[key] for key in ("skipped_layers", "loss", "reward_mean", "completion_length",
-                                                       "ratio_tok_max", "grad_norm")} | {"step": args[4]})
+                                                       "ratio_tok_max", "grad_norm")} | {"step": args[5]})
         return metrics
 
     train.rl_step = recording
@@ -119,7 +123,8 @@ def main() -> None:
     result["status_after_error"] = statuses(layers)
     result["hooks_after_error"] = [len(coordinator.forward_hooks), len(coordinator.backward_hooks)]
     problems, _ = train.problems_from_config(cfg_a.data, cfg_a.train.seed)
-    metrics = train.rl_step(engine, tokenizer, problems, cfg_a, 0, rank, world)
+    skip = train.SkipScheduler(cfg_a.skip, 6, cfg_a.train.seed)
+    metrics = train.rl_step(engine, tokenizer, problems, cfg_a, skip, 0, rank, world)
     result["loss_after_error"] = metrics["loss"]
     result["loss_after_error_finite"] = math.isfinite(metrics["loss"])
 
