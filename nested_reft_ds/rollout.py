@@ -9,7 +9,7 @@ prompts to its own EOS.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -64,13 +64,15 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) ->
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: SkipPlan, *,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int], pad_token_id: int, greedy: bool = False,
-             generator: torch.Generator | None = None, use_cache: bool = True) -> Rollout:
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             all_ranks_done: Callable[[bool], bool] | None = None) -> Rollout:
     """Sample one completion per row of the left-padded `input_ids` [B, P] from `model` viewed through `plan`.
 
     Stops a row at EOS (the EOS token is part of its completion) and the batch when every row has stopped or
     after `max_new_tokens`. `greedy` takes the argmax but still reports temperature-scaled log-probs.
     `use_cache=False` recomputes the whole prefix each step (slow; the reference the cached path is tested
-    against).
+    against). `all_ranks_done(local_done) -> global_done` makes decoding lockstep across ranks (for modes whose
+    forward runs collectives): a rank whose rows have all stopped keeps stepping on padding until it returns True.
     """
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
                            device=input_ids.device)
@@ -98,7 +100,10 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
             logprobs.append(torch.where(alive, token_logprob, torch.zeros_like(token_logprob)))
             alive_masks.append(alive.long())
             finished = finished | torch.isin(token, eos_ids)
-            if bool(finished.all()):
+            done = bool(finished.all())
+            if all_ranks_done is not None:
+                done = all_ranks_done(done)
+            if done:
                 break
             sequences = torch.cat([sequences, token[:, None]], dim=1)
             full_mask = torch.cat([full_mask, torch.ones_like(token[:, None])], dim=1)
