@@ -131,14 +131,15 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
                            cfg.data.prompt_template, ds.device())
     (num_global_tokens,) = ds.all_reduce_sum([batch.num_completion_tokens])
     engine.train()
-    total = 0.0
+    local_share_of_loss = 0.0
     for rows in micro_batches(engine, local_rows):
         logprobs = completion_logprobs(engine, batch, rows, 1.0)
         loss = -(logprobs * batch.completion_mask[rows]).sum() / num_global_tokens
         engine.backward(loss * ds.loss_scale_for_engine(engine))
         engine.step()
-        total += loss.item()
-    return ds.reduce_metrics({"sft_loss": total * world, "lr": lr})
+        local_share_of_loss += loss.item()
+    # reduce_metrics averages over ranks; world x the mean of the local shares is the global loss.
+    return ds.reduce_metrics({"sft_loss": local_share_of_loss * world, "lr": lr})
 
 
 def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, skip: SkipScheduler, step: int,
@@ -186,11 +187,14 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
                                     max_completion_length=cfg.rollout.max_new_tokens)
         engine.backward(loss * ds.loss_scale_for_engine(engine))
         engine.step()
-        micro_metrics.append({"loss": loss.item() * world * len(texts) / (rows.stop - rows.start), **metrics})
+        micro_metrics.append({"loss": loss.item(), **metrics})
     t_train = timer()
 
     # 7. Log: per-rank means over micro-batches, then reduced over ranks.
     local = {key: sum(m[key] for m in micro_metrics) / len(micro_metrics) for key in micro_metrics[0]}
+    # Each micro-batch loss is its share of the global objective: the global loss is the sum over micro-batches
+    # and ranks, i.e. world x (the rank-mean of the local sums) after reduce_metrics.
+    local["loss"] = sum(m["loss"] for m in micro_metrics) * world
     local.update({key: max(m[key] for m in micro_metrics) for key in micro_metrics[0] if key.endswith("_max")})
     local.update({key: min(m[key] for m in micro_metrics) for key in micro_metrics[0] if key.endswith("_min")})
     generated_tokens = rollout.num_completion_tokens

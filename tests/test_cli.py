@@ -51,3 +51,13 @@ def test_every_yaml_recipe_in_configs_loads():
     from pathlib import Path
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_bench_prints_a_row_per_ratio_with_speedups():
+    proc = run_cli("bench", "--layers", "4", "--hidden-size", "32", "--ratios", "0,0.5", "--batch-size", "4",
+                   "--new-tokens", "8", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith(("0.00", "0.50"))]
+    assert [row[0] for row in rows] == ["0.00", "0.50"]
+    assert [row[1] for row in rows] == ["4", "2"], "layers run: all 4, then 2 with half skipped"
+    assert rows[0][3] == "1.00x" and float(rows[1][3].rstrip("x")) > 0
