@@ -1,0 +1,114 @@
+"""Streamed rollout under ZeRO-3: decoding with the module hooks on, for targets too large to gather at once.
+
+Each decode step fetches the kept layers one by one (with prefetch) and releases them after use, as a ZeRO-3
+forward does. Two things keep it from disturbing training or touching skipped layers:
+
+- A separate parameter coordinator serves the rollout. The hooks look the coordinator up on every call
+  (`get_param_coordinator()`), so swapping it in for the duration leaves the training coordinator's recorded
+  fwd+bwd trace, step counter and its `lru_cache` of release decisions exactly as they were; and the decode
+  coordinator's own trace holds only the modules the nested view calls, so its prefetcher can never fetch a
+  skipped layer (skipped layers are not called, so their hooks never fire either).
+- The forward runs collectives, so every rank must run the same number of forwards: `generate` has to be
+  given `lockstep_done` (ranks that have finished keep stepping on padding until all are done).
+"""
+from __future__ import annotations
+
+import functools
+import types
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.zero import parameter_offload
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+from torch import nn
+
+from .distributed import device
+from .hooks import engine_root_hook_handles, hooks_suspended, zero3_coordinator
+
+_COORDINATOR = "_PartitionedParameterCoordinator__"
+# Models currently yielded by a streamed rollout: their decoding must be lockstep (see `lockstep_for`).
+_LOCKSTEP_MODELS: set[int] = set()
+
+
+def lockstep_done(local_done: bool) -> bool:
+    """True once every rank is done. Collective (one all-reduce MIN): every rank must call it once per step."""
+    flag = torch.tensor([int(local_done)], dtype=torch.int32, device=device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def lockstep_for(model: nn.Module):
+    """The `all_ranks_done` argument `rollout.generate` needs for a model yielded by `skip_aware_gather`:
+    `lockstep_done` while the model decodes with collectives (streamed mode), else None (ranks decode
+    independently: gather-once, ZeRO stage 0-2)."""
+    return lockstep_done if id(model) in _LOCKSTEP_MODELS else None
+
+
+def _uncached_params_to_release():
+    """DeepSpeed's `__params_to_release` without its class-wide `lru_cache` (under `instrument_w_nvtx`)."""
+    fn = getattr(PartitionedParameterCoordinator, _COORDINATOR + "params_to_release")
+    while not hasattr(fn, "cache_clear"):
+        fn = next(cell.cell_contents for cell in fn.__closure__ or () if callable(cell.cell_contents))
+    return fn.__wrapped__
+
+
+def decode_coordinator(training: PartitionedParameterCoordinator) -> PartitionedParameterCoordinator:
+    """A fresh coordinator with the training one's settings, sharing its in-flight registry and stream."""
+    setting = lambda name: getattr(training, _COORDINATOR + name)  # noqa: E731
+    decode = PartitionedParameterCoordinator(
+        prefetch_bucket_sz=setting("prefetch_bucket_sz"),
+        max_reuse_distance_in_numel=setting("max_reuse_dist_in_numel"),
+        max_available_parameters_in_numel=setting("max_n_available_params"),
+        allgather_stream=setting("allgather_stream"),
+        inflight_param_registry=setting("inflight_param_registry"),
+        prefetch_nvme=setting("prefetch_nvme"),
+        zero_quantized_weights=training.zero_quantized_weights,
+        zero_quantized_nontrainable_weights=training.zero_quantized_nontrainable_weights,
+        fast_sharding_for_leaf_module=training.fast_sharding_for_leaf_module,
+        log_trace_cache_warnings=setting("log_trace_cache_warnings"),
+    )
+    # The class-wide cache is keyed by (coordinator, module, step): it would keep every per-rollout coordinator
+    # (and its trace) alive for the whole run. A per-instance cache is freed with the coordinator.
+    setattr(decode, _COORDINATOR + "params_to_release",
+            functools.lru_cache(maxsize=None)(types.MethodType(_uncached_params_to_release(), decode)))
+    return decode
+
+
+@contextmanager
+def streamed_decoding(engine) -> Iterator[nn.Module]:
+    """Decode `engine.module` (ZeRO-3) with its hooks on, through a rollout-only parameter coordinator.
+
+    Collective: every rank must enter it, and inside run the same number of forwards (decode with
+    `all_ranks_done=lockstep_done`). On exit, even on an exception, parameters are back in their entry states
+    and the training coordinator is restored untouched. An exception raised on only some ranks mid-forward
+    leaves the others waiting in a collective (the process-group timeout ends the job).
+    """
+    model = engine.module
+    offload = zero3_coordinator(engine)
+    training = offload.get_param_coordinator()
+    params = list(model.parameters())
+    entry_status = [p.ds_status for p in params]
+    entry_active = [set(p.ds_active_sub_modules) for p in params]
+    stack_depth = len(parameter_offload.FWD_MODULE_STACK)
+    decode = decode_coordinator(training)
+    offload.param_coordinator = decode
+    _LOCKSTEP_MODELS.add(id(model))
+    try:
+        with hooks_suspended(engine_root_hook_handles(engine)):
+            yield model
+    finally:
+        _LOCKSTEP_MODELS.discard(id(model))
+        offload.param_coordinator = training
+        decode._clean_inflight_param_registry()
+        # An exception inside a forward skips post-forward hooks: undo their bookkeeping and release.
+        del parameter_offload.FWD_MODULE_STACK[stack_depth:]
+        for param, active in zip(params, entry_active):
+            param.ds_active_sub_modules.clear()
+            param.ds_active_sub_modules.update(active)
+        leftovers = [p for p, status in zip(params, entry_status)
+                     if status == ZeroParamStatus.NOT_AVAILABLE and p.ds_status == ZeroParamStatus.AVAILABLE]
+        if leftovers:
+            leftovers[0].partition(param_list=leftovers, has_been_updated=False)
