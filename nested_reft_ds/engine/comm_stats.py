@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-COLLECTIVES = ("all_gather_into_tensor", "_all_gather_base", "all_gather", "all_gather_object", "all_reduce",
-               "all_reduce_coalesced", "broadcast", "broadcast_object_list", "reduce", "reduce_scatter",
-               "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all", "all_to_all_single", "gather",
-               "scatter", "barrier", "monitored_barrier")
-ALL_GATHERS = ("all_gather_into_tensor", "_all_gather_base", "all_gather", "all_gather_object")
+ALL_GATHERS = ("all_gather_into_tensor", "all_gather_single", "_all_gather_base", "all_gather", "all_gather_coalesced",
+               "all_gather_object")
+COLLECTIVES = ALL_GATHERS + (
+    "all_reduce", "all_reduce_coalesced", "broadcast", "broadcast_object_list", "reduce", "reduce_scatter",
+    "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base", "all_to_all", "all_to_all_single",
+    "gather", "gather_object", "scatter", "scatter_object_list", "barrier", "monitored_barrier")
 
 _active: list["CommRecorder"] = []
 _local = threading.local()
@@ -86,12 +87,14 @@ def _counting(name: str, fn):
 
 def install() -> None:
     """Wrap torch.distributed's collectives (idempotent). Call before `deepspeed.init_distributed`."""
+    if installed():
+        return
     if dist.is_initialized():
         raise RuntimeError("comm_stats.install() must run before the process group (and DeepSpeed's comm layer) "
                            "is initialised, or ZeRO-3's cached all-gather function escapes the count")
     for name in COLLECTIVES:
         fn = getattr(c10d, name, None)
-        if fn is None or hasattr(fn, "__comm_stats_original__"):
+        if fn is None:
             continue
         wrapped = _counting(name, fn)
         setattr(c10d, name, wrapped)
