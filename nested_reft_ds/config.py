@@ -207,6 +207,9 @@ class TrainConfig:
     sft_lr: float = 3e-3
     save_every: int = 0
     output_dir: str = "runs/tiny_arith"
+    # torch intra-op CPU threads per rank (null: torch's default). Tiny models decode fastest on 1 thread:
+    # thread synchronisation costs more than their matmuls, and ranks sharing a CPU must not oversubscribe it.
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("steps", "micro_batch_size"):
@@ -217,6 +220,8 @@ class TrainConfig:
             _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a float > 0")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0 (0 disables clipping)")
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a float >= 0")
+        _require(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads", self.cpu_threads,
+                 "null or an integer >= 1")
 
 
 @dataclass(frozen=True)

@@ -262,6 +262,8 @@ def prepare_model_dir(cfg: ExperimentConfig, out_dir: Path, rank: int) -> Path:
 
 def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[str, float]:
     """Train per `cfg`; returns summary numbers (reward and accuracy before/after). Collective."""
+    if cfg.train.cpu_threads is not None:
+        torch.set_num_threads(cfg.train.cpu_threads)
     rank, world = ds.init_distributed()
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
@@ -300,9 +302,14 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
         if progress.sft_step == cfg.train.sft_steps:
             checkpoint()
 
-    summary = {"accuracy_before": greedy_accuracy(engine, tokenizer, eval_problems, cfg, rank, world)}
-    run_log.log(progress.rl_step, {"accuracy": summary["accuracy_before"]}, phase="eval")
+    def evaluate() -> float:
+        accuracy = greedy_accuracy(engine, tokenizer, eval_problems, cfg, rank, world)
+        run_log.log(progress.rl_step, {"accuracy": accuracy}, phase="eval")
+        return accuracy
+
+    summary = {"accuracy_before": evaluate()}
     first_rewards, last_rewards = [], []
+    accuracy = None  # held-out accuracy at the current step, if measured
     while progress.rl_step < cfg.train.steps:
         step = progress.rl_step
         ds.set_learning_rate(engine, cfg.train.lr * min(1.0, (step + 1) / max(cfg.train.warmup_steps, 1)))
@@ -311,13 +318,12 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
         if step % cfg.logging.log_every == 0:
             run_log.log(step, metrics)
         progress.rl_step += 1
+        accuracy = None
         if cfg.logging.eval_every and progress.rl_step % cfg.logging.eval_every == 0:
-            run_log.log(progress.rl_step, {"accuracy": greedy_accuracy(engine, tokenizer, eval_problems, cfg, rank,
-                                                                       world)}, phase="eval")
+            accuracy = evaluate()
         if (cfg.train.save_every and progress.rl_step % cfg.train.save_every == 0) or progress.rl_step == cfg.train.steps:
             checkpoint()
-    summary["accuracy_after"] = greedy_accuracy(engine, tokenizer, eval_problems, cfg, rank, world)
-    run_log.log(progress.rl_step, {"accuracy": summary["accuracy_after"]}, phase="eval")
+    summary["accuracy_after"] = evaluate() if accuracy is None else accuracy
     if first_rewards and last_rewards:
         summary.update(reward_first_half=sum(first_rewards) / len(first_rewards),
                        reward_second_half=sum(last_rewards) / len(last_rewards))
