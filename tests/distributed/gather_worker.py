@@ -171,7 +171,8 @@ def rollout(engine, plan: SkipPlan, mode: str, rank: int, eos, *, use_cache: boo
                   skipped_changed={i: sorted(seen) for i, seen in probe.seen.items() if seen != {entry[i]}},
                   skipped_probed=len(probe.seen), skipped_entry=sorted(set(entry.values())),
                   skipped_ids=sorted(entry),
-                  fetched_ids=sorted(set(probe.fetched)), kept_partitioned_ids=sorted(p.ds_id for p in kept_partitioned),
+                  fetched_ids=sorted(set(probe.fetched)),
+                  kept_partitioned_ids=sorted(p.ds_id for p in kept_partitioned),
                   expected_gather_bytes=sum(p.ds_tensor.ds_numel * p.ds_tensor.element_size() for p in kept_partitioned)
                   * torch.distributed.get_world_size(),
                   kept_partitioned_bytes=sum(p.ds_numel * p.ds_tensor.element_size() for p in kept_partitioned))
