@@ -29,6 +29,8 @@ from .distributed import device
 from .hooks import engine_root_hook_handles, hooks_suspended, zero3_coordinator
 
 _COORDINATOR = "_PartitionedParameterCoordinator__"
+# A module id no module has: while in a parameter's `ds_active_sub_modules`, DeepSpeed never releases it.
+_PINNED = -1
 # Models currently yielded by a streamed rollout: their decoding must be lockstep (see `lockstep_for`).
 _LOCKSTEP_MODELS: set[int] = set()
 
@@ -82,9 +84,10 @@ def streamed_decoding(engine) -> Iterator[nn.Module]:
     """Decode `engine.module` (ZeRO-3) with its hooks on, through a rollout-only parameter coordinator.
 
     Collective: every rank must enter it, and inside run the same number of forwards (decode with
-    `all_ranks_done=lockstep_done`). On exit, even on an exception, parameters are back in their entry states
-    and the training coordinator is restored untouched. An exception raised on only some ranks mid-forward
-    leaves the others waiting in a collective (the process-group timeout ends the job).
+    `all_ranks_done=lockstep_done`). Parameters resident at entry stay resident; on exit, even on an exception,
+    every parameter is back in its entry state and the training coordinator is restored untouched. An
+    exception raised on only some ranks mid-forward leaves the others waiting in a collective (the process-group
+    timeout ends the job).
     """
     model = engine.module
     offload = zero3_coordinator(engine)
@@ -94,9 +97,14 @@ def streamed_decoding(engine) -> Iterator[nn.Module]:
     entry_active = [set(p.ds_active_sub_modules) for p in params]
     stack_depth = len(parameter_offload.FWD_MODULE_STACK)
     decode = decode_coordinator(training)
-    offload.param_coordinator = decode
-    _LOCKSTEP_MODELS.add(id(model))
     try:
+        # Parameters resident now (persistent ones, any the training trace keeps) stay resident: a coordinator
+        # still recording its trace releases everything after use, persistent parameters included.
+        for param, status in zip(params, entry_status):
+            if status == ZeroParamStatus.AVAILABLE:
+                param.ds_active_sub_modules.add(_PINNED)
+        offload.param_coordinator = decode
+        _LOCKSTEP_MODELS.add(id(model))
         with hooks_suspended(engine_root_hook_handles(engine)):
             yield model
     finally:

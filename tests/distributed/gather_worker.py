@@ -139,7 +139,7 @@ class Probe:
 
 
 def rollout(engine, plan: SkipPlan, mode: str, rank: int, eos, *, use_cache: bool = True,
-            raise_at_forward: int | None = None) -> dict:
+            raise_at_forward: int | None = None, max_new: int = MAX_NEW) -> dict:
     """One greedy rollout in `mode` with everything measured."""
     model = engine.module
     layers = model.model.layers
@@ -158,7 +158,7 @@ def rollout(engine, plan: SkipPlan, mode: str, rank: int, eos, *, use_cache: boo
             record["lockstep"] = lockstep_for(gathered) is not None
             record["zero_hooks_inside"] = sum(len(layers[i]._forward_pre_hooks) for i in plan.kept) - len(plan.kept)
             with comm_stats.record() as decode_comm:
-                out = generate(gathered, ids, mask, plan, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=0,
+                out = generate(gathered, ids, mask, plan, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=0,
                                greedy=True, use_cache=use_cache, all_ranks_done=lockstep_for(gathered))
             record.update(completions=out.completions.tolist(), completion_mask=out.completion_mask.tolist(),
                           logprobs=out.behavior_logprobs.tolist(), decode_comm=decode_comm.as_dict())
@@ -266,6 +266,8 @@ def main() -> None:
             if kind == "errors":
                 between.append(rollout(engine_b, PLANS["mid"], "once", rank, eos, raise_at_forward=3))
                 between.append(rollout(engine_b, PLANS["mid"], "streamed", rank, eos, raise_at_forward=3))
+                # A single forward: the rollout coordinator never completes its trace (it records).
+                between.append(rollout(engine_b, PLANS["mid"], "streamed", rank, eos, max_new=1))
             else:
                 between.append(rollout(engine_b, PLANS["mid"], kind, rank, eos))
             result[f"state_before_step{step}"] = state_of(engine_b)
