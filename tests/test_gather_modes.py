@@ -169,6 +169,14 @@ def test_gather_once_is_one_coalesced_all_gather_of_exactly_the_kept_parameters(
 
 
 @pytest.mark.distributed
+def test_touching_a_skipped_layer_inside_gather_once_fails_instead_of_gathering(ranks):
+    """The engine's root hook is off too: without it a partitioned parameter cannot be all-gathered behind our back."""
+    for result in ranks:
+        assert result["full_forward_inside_once"] != "ran"
+        assert result["full_forward_inside_once_comm"] == 0
+
+
+@pytest.mark.distributed
 def test_skipped_layers_are_never_fetched_nor_change_state(ranks):
     for result in ranks:
         for name, rollout in all_rollouts(result):

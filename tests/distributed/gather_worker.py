@@ -256,6 +256,14 @@ def main() -> None:
     rollouts["auto_low_memory"] = rollout(engine_b, PLANS["mid"], "auto", rank, eos)
     gather.free_device_memory = real_free
     result["auto_log"] = auto_log.messages
+    # Calling the full model inside gather-once (forgetting the nested view) must fail, not gather silently.
+    with skip_aware_gather(engine_b, PLANS["mid"]) as gathered, comm_stats.record() as comm:
+        try:
+            gathered(input_ids=ids, attention_mask=mask)
+            result["full_forward_inside_once"] = "ran"
+        except RuntimeError as err:
+            result["full_forward_inside_once"] = str(err)
+    result["full_forward_inside_once_comm"] = comm.total_calls
     result["state_after_rollouts"] = state_of(engine_b)
 
     steps_a, steps_b, between = [], [], []
