@@ -108,8 +108,8 @@ def _gathered_once(engine, plan: SkipPlan) -> Iterator[nn.Module]:
 def skip_aware_gather(engine, plan: SkipPlan, mode: str = "once") -> Iterator[nn.Module]:
     """Context in which `engine.module` decodes through `nested_view(model, plan)` without fetching skipped layers.
 
-    Collective: every rank must enter it with the same plan and mode (checked; a plan mismatch raises on every
-    rank). Pass `all_ranks_done=lockstep_for(model)` to `generate` for the yielded model: streamed decoding runs
+    Collective: every rank must enter it with the same mode and the same plan (checked: a plan mismatch raises
+    on every rank; "auto" decides on all-reduced numbers, so all ranks pick alike). Pass `all_ranks_done=lockstep_for(model)` to `generate` for the yielded model: streamed decoding runs
     collectives and must stay in lockstep; gather-once decoding runs none.
     """
     if mode not in MODES:
