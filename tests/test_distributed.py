@@ -52,7 +52,7 @@ def test_parameters_change_and_checkpoints_commit(ranks):
     out, _ = ranks
     checkpoints = out / "run_a" / "checkpoints"
     assert (checkpoints / "latest").read_text() == "rl_step3"
-    before, after = consolidated_state_dict(checkpoints, "sft_step2"), consolidated_state_dict(checkpoints, "rl_step3")
+    before, after = consolidated_state_dict(checkpoints, "sft_step30"), consolidated_state_dict(checkpoints, "rl_step3")
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2, "RL steps must update most parameter tensors"
