@@ -190,7 +190,7 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 30
+    steps: int = 30  # RL steps (0: stop after the SFT warm-up)
     # Sequences per forward/backward on each rank; gradient accumulation follows from the rollout size.
     micro_batch_size: int = 32
     lr: float = 2e-4
@@ -205,6 +205,10 @@ class TrainConfig:
     # Supervised warm-up on worked solutions before RL (gives a from-scratch model non-zero reward).
     sft_steps: int = 0
     sft_lr: float = 3e-3
+    # LayerDrop in the warm-up: every other SFT step trains a random nested view with this fraction of the
+    # decoder layers skipped. Pretrained LLMs tolerate skipping middle layers; a model trained from scratch
+    # without this does not, and its nested behaviour model would sample almost nothing correct. 0 disables.
+    sft_layer_drop: float = 0.0
     save_every: int = 0
     output_dir: str = "runs/tiny_arith"
     # torch intra-op CPU threads per rank (null: torch's default). Tiny models decode fastest on 1 thread:
@@ -212,10 +216,13 @@ class TrainConfig:
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
-        for key in ("steps", "micro_batch_size"):
-            _require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "an integer >= 1")
-        for key in ("warmup_steps", "sft_steps", "save_every"):
+        _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, "an integer >= 1")
+        _require(self.steps + self.sft_steps >= 1, "train.steps", self.steps,
+                 f"an integer >= 1 (0 only with train.sft_steps >= 1: SFT only; sft_steps is {self.sft_steps})")
+        for key in ("steps", "warmup_steps", "sft_steps", "save_every"):
             _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "an integer >= 0")
+        _require(0.0 <= self.sft_layer_drop < 1.0, "train.sft_layer_drop", self.sft_layer_drop,
+                 "a float in [0, 1)")
         for key in ("lr", "sft_lr"):
             _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a float > 0")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0 (0 disables clipping)")

@@ -38,7 +38,7 @@ from .config import ConfigError, ExperimentConfig, load_config
 from .data import MathProblem, problems_from_config
 from .data.templates import format_prompt
 from .model import build_tiny_model, select_attn_implementation
-from .nested import SkipPlan, SkipScheduler
+from .nested import SkipPlan, SkipScheduler, nested_view, sample_skip_plan
 from .reward import score_batch_with_stats
 from .rl import compute_advantages, policy_loss, token_logprobs
 from .rollout import Rollout, generate, position_ids_from_mask
@@ -130,16 +130,21 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
     batch = teacher_forced(tokenizer, [problems[i] for i in local_share(chosen, rank, world)],
                            cfg.data.prompt_template, ds.device())
     (num_global_tokens,) = ds.all_reduce_sum([batch.num_completion_tokens])
+    # Odd steps train a random nested view (LayerDrop), a pure function of (seed, step) like RL skip plans.
+    num_layers = engine.module.config.num_hidden_layers
+    plan = (sample_skip_plan(num_layers, cfg.train.sft_layer_drop, step, cfg.train.seed + 2) if step % 2
+            else SkipPlan(num_layers))
     engine.train()
     local_share_of_loss = 0.0
     for rows in micro_batches(engine, local_rows):
-        logprobs = completion_logprobs(engine, batch, rows, 1.0)
+        with nested_view(engine.module, plan):
+            logprobs = completion_logprobs(engine, batch, rows, 1.0)
         loss = -(logprobs * batch.completion_mask[rows]).sum() / num_global_tokens
         engine.backward(loss * ds.loss_scale_for_engine(engine))
         engine.step()
         local_share_of_loss += loss.item()
     # reduce_metrics averages over ranks; world x the mean of the local shares is the global loss.
-    return ds.reduce_metrics({"sft_loss": local_share_of_loss * world, "lr": lr})
+    return ds.reduce_metrics({"sft_loss": local_share_of_loss * world, "lr": lr, "sft_skipped": len(plan.skipped)})
 
 
 def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, skip: SkipScheduler, step: int,
@@ -323,7 +328,8 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
             accuracy = evaluate()
         if (cfg.train.save_every and progress.rl_step % cfg.train.save_every == 0) or progress.rl_step == cfg.train.steps:
             checkpoint()
-    summary["accuracy_after"] = evaluate() if accuracy is None else accuracy
+    if progress.rl_step > 0:
+        summary["accuracy_after"] = evaluate() if accuracy is None else accuracy
     if first_rewards and last_rewards:
         summary.update(reward_first_half=sum(first_rewards) / len(first_rewards),
                        reward_second_half=sum(last_rewards) / len(last_rewards))

@@ -45,6 +45,11 @@ def test_overrides_are_typed_and_validated():
         load_config(None, ["train.steps=ten"])
     with pytest.raises(ConfigError, match="data.path"):
         load_config(None, ["data.source=gsm8k"])
+    assert load_config(None, ["train.steps=0", "train.sft_steps=5"]).train.steps == 0, "SFT-only runs"
+    with pytest.raises(ConfigError, match="'train.steps' has invalid value 0"):
+        load_config(None, ["train.steps=0", "train.sft_steps=0"])
+    with pytest.raises(ConfigError, match="'train.sft_layer_drop' has invalid value 1.0"):
+        load_config(None, ["train.sft_layer_drop=1.0"])
 
 
 def test_every_yaml_recipe_in_configs_loads():
