@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--output", required=True, help="directory to write (save_pretrained)")
     export.add_argument("--tag", help="checkpoint tag (default: latest)")
     export.add_argument("--base-model", help="architecture/tokenizer source (default: the run's own model)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher puts --local_rank=N before the subcommand; ranks read LOCAL_RANK from the environment.
+    argv = [arg for arg in argv if not arg.startswith(("--local_rank=", "--local-rank="))]
     args = parser.parse_args(argv)
     handlers = {"train": train.train_main, "eval": evaluate.run_eval, "bench": bench.run_bench, "export": _export}
     return handlers[args.command](args)

@@ -1,18 +1,31 @@
 """`nested-reft eval`: pass@1, unbiased pass@k, maj@k and completion statistics on math benchmarks.
 
     nested-reft eval --model PATH --benchmarks gsm8k,math500,svamp --data-dir ../shared/data \\
-        --samples 8 --temperature 0.6 --output eval.json
+        --samples 8 --temperature 0.6 --output eval.json --samples-jsonl samples.jsonl
 
-The metric functions at the top are pure. `evaluate_problems` evaluates whatever list of problems it is
-given and returns local sums (`EvalSums`) plus per-problem records; data-parallel callers give each rank a
-shard (`problems[rank::world]`) and add the sums (`EvalSums.as_list` / `from_list` for an all-reduce).
+Data-parallel under any launcher that sets RANK / WORLD_SIZE (a plain process never imports deepspeed):
+
+    deepspeed --num_gpus 8 --module nested_reft_ds.cli eval --model PATH ...   # or --module nested_reft_ds.evaluate
+
+The metric functions at the top are pure. `evaluate_problems` is given every problem of a benchmark and
+evaluates one rank's shard: the problems are cut into generation chunks (`generation_chunks`: sorted by prompt
+length, `batch_size // samples` problems each) and rank r takes chunks r, r + world, ...; each chunk samples
+from its own seed (`chunk_seed(seed, chunk)`), so every completion, and every total, is the same on any number
+of ranks (it does depend on --seed and --batch-size). It returns local sums (`EvalSums`, additive) and the
+shard's per-problem records; `run_eval` all-reduces the sums (`EvalSums.as_list` / `from_list`) and rank 0
+gathers the records through per-rank staging files next to --output / --samples-jsonl (`_merge_rank_records`;
+on several nodes that directory must be shared), then writes the JSON report, the Markdown table (--markdown,
+default --output with suffix .md; also printed) and the per-sample JSONL, in problem order.
+`tokens_per_s` is generation throughput per rank (all tokens / all ranks' generation seconds).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -24,7 +37,7 @@ import torch
 
 from .data import MathProblem, synthetic_problems
 from .data.sources import BUILTIN_SOURCES, load_problems
-from .data.templates import format_prompt
+from .data.templates import INSTRUCTION, check_template, format_prompt
 from .nested import SkipPlan, sample_skip_plan
 from .reward import DEFAULT_REL_TOL, DEFAULT_TIMEOUT, Outcome, VerifierPool, compare_answers, score_batch_with_stats
 from .rl import token_logprobs
@@ -175,7 +188,8 @@ class GenerationSettings:
     greedy: bool = False
     max_new_tokens: int = 1024
     batch_size: int = 32  # sequences per generate() call
-    prompt_template: str = "auto"
+    prompt_template: str = "auto"  # "auto", "plain", "chat" or a template string with {question}
+    instruction: str = INSTRUCTION  # the answer-format instruction the template adds
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -187,8 +201,7 @@ class GenerationSettings:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.prompt_template not in ("auto", "plain", "chat"):
-            raise ValueError(f"prompt_template must be 'auto', 'plain' or 'chat', got {self.prompt_template!r}")
+        check_template(self.prompt_template)
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {self.max_new_tokens}, "
                              f"{self.batch_size}")
@@ -219,20 +232,36 @@ def _target_logprobs(model, rollout, temperature: float, rows_per_forward: int) 
     return torch.cat(chunks)
 
 
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The sampling seed of generation chunk `chunk`: a pure function of (seed, chunk), never of the rank."""
+    digest = hashlib.sha256(f"nested-reft-eval:{seed}:{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def generation_chunks(prompt_lengths: Sequence[int], samples: int, batch_size: int) -> list[list[int]]:
+    """Problem indices in generation chunks: problems sorted by prompt length (longest first, ties by index, so
+    similar lengths share a batch and padding stays small), `max(1, batch_size // samples)` problems per chunk.
+
+    The chunks depend only on the problems and the settings, never on the number of ranks. A chunk is the
+    unit of data parallelism (rank r evaluates chunks r, r + world, ...) and of seeding (`chunk_seed`), so a
+    chunk's completions are the same whichever rank draws it and however many ranks there are.
+    """
+    order = sorted(range(len(prompt_lengths)), key=lambda i: (-prompt_lengths[i], i))
+    per_chunk = max(1, batch_size // samples)
+    return [order[start:start + per_chunk] for start in range(0, len(order), per_chunk)]
+
+
 def _generate_completions(model, tokenizer, prompts: list[str], settings: GenerationSettings, plan,
-                          device: torch.device, measure_kl: bool = False) -> _Generated:
-    """Sample one completion per prompt with `plan`; with `measure_kl`, also score the sampled tokens under
-    the full model (behaviour-target KL of the nested model)."""
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # similar lengths share a batch: less padding
-    out = _Generated(texts=[""] * len(prompts), tokens=[0] * len(prompts), truncated=[False] * len(prompts),
-                     seconds=0.0)
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
+                          device: torch.device, measure_kl: bool = False, seed: int | None = None) -> _Generated:
+    """Sample one completion per prompt with `plan`, in order, `settings.batch_size` prompts per generate()
+    call, from one generator seeded with `seed` (default `settings.seed`); with `measure_kl`, also score the
+    sampled tokens under the full model (behaviour-target KL of the nested model)."""
+    out = _Generated(texts=[], tokens=[], truncated=[], seconds=0.0)
+    generator = torch.Generator(device=device).manual_seed(settings.seed if seed is None else seed)
     eos_id = tokenizer.eos_token_id
-    for start in range(0, len(order), settings.batch_size):
-        rows = order[start:start + settings.batch_size]
-        encoded = tokenizer([prompts[i] for i in rows], padding=True, padding_side="left", return_tensors="pt",
-                            add_special_tokens=False)
+    for start in range(0, len(prompts), settings.batch_size):
+        batch = prompts[start:start + settings.batch_size]
+        encoded = tokenizer(batch, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
         began = time.perf_counter()
         rollout = generate(model, encoded.input_ids.to(device), encoded.attention_mask.to(device), plan,
                            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
@@ -250,39 +279,59 @@ def _generate_completions(model, tokenizer, prompts: list[str], settings: Genera
         completions = rollout.completions.cpu()  # [b, T]
         mask = rollout.completion_mask.cpu()  # [b, T]
         ended = ((completions == eos_id) & mask.bool()).any(dim=1)  # [b]
-        decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        for row, i in enumerate(rows):
-            out.texts[i], out.tokens[i], out.truncated[i] = decoded[row], int(mask[row].sum()), not bool(ended[row])
+        out.texts += tokenizer.batch_decode(completions, skip_special_tokens=True)
+        out.tokens += mask.sum(dim=1).tolist()
+        out.truncated += (~ended).tolist()
     return out
 
 
 def evaluate_problems(model, tokenizer, problems: Sequence[MathProblem], settings: GenerationSettings, *,
                       plan: SkipPlan | None = None, measure_kl: bool = False,
                       reward_timeout: float = DEFAULT_TIMEOUT, rel_tol: float = DEFAULT_REL_TOL,
-                      pool: VerifierPool | None = None,
-                      first_index: int = 0, index_stride: int = 1) -> tuple[EvalSums, list[dict[str, Any]]]:
-    """Sample `settings.samples` completions per problem, score them, and return local sums and per-problem
-    records. `plan` is the skip plan to generate with (default: the full model); with `measure_kl` the
-    sampled tokens are also scored under the full model, giving the nested behaviour model's KL to the target
-    (`kl_behavior_target`; meaningful for sampled, not greedy, decoding). `first_index` and `index_stride`
-    number the records when `problems` is a shard (`all[rank::world]`)."""
+                      pool: VerifierPool | None = None, rank: int = 0, world: int = 1) -> tuple[EvalSums, list[dict[str, Any]]]:
+    """Sample `settings.samples` completions per problem of this rank's shard, score them, and return the
+    shard's sums and per-problem records (sorted by problem index). Not collective: the caller adds the sums
+    over ranks (`EvalSums.as_list` / `from_list`).
+
+    Every rank passes the whole `problems` list; rank `rank` of `world` evaluates the generation chunks
+    `rank, rank + world, ...` of `generation_chunks` (each sampled with its own `chunk_seed`), so the sums over
+    ranks and the records are the same for any world size. `plan` is the skip plan to generate with (default:
+    the full model); with `measure_kl` the sampled tokens are also scored under the full model, giving the
+    nested behaviour model's KL to the target (`kl_behavior_target`; meaningful for sampled decoding).
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world={world}), got {rank}")
     device = next(model.parameters()).device
     plan = plan if plan is not None else SkipPlan(model.config.num_hidden_layers)
     n = settings.samples
-    prompts = [format_prompt(p.question, tokenizer, settings.prompt_template) for p in problems]
-    expanded = [prompt for prompt in prompts for _ in range(n)]  # [P*n], problem-major
-    generated = _generate_completions(model, tokenizer, expanded, settings, plan, device, measure_kl=measure_kl)
-    texts, tokens, truncated = generated.texts, generated.tokens, generated.truncated
-    scored = score_batch_with_stats(texts, [p.answer for p in problems for _ in range(n)], timeout=reward_timeout,
-                                    rel_tol=rel_tol, pool=pool)
+    prompts = [format_prompt(p.question, tokenizer, settings.prompt_template,
+                             instruction=settings.instruction)
+               for p in problems]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids] if prompts else []
+    chunks = generation_chunks(lengths, n, settings.batch_size)
+    mine: list[int] = []  # problem indices of this shard, in generation order
+    texts, tokens, truncated = [], [], []  # [len(mine) * n], problem-major
+    generated = _Generated([], [], [], seconds=0.0)
+    for chunk in range(rank, len(chunks), world):
+        indices = chunks[chunk]
+        out = _generate_completions(model, tokenizer, [prompts[i] for i in indices for _ in range(n)], settings,
+                                    plan, device, measure_kl=measure_kl, seed=chunk_seed(settings.seed, chunk))
+        mine += indices
+        texts, tokens, truncated = texts + out.texts, tokens + out.tokens, truncated + out.truncated
+        generated.seconds += out.seconds
+        generated.kl_sum += out.kl_sum
+        generated.kl_tokens += out.kl_tokens
+    scored = score_batch_with_stats(texts, [problems[i].answer for i in mine for _ in range(n)],
+                                    timeout=reward_timeout, rel_tol=rel_tol, pool=pool)
 
-    sums = EvalSums(n, problems=len(problems), samples=len(texts), completion_tokens=sum(tokens),
+    sums = EvalSums(n, problems=len(mine), samples=len(texts), completion_tokens=sum(tokens),
                     truncated=sum(truncated), no_answer=scored.num_no_answer,
                     timeouts=scored.count(Outcome.TIMEOUT), generation_seconds=generated.seconds,
                     kl_sum=generated.kl_sum, kl_tokens=generated.kl_tokens)
     records = []
-    for p, problem in enumerate(problems):
-        rows = range(p * n, (p + 1) * n)
+    for position, index in sorted(enumerate(mine), key=lambda item: item[1]):
+        problem = problems[index]
+        rows = range(position * n, (position + 1) * n)
         answers = [scored.answers[r] for r in rows]
         correct = [scored.correct[r] for r in rows]
         for k in sums.pass_at_k:
@@ -291,8 +340,8 @@ def evaluate_problems(model, tokenizer, problems: Sequence[MathProblem], setting
                                                    pool=pool)
         sums.majority_correct += majority_correct
         records.append({
-            "index": first_index + p * index_stride, "question": problem.question, "reference": problem.answer,
-            "prompt": prompts[p], "num_correct": sum(correct), "majority_answer": majority,
+            "index": index, "question": problem.question, "reference": problem.answer,
+            "prompt": prompts[index], "num_correct": sum(correct), "majority_answer": majority,
             "majority_correct": majority_correct,
             "samples": [{"completion": texts[r], "answer": scored.answers[r], "correct": scored.correct[r],
                          "outcome": None if scored.outcomes[r] is None else scored.outcomes[r].value,
@@ -318,10 +367,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--greedy", action="store_true", help="argmax decoding, one sample per problem")
     parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch")
-    parser.add_argument("--prompt-template", choices=["auto", "plain", "chat"], default="auto")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (and the synthetic task's seed)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="sequences per generation batch (with --seed, it fixes which samples are drawn)")
+    parser.add_argument("--prompt-template", default="auto", metavar="auto|plain|chat|TEMPLATE",
+                        help="auto: the tokenizer's chat template when it has one, else plain; or a template string "
+                             "with {question} (and optionally {instruction}) placeholders")
+    parser.add_argument("--instruction", default=INSTRUCTION,
+                        help=f"answer-format instruction added to each question (default: {INSTRUCTION!r})")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed (and the synthetic task's seed); samples do not depend on the world size")
+    parser.add_argument("--device", help="default: cuda (this rank's local GPU under a launcher) if available, "
+                                         "else cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="auto: bfloat16 on CUDA when supported, else float32")
     parser.add_argument("--skip-ratios", default="0",
@@ -330,7 +386,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--reward-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per comparison")
     parser.add_argument("--rel-tol", type=float, default=DEFAULT_REL_TOL, help="relative tolerance for decimals")
     parser.add_argument("--output", help="write metrics and per-problem records as JSON here")
+    parser.add_argument("--markdown", help="write the Markdown table here (default: --output with suffix .md)")
     parser.add_argument("--samples-jsonl", help="write one JSON line per sample here")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -386,14 +444,79 @@ def _skip_ratios(text: str) -> list[float]:
     return ratios
 
 
+def _distributed_context():
+    """(rank, world, collectives module or None). A process started by a launcher (WORLD_SIZE > 1 in the
+    environment) joins the process group; a plain process stays single and never imports deepspeed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    from .engine import distributed as ds
+
+    rank, world = ds.init_distributed()
+    return rank, world, ds
+
+
+def _device(requested: str | None, distributed: bool) -> torch.device:
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
+    return device
+
+
+def _merge_rank_records(records: dict[str, list[dict[str, Any]]], staging: Path, rank: int, world: int,
+                        ds) -> dict[str, list[dict[str, Any]]] | None:
+    """Gather every rank's per-problem records on rank 0 (None elsewhere). Collective (one barrier).
+
+    Each rank writes its records to `staging.rank<r>` (one JSON line per problem); after the barrier rank 0
+    reads all parts in rank order, deletes them and sorts each row's records by problem index. The staging
+    files are next to the output, so on several nodes the output directory must be on a filesystem all nodes
+    share (the usual setup for checkpoints too); a missing part is reported with its path.
+    """
+    part = staging.with_name(f"{staging.name}.rank{rank}")
+    with open(part, "w", encoding="utf-8") as handle:
+        for row, row_records in records.items():
+            for record in row_records:
+                handle.write(json.dumps({"row": row, "record": record}, ensure_ascii=False) + "\n")
+    ds.barrier()
+    if rank != 0:
+        return None
+    merged: dict[str, list[dict[str, Any]]] = {row: [] for row in records}
+    for r in range(world):
+        path = staging.with_name(f"{staging.name}.rank{r}")
+        if not path.is_file():
+            raise RuntimeError(f"rank {r}'s records are not at {path}: with ranks on several nodes, --output and "
+                               "--samples-jsonl must be on a filesystem every node shares")
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                item = json.loads(line)
+                merged[item["row"]].append(item["record"])
+        path.unlink()
+    return {row: sorted(row_records, key=lambda record: record["index"]) for row, row_records in merged.items()}
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    """`nested-reft eval`, single process or data-parallel under a launcher (`deepspeed --num_gpus N --module
+    nested_reft_ds.evaluate ...`, or `--module nested_reft_ds.cli eval ...`). Collective when launched on
+    several ranks: every rank evaluates its chunks of every benchmark row (`evaluate_problems`), the sums are
+    all-reduced, and rank 0 gathers the per-problem records and writes every output."""
+    rank, world, ds = _distributed_context()
+    try:
+        return _run_eval(args, rank, world, ds)
+    finally:
+        if ds is not None:
+            ds.shutdown_distributed()
+
+
+def _run_eval(args: argparse.Namespace, rank: int, world: int, ds) -> int:
     from .model import load_model_and_tokenizer
 
     try:
         settings = GenerationSettings(samples=args.samples if args.samples is not None else 1 if args.greedy else 8,
                                       temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                      prompt_template=args.prompt_template, seed=args.seed)
+                                      prompt_template=args.prompt_template, instruction=args.instruction,
+                                      seed=args.seed)
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         ratios = _skip_ratios(args.skip_ratios)
@@ -401,13 +524,15 @@ def run_eval(args: argparse.Namespace) -> int:
                                          seed=args.seed) for spec in args.benchmarks.split(",") if spec.strip()]
         if not benchmarks:
             raise ValueError("--benchmarks is empty")
-        device = torch.device(args.device)
+        device = _device(args.device, ds is not None)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=_dtype(args.dtype, device))
         num_layers = model.config.num_hidden_layers
         plans = {ratio: sample_skip_plan(num_layers, ratio, step=0, seed=args.seed) for ratio in ratios}
-        warm_up_prompt = format_prompt("1+1", tokenizer, settings.prompt_template)  # checks the template choice
+        warm_up_prompt = format_prompt("1+1", tokenizer, settings.prompt_template,
+                                       instruction=settings.instruction)  # checks the template choice
     except ValueError as error:
-        print(f"nested-reft eval: error: {error}", file=sys.stderr)
+        if rank == 0:
+            print(f"nested-reft eval: error: {error}", file=sys.stderr)
         return 2
     model.to(device).eval()
     # One short generation first, so that one-time initialisation is not counted in the first row's tokens/s.
@@ -415,20 +540,38 @@ def run_eval(args: argparse.Namespace) -> int:
                           dataclasses.replace(settings, max_new_tokens=2, batch_size=1), SkipPlan(num_layers), device)
 
     results: dict[str, dict[str, float]] = {}
-    report: dict[str, Any] = {"model": args.model, "settings": dataclasses.asdict(settings), "benchmarks": {}}
+    records: dict[str, list[dict[str, Any]]] = {}
+    report: dict[str, Any] = {"model": args.model, "settings": dataclasses.asdict(settings), "world_size": world,
+                              "benchmarks": {}}
     with VerifierPool() as pool:
         for name, problems in benchmarks:
             for ratio, plan in plans.items():
                 row = name if ratios == [0.0] else f"{name} skip={ratio:g}"
-                sums, records = evaluate_problems(model, tokenizer, problems, settings, plan=plan,
-                                                  measure_kl=bool(plan.skipped) and not settings.greedy,
-                                                  reward_timeout=args.reward_timeout, rel_tol=args.rel_tol, pool=pool)
+                sums, records[row] = evaluate_problems(
+                    model, tokenizer, problems, settings, plan=plan,
+                    measure_kl=bool(plan.skipped) and not settings.greedy, reward_timeout=args.reward_timeout,
+                    rel_tol=args.rel_tol, pool=pool, rank=rank, world=world)
+                if ds is not None:
+                    sums = EvalSums.from_list(settings.samples, ds.all_reduce_sum(sums.as_list()))
                 results[row] = sums.metrics()
                 report["benchmarks"][row] = {"skip_ratio": ratio, "skipped_layers": list(plan.skipped),
-                                             "metrics": results[row], "problems": records}
-                print(f"{row}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[row].items() if "@" in k),
-                      file=sys.stderr)
-    print(markdown_table(results))
+                                             "metrics": results[row]}
+                if rank == 0:
+                    print(f"{row}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[row].items() if "@" in k),
+                          file=sys.stderr)
+    record_target = args.output or args.samples_jsonl
+    if ds is not None and record_target:
+        staging = Path(record_target)
+        records = _merge_rank_records(records, staging.with_name(f".{staging.name}.records"), rank, world, ds)
+    if rank != 0:
+        return 0
+    table = markdown_table(results)
+    print(table)
+    markdown = args.markdown or (str(Path(args.output).with_suffix(".md")) if args.output else None)
+    if markdown:
+        Path(markdown).write_text(table + "\n", encoding="utf-8")
+    for row, benchmark in report["benchmarks"].items():
+        benchmark["problems"] = records[row]
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     if args.samples_jsonl:
@@ -440,3 +583,13 @@ def run_eval(args: argparse.Namespace) -> int:
                                                  "prompt": record["prompt"], "reference": record["reference"],
                                                  **sample}, ensure_ascii=False) + "\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nested_reft_ds.evaluate ...`: the same as `nested-reft eval ...` (any launcher)."""
+    parser = add_eval_arguments(argparse.ArgumentParser(prog="nested-reft eval", description=__doc__.split("\n")[0]))
+    return run_eval(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Evaluation: pass@k against brute force, maj@k on hand-built cases, sums over shards, and the CLI end to end."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -13,8 +14,10 @@ from nested_reft_ds.data import MathProblem, synthetic_problems
 from nested_reft_ds.evaluate import (
     EvalSums,
     GenerationSettings,
+    chunk_seed,
     cluster_answers,
     evaluate_problems,
+    generation_chunks,
     maj_at_k,
     majority_vote,
     pass_at_k,
@@ -100,34 +103,58 @@ def test_eval_sums_add_and_round_trip():
         a + EvalSums(2)
 
 
+def test_generation_chunks_sort_by_length_and_never_depend_on_the_world_size():
+    lengths = [5, 9, 7, 9, 1]
+    # longest first, ties by index; batch_size // samples problems per chunk
+    assert generation_chunks(lengths, samples=2, batch_size=4) == [[1, 3], [2, 0], [4]]
+    assert generation_chunks(lengths, samples=1, batch_size=3) == [[1, 3, 2], [0, 4]]
+    assert generation_chunks(lengths, samples=8, batch_size=4) == [[1], [3], [2], [0], [4]]  # at least one
+    assert generation_chunks([], samples=2, batch_size=4) == []
+    assert chunk_seed(0, 1) == chunk_seed(0, 1) != chunk_seed(0, 2) != chunk_seed(1, 1)
+    assert 0 <= chunk_seed(123, 4) < 2**63
+
+
+_COMPLETIONS = {  # question -> its 4 sampled completions
+    "q0": ["\\boxed{5}", "\\boxed{6}", "so 5", "\\boxed{5.0}"],  # 3 of 4 correct
+    "q1": ["\\boxed{0.5}", "\\boxed{2}", "\\boxed{2}", "nothing"],  # 1 of 4, the wrong "2" is the majority
+    "q2": ["\\boxed{1}", "\\boxed{2}", "\\boxed{3}", "\\boxed{4}"],  # 0 of 4
+}
+
+
+class _FakeModel:
+    config = type("Config", (), {"num_hidden_layers": 2})()
+
+    def parameters(self):
+        import torch
+        yield torch.zeros(1)
+
+
+class _FakeTokenizer:
+    def __call__(self, texts, add_special_tokens=False):
+        return type("Encoded", (), {"input_ids": [list(text) for text in texts]})()
+
+
+def _fake_generate(calls):
+    def fake(model, tokenizer, prompts, settings, plan, device, measure_kl, seed):
+        calls.append((prompts, seed))
+        questions = [prompt.split("\n")[0].removeprefix("Question: ") for prompt in prompts]
+        assert all(questions[i] == questions[i - i % 4] for i in range(len(questions)))  # problem-major, 4 each
+        texts = [_COMPLETIONS[q][i % 4] for i, q in enumerate(questions)]
+        tokens = [int(q[1]) * 4 + i % 4 + 1 for i, q in enumerate(questions)]  # 1..12 over the 12 samples
+        return evaluate._Generated(texts, tokens, [t == 12 for t in tokens], seconds=len(prompts) / 6)
+    return fake
+
+
 def test_evaluate_problems_aggregates_scored_samples(monkeypatch):
     problems = [MathProblem("q0", "5", "t"), MathProblem("q1", "\\frac{1}{2}", "t"), MathProblem("q2", "7", "t")]
-    completions = [
-        "\\boxed{5}", "\\boxed{6}", "so 5", "\\boxed{5.0}",  # 3 of 4 correct
-        "\\boxed{0.5}", "\\boxed{2}", "\\boxed{2}", "nothing",  # 1 of 4, the wrong "2" is the majority
-        "\\boxed{1}", "\\boxed{2}", "\\boxed{3}", "\\boxed{4}",  # 0 of 4
-    ]
-    tokens = list(range(1, 13))
-    truncated = [False] * 11 + [True]
-
-    def fake_generate(model, tokenizer, prompts, settings, plan, device, measure_kl):
-        assert len(prompts) == 12 and prompts[0] == prompts[3] != prompts[4]  # problem-major, 4 samples each
-        return evaluate._Generated(completions, tokens, truncated, seconds=2.0)
-
-    class FakeModel:
-        config = type("Config", (), {"num_hidden_layers": 2})()
-
-        def parameters(self):
-            import torch
-            yield torch.zeros(1)
-
-    monkeypatch.setattr(evaluate, "_generate_completions", fake_generate)
-    sums, records = evaluate_problems(FakeModel(), None, problems, GenerationSettings(samples=4),
-                                      first_index=1, index_stride=2)
+    calls = []
+    monkeypatch.setattr(evaluate, "_generate_completions", _fake_generate(calls))
+    sums, records = evaluate_problems(_FakeModel(), _FakeTokenizer(), problems, GenerationSettings(samples=4))
+    assert len(calls) == 1 and len(calls[0][0]) == 12 and calls[0][1] == chunk_seed(0, 0)
     assert [r["num_correct"] for r in records] == [3, 1, 0]
     assert [r["majority_correct"] for r in records] == [True, False, False]
     assert records[1]["majority_answer"] == "2"
-    assert [r["index"] for r in records] == [1, 3, 5]
+    assert [r["index"] for r in records] == [0, 1, 2]
     assert records[1]["samples"][3] == {"completion": "nothing", "answer": None, "correct": False, "outcome": None,
                                         "tokens": 8, "truncated": False}
     metrics = sums.metrics()
@@ -141,6 +168,26 @@ def test_evaluate_problems_aggregates_scored_samples(monkeypatch):
     assert metrics["tokens_per_s"] == pytest.approx(78 / 2.0)
 
 
+def test_evaluate_problems_shards_by_chunk_and_the_shards_add_up(monkeypatch):
+    problems = [MathProblem("q0", "5", "t"), MathProblem("q1", "\\frac{1}{2}", "t"), MathProblem("q2", "7", "t")]
+    calls = []
+    monkeypatch.setattr(evaluate, "_generate_completions", _fake_generate(calls))
+    settings = GenerationSettings(samples=4, batch_size=4)  # one problem per chunk: chunks [0], [1], [2]
+    whole, whole_records = evaluate_problems(_FakeModel(), _FakeTokenizer(), problems, settings)
+    whole_calls = list(calls)
+    calls.clear()
+    shards = [evaluate_problems(_FakeModel(), _FakeTokenizer(), problems, settings, rank=r, world=2) for r in (0, 1)]
+    assert [[r["index"] for r in records] for _, records in shards] == [[0, 2], [1]]  # chunks 0, 2 | chunk 1
+    assert sorted(calls, key=lambda call: call[1]) == sorted(whole_calls, key=lambda call: call[1])  # same seeds
+    total = shards[0][0] + shards[1][0]
+    assert total.as_list() == pytest.approx(whole.as_list())
+    assert sorted(shards[0][1] + shards[1][1], key=lambda r: r["index"]) == whole_records
+    empty, records = evaluate_problems(_FakeModel(), _FakeTokenizer(), problems, settings, rank=3, world=4)
+    assert (empty.problems, empty.samples, records) == (0, 0, [])  # more ranks than chunks
+    with pytest.raises(ValueError, match="rank must be in"):
+        evaluate_problems(_FakeModel(), _FakeTokenizer(), problems, settings, rank=2, world=2)
+
+
 def test_generation_settings_validation():
     with pytest.raises(ValueError, match="greedy decoding gives one sample"):
         GenerationSettings(samples=4, greedy=True)
@@ -148,22 +195,31 @@ def test_generation_settings_validation():
         GenerationSettings(temperature=0)
 
 
-def test_shard_sums_add_up_to_the_whole(tiny_models):
+@pytest.mark.parametrize("greedy", [True, False])
+def test_samples_do_not_depend_on_the_world_size(tiny_models, greedy):
+    # Every rank passes all problems and evaluates its chunks, each sampled from its own seed: the records
+    # and sums of 1, 2 or 3 ranks are the same, sampled or greedy.
     from nested_reft_ds.model import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(tiny_models["qwen2"])
-    problems = synthetic_problems(4, seed=3)
-    settings = GenerationSettings(samples=1, greedy=True, max_new_tokens=4, batch_size=2)
+    problems = synthetic_problems(5, seed=3)
+    settings = GenerationSettings(samples=1 if greedy else 2, greedy=greedy, temperature=1.0, max_new_tokens=4,
+                                  batch_size=2)
     whole, whole_records = evaluate_problems(model, tokenizer, problems, settings)
-    shards = [evaluate_problems(model, tokenizer, problems[rank::2], settings, first_index=rank, index_stride=2)
-              for rank in range(2)]
-    total = shards[0][0] + shards[1][0]
-    assert total.problems == whole.problems == 4
-    for key in ("samples", "completion_tokens", "truncated", "no_answer", "majority_correct"):
-        assert getattr(total, key) == getattr(whole, key), key
-    assert total.pass_at_k == pytest.approx(whole.pass_at_k)
-    merged = sorted(shards[0][1] + shards[1][1], key=lambda record: record["index"])
-    assert [r["samples"][0]["completion"] for r in merged] == [r["samples"][0]["completion"] for r in whole_records]
+    assert [r["index"] for r in whole_records] == list(range(5))
+    for world in (2, 3):
+        shards = [evaluate_problems(model, tokenizer, problems, settings, rank=rank, world=world)
+                  for rank in range(world)]
+        total = sum((sums for sums, _ in shards[1:]), shards[0][0])
+        for key in ("problems", "samples", "completion_tokens", "truncated", "no_answer", "majority_correct"):
+            assert getattr(total, key) == getattr(whole, key), (world, key)
+        assert total.pass_at_k == pytest.approx(whole.pass_at_k)
+        merged = sorted((r for _, records in shards for r in records), key=lambda record: record["index"])
+        assert merged == whole_records, world
+    if not greedy:  # a different seed draws different samples
+        other = evaluate_problems(model, tokenizer, problems, dataclasses.replace(settings, seed=1))[1]
+        assert [s["completion"] for r in other for s in r["samples"]] != \
+            [s["completion"] for r in whole_records for s in r["samples"]]
 
 
 @needs_data
@@ -178,6 +234,7 @@ def test_eval_cli_end_to_end(tiny_models, tmp_path, capsys):
     assert code == 0
     table = capsys.readouterr().out
     assert "| benchmark | problems | pass@1 | pass@2 | maj@2 |" in table and "| gsm8k | 3 |" in table
+    assert (tmp_path / "eval.md").read_text() in table  # the table also goes next to --output
     report = json.loads(output.read_text())
     assert list(report["benchmarks"]) == ["gsm8k", "synthetic"]
     gsm8k = report["benchmarks"]["gsm8k"]
@@ -207,6 +264,29 @@ def test_eval_cli_greedy_and_errors(tiny_models, tmp_path, capsys):
     assert "greedy decoding gives one sample" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--benchmarks", "synthetic"]) == 2
     assert "not a Hugging Face checkpoint" in capsys.readouterr().err
+
+
+def test_eval_cli_custom_template_instruction_and_markdown_path(tiny_models, tmp_path, capsys):
+    from nested_reft_ds.cli import main
+
+    model = str(tiny_models["qwen2"])
+    output, markdown = tmp_path / "custom.json", tmp_path / "tables" / "custom-table.md"
+    markdown.parent.mkdir()
+    assert main(["eval", "--model", model, "--benchmarks", "synthetic", "--limit", "2", "--greedy",
+                 "--max-new-tokens", "2", "--prompt-template", "Q: {question} ({instruction}) {not a field}\nA:",
+                 "--instruction", "Answer in \\boxed{}.", "--output", str(output), "--markdown", str(markdown)]) == 0
+    report = json.loads(output.read_text())
+    prompt = report["benchmarks"]["synthetic"]["problems"][0]["prompt"]
+    question = report["benchmarks"]["synthetic"]["problems"][0]["question"]
+    assert prompt == f"Q: {question} (Answer in \\boxed{{}}.) {{not a field}}\nA:"
+    assert report["settings"]["instruction"] == "Answer in \\boxed{}." and report["world_size"] == 1
+    assert markdown.read_text().startswith("| benchmark | problems | pass@1 | maj@1 |")
+    assert not output.with_suffix(".md").exists()
+    capsys.readouterr()
+    assert main(["eval", "--model", model, "--benchmarks", "synthetic", "--prompt-template", "Q: nothing"]) == 2
+    assert "{question} placeholder" in capsys.readouterr().err
+    assert main(["eval", "--model", model, "--benchmarks", "synthetic", "--prompt-template", "chat"]) == 2
+    assert "has no chat template" in capsys.readouterr().err
 
 
 def test_kl_of_the_full_model_to_itself_is_zero_and_grows_with_skipping(tiny_models):
@@ -242,3 +322,22 @@ def test_eval_cli_skip_ratios(tiny_models, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_models["qwen2"]), "--benchmarks", "synthetic",
                  "--skip-ratios", "0.9"]) == 2
     assert "skip ratio 0.9" in capsys.readouterr().err
+
+
+def test_rank_records_are_merged_on_rank_zero_in_index_order(tmp_path):
+    # The record gather of a 2-rank eval, with the barrier replaced: rank 1 writes its part first, then
+    # rank 0 writes its own, merges both in index order and removes the parts.
+    class NoBarrier:
+        @staticmethod
+        def barrier():
+            pass
+
+    staging = tmp_path / ".eval.json.records"
+    rank1 = {"a": [{"index": 1}, {"index": 3}], "b": [{"index": 0}]}
+    rank0 = {"a": [{"index": 0}, {"index": 2}], "b": []}
+    assert evaluate._merge_rank_records(rank1, staging, 1, 2, NoBarrier) is None
+    merged = evaluate._merge_rank_records(rank0, staging, 0, 2, NoBarrier)
+    assert merged == {"a": [{"index": i} for i in range(4)], "b": [{"index": 0}]}
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="rank 1's records are not at .*shares"):
+        evaluate._merge_rank_records(rank0, staging, 0, 2, NoBarrier)

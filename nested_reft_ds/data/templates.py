@@ -1,22 +1,45 @@
 """Prompt templates: how a MathProblem's question becomes model input text."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 INSTRUCTION = "Put the final answer in \\boxed{}."
-PLAIN_TEMPLATE = "Question: {question}\n" + INSTRUCTION.replace("{", "{{").replace("}", "}}") + "\nAnswer:"
+PLAIN_TEMPLATE = "Question: {question}\n{instruction}\nAnswer:"
+NAMED_TEMPLATES = ("auto", "plain", "chat")
+_PLACEHOLDER = re.compile(r"\{(question|instruction)\}")
 
 
-def format_prompt(question: str, tokenizer: Any = None, template: str = "auto") -> str:
+def check_template(template: str) -> str:
+    """`template` if it is a named template or a custom one with a `{question}` placeholder, else ValueError."""
+    if template not in NAMED_TEMPLATES and "{question}" not in template:
+        raise ValueError(f"prompt template {template!r} is neither one of {', '.join(NAMED_TEMPLATES)} nor a "
+                         "template string with a {question} placeholder")
+    return template
+
+
+def render(template: str, question: str, instruction: str = INSTRUCTION) -> str:
+    """Fill `{question}` and `{instruction}` in one pass; every other brace is literal (`\\boxed{}` stays)."""
+    values = {"question": question, "instruction": instruction}
+    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+
+
+def format_prompt(question: str, tokenizer: Any = None, template: str = "auto", *,
+                  instruction: str = INSTRUCTION) -> str:
     """Render `question` as prompt text.
 
-    "chat" uses the tokenizer's chat template (user turn, generation prompt); "plain" the plain template;
-    "auto" picks chat when the tokenizer has a chat template.
+    "chat" puts "{question}\\n{instruction}" in a user turn of the tokenizer's chat template and adds the
+    generation prompt; "plain" fills PLAIN_TEMPLATE; "auto" picks chat when the tokenizer has a chat
+    template. Any other `template` is a custom plain template string: `{question}` (required) and
+    `{instruction}` are filled, other braces are kept as written. An empty `instruction` drops the
+    instruction line from the chat turn.
     """
+    check_template(template)
     has_chat = tokenizer is not None and getattr(tokenizer, "chat_template", None)
     if template == "chat" and not has_chat:
         raise ValueError("data.prompt_template='chat' but the tokenizer has no chat template; use 'plain' or 'auto'")
     if template == "chat" or (template == "auto" and has_chat):
-        messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return PLAIN_TEMPLATE.format(question=question)
+        content = f"{question}\n{instruction}" if instruction else question
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    return render(PLAIN_TEMPLATE if template in NAMED_TEMPLATES else template, question, instruction)
