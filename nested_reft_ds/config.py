@@ -169,6 +169,10 @@ class AlgorithmConfig:
         _require(0.0 < self.clip_eps_low < 1.0, "algorithm.clip_eps_low", self.clip_eps_low, "a float in (0, 1)")
         _require(self.clip_eps_high > 0.0, "algorithm.clip_eps_high", self.clip_eps_high, "a float > 0")
         _require(self.kl_coef >= 0.0, "algorithm.kl_coef", self.kl_coef, "a float >= 0")
+        # rl.importance_weights rescales whole-sequence weights within each prompt group; no other correction has
+        # a sequence weight to normalise, so this would otherwise fail at the first RL step.
+        _require(not self.self_normalize or self.correction == "seq_is", "algorithm.self_normalize",
+                 self.self_normalize, f"false unless algorithm.correction='seq_is' (correction is {self.correction!r})")
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,17 @@ class ExperimentConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        # Checks that span sections; each would otherwise fail only at the first RL step.
+        if self.algorithm.self_normalize:
+            # Self-normalisation divides by each prompt group's weight sum, so every micro-batch must hold whole
+            # groups (rl.importance_weights: rows % group_size == 0). A rank's micro-batch is
+            # min(train.micro_batch_size, its sequences per step); the latter is a multiple of the group size.
+            micro, group = self.train.micro_batch_size, self.rollout.group_size
+            _require(micro % group == 0 or micro >= self.rollout.prompts_per_step * group, "train.micro_batch_size",
+                     micro, f"a multiple of rollout.group_size={group} when algorithm.self_normalize=true (each "
+                     "prompt group must sit in one micro-batch)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

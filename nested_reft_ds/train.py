@@ -19,6 +19,10 @@ Where this departs from the Nested-ReFT paper, and why:
   resume reproduces it; agreement is still verified by a collective check each step.
 - The embedded default starts from a randomly initialised tiny model, so an SFT warm-up (`train.sft_steps`)
   precedes RL to give it non-zero reward; a pretrained `model.path` sets sft_steps to 0.
+- The KL reference (`algorithm.kl_coef > 0`) is the policy as RL starts: after the SFT warm-up, or as loaded
+  when there is none, rather than the pretrained base model (with a warm-up that is the model RL refines).
+  It sees the full model (no skipping) and is scored at the rollout temperature, like pi_theta. It is frozen;
+  every RL checkpoint carries a copy of it, so a resumed run penalises against the very same reference.
 """
 from __future__ import annotations
 
@@ -148,8 +152,10 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
 
 
 def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, skip: SkipScheduler, step: int,
-            rank: int, world: int) -> dict[str, float]:
-    """One Nested-ReFT step. Collective: every rank runs it for the same `step`."""
+            rank: int, world: int, reference=None) -> dict[str, float]:
+    """One Nested-ReFT step. Collective: every rank runs it for the same `step`.
+
+    `reference`: the frozen KL reference (`ds.build_reference`), required when algorithm.kl_coef > 0."""
     timer = time.perf_counter
     t0 = timer()
     G, algo = cfg.rollout.group_size, cfg.algorithm
@@ -179,16 +185,21 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
     # 4. Group-relative advantages (each prompt's G samples are contiguous rows).
     advantages = compute_advantages(rewards, G, algo.advantage)  # [B*G]
 
-    # 5-6. Target log-probs with the full model, corrected clipped loss, backward/step per micro-batch.
+    # 5-6. Reference and target log-probs with the full model, corrected clipped loss (+ KL to the reference),
+    # backward/step per micro-batch.
     completion_mask = rollout.completion_mask.float()
     num_global_tokens, num_global_seqs = ds.all_reduce_sum([completion_mask.sum().item(), len(texts)])
     engine.train()
     micro_metrics = []
     for rows in micro_batches(engine, len(texts)):
+        ref_logprobs = None
+        if reference is not None:  # under ZeRO-3 a collective forward: every rank, every micro-batch
+            with torch.no_grad():
+                ref_logprobs = completion_logprobs(reference, rollout, rows, cfg.rollout.temperature)  # [b, T]
         logprobs = completion_logprobs(engine, rollout, rows, cfg.rollout.temperature)  # [b, T] pi_theta
         loss, metrics = policy_loss(logprobs, logprobs.detach(), rollout.behavior_logprobs[rows], advantages[rows],
                                     completion_mask[rows], algo, num_global_tokens=num_global_tokens,
-                                    num_global_seqs=num_global_seqs, group_size=G,
+                                    num_global_seqs=num_global_seqs, ref_logprobs=ref_logprobs, group_size=G,
                                     max_completion_length=cfg.rollout.max_new_tokens)
         engine.backward(loss * ds.loss_scale_for_engine(engine))
         engine.step()
@@ -265,6 +276,24 @@ def prepare_model_dir(cfg: ExperimentConfig, out_dir: Path, rank: int) -> Path:
     return path
 
 
+def start_reference(engine, cfg: ExperimentConfig, ds_config: dict, model_dir: Path, progress: Progress,
+                    resumed_from: Path | None):
+    """The frozen KL reference for the RL phase (None when algorithm.kl_coef is 0). Collective.
+
+    At RL step 0 it is a copy of the policy now (after the SFT warm-up, or as loaded); past step 0 the policy
+    has moved on, so the copy saved in the checkpoint being resumed is restored instead."""
+    if cfg.algorithm.kl_coef == 0 or progress.rl_step >= cfg.train.steps:
+        return None
+    if progress.rl_step == 0:
+        return ds.build_reference(model_dir, ds_config, cfg.model.attn_implementation, policy=engine)
+    if resumed_from is None or not ds.has_saved_reference(resumed_from):
+        raise ConfigError(f"config key 'algorithm.kl_coef' has invalid value {cfg.algorithm.kl_coef!r} for resuming "
+                          f"from {str(resumed_from)!r}: that checkpoint holds no KL reference (it was written with "
+                          "algorithm.kl_coef=0), and the reference (the policy at RL step 0) cannot be rebuilt "
+                          "from a later step; resume with algorithm.kl_coef=0 or start RL from an SFT checkpoint")
+    return ds.build_reference(model_dir, ds_config, cfg.model.attn_implementation, saved=resumed_from)
+
+
 def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[str, float]:
     """Train per `cfg`; returns summary numbers (reward and accuracy before/after). Collective."""
     if cfg.train.cpu_threads is not None:
@@ -281,13 +310,16 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
     ckpt_dir = out_dir / "checkpoints"
 
     progress = Progress()
+    resumed_from = None  # the checkpoint directory <dir>/<tag> this run continues from
     if resume != "none":
-        state = ds.load_checkpoint(engine, ckpt_dir if resume == "auto" else Path(resume))
+        resume_dir = ckpt_dir if resume == "auto" else Path(resume)
+        state = ds.load_checkpoint(engine, resume_dir)
         if state is None and resume != "auto":
             raise ConfigError(f"--resume {resume}: no committed checkpoint there")
         if state is not None:
             progress = Progress(**state["progress"])
             skip.load_state_dict(state["skip"])
+            resumed_from = resume_dir / ds.latest_tag(resume_dir)
     run_log = RunLog(out_dir, rank == 0, total_steps=cfg.train.steps, start_step=progress.rl_step,
                      tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
                      echo_prefix=f"[rank {rank}] " if cfg.logging.all_ranks and rank != 0 else None)
@@ -295,7 +327,11 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
                     f"{select_attn_implementation(cfg.model.attn_implementation)} | "
                     f"{model.config.num_hidden_layers} layers | resume at sft {progress.sft_step}, rl {progress.rl_step}")
 
+    reference = None  # the frozen KL reference, from the start of RL on
+
     def checkpoint() -> None:
+        if reference is not None:  # written into the tag directory before save_checkpoint commits it
+            ds.save_reference(reference, ckpt_dir / progress.tag())
         ds.save_checkpoint(engine, ckpt_dir, progress.tag(), {"progress": vars(progress), "skip": skip.state_dict(),
                                                         "config": cfg.to_dict()})
 
@@ -312,13 +348,14 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
         run_log.log(progress.rl_step, {"accuracy": accuracy}, phase="eval")
         return accuracy
 
+    reference = start_reference(engine, cfg, ds_config, model_dir, progress, resumed_from)
     summary = {"accuracy_before": evaluate()}
     first_rewards, last_rewards = [], []
     accuracy = None  # held-out accuracy at the current step, if measured
     while progress.rl_step < cfg.train.steps:
         step = progress.rl_step
         ds.set_learning_rate(engine, cfg.train.lr * min(1.0, (step + 1) / max(cfg.train.warmup_steps, 1)))
-        metrics = rl_step(engine, tokenizer, train_problems, cfg, skip, step, rank, world)
+        metrics = rl_step(engine, tokenizer, train_problems, cfg, skip, step, rank, world, reference)
         (first_rewards if step < cfg.train.steps / 2 else last_rewards).append(metrics["reward_mean"])
         if step % cfg.logging.log_every == 0:
             run_log.log(step, metrics)
