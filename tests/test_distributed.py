@@ -1,9 +1,11 @@
 """Real 2-rank DeepSpeed ZeRO-3 runs (gloo on CPU): one launch, many assertions.
 
-The launch runs tests/distributed/zero3_worker.py: a 3-step training run with checkpoints, a resume from step
-2, and the gather-once rollout invariants. Each test below asserts on what the ranks recorded.
+The launch runs tests/distributed/zero3_worker.py: a 3-step training run with checkpoints (token_tis), a resume
+from step 2, the gather-once rollout invariants, and a 2-step seq_is run with KL to a frozen ZeRO-3 reference
+plus its resume. Each test below asserts on what the ranks recorded.
 """
 import json
+import math
 import os
 import socket
 import subprocess
@@ -109,3 +111,71 @@ def test_export_consolidates_zero3_checkpoint_into_hf_model(ranks, tmp_path):
     torch.testing.assert_close(model.model.layers[2].mlp.down_proj.weight,
                                state["model.layers.2.mlp.down_proj.weight"])
     assert tokenizer.decode(tokenizer("7+5=12").input_ids) == "7+5=12"
+
+
+DIAGNOSTICS = ("ess", "ess_seq_raw", "ess_tok_raw", "frac_truncated", "frac_masked", "kl_behavior_k1", "kl_behavior_k3",
+               "clip_frac", "weight_mean", *(f"ratio_{unit}_p{q}" for unit in ("tok", "seq") for q in (10, 50, 90)))
+
+
+def check_diagnostics(step: dict, unit: str, cap: float) -> None:
+    """Finite loss and every estimator diagnostic; truncation counted in the correction's unit (tok | seq)."""
+    assert math.isfinite(step["loss"]) and abs(step["loss"]) < 1e3, step["loss"]
+    for key in DIAGNOSTICS:
+        assert key in step and math.isfinite(step[key]), key
+    assert 0 < step["ess"] <= 1 + 1e-9 and 0 <= step["frac_truncated"] <= 1 and 0 <= step["frac_masked"] <= 1
+    assert step["kl_behavior_k3"] >= 0
+    for kind in ("tok", "seq"):
+        assert (step[f"ratio_{kind}_min"] <= step[f"ratio_{kind}_p10"] <= step[f"ratio_{kind}_p50"]
+                <= step[f"ratio_{kind}_p90"] <= step[f"ratio_{kind}_max"]), kind
+    assert step["nonfinite_count"] == 0
+    # Some unit's raw ratio exceeds the cap (max over ranks) exactly when a truncated fraction is reported.
+    assert (step["frac_truncated"] > 0) == (step[f"ratio_{unit}_max"] > cap), (unit, step)
+    assert step["frac_masked"] == 0, "token_tis and seq_is truncate, they never mask"
+
+
+def test_token_tis_run_logs_its_diagnostics(ranks):
+    _, results = ranks
+    for result in results:
+        for step in result["steps_a"]:
+            check_diagnostics(step, "tok", cap=2.0)  # the defaults: correction=token_tis, is_cap=2
+            assert "kl_ref" not in step, "no reference without algorithm.kl_coef"
+
+
+def test_seq_is_run_with_reference_kl_completes_and_logs_diagnostics(ranks):
+    _, (r0, r1) = ranks
+    for result in (r0, r1):
+        assert [s["step"] for s in result["steps_kl"]] == [0, 1]
+        for step in result["steps_kl"]:
+            check_diagnostics(step, "seq", cap=1.2)  # correction=seq_is, is_cap=1.2
+            assert math.isfinite(step["kl_ref"]) and step["kl_ref"] >= 0
+            # seq_is repeats one capped sequence weight on each token: its mean is bounded by the cap.
+            assert 0 <= step["weight_mean"] <= 1.2 + 1e-6
+        assert any(s["frac_truncated"] > 0 for s in result["steps_kl"]), "is_cap=1.2 truncates some sequences"
+        # The reference is the policy as RL starts: KL ~0 at the first step, > 0 once the policy has moved.
+        assert result["steps_kl"][0]["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+        assert result["steps_kl"][1]["kl_ref"] > 0
+    assert [s["skipped_layers"] for s in r0["steps_kl"]] == [s["skipped_layers"] for s in r1["steps_kl"]]
+    # Metrics are reduced over ranks, so both ranks log the same numbers.
+    assert [s["kl_ref"] for s in r0["steps_kl"]] == [s["kl_ref"] for s in r1["steps_kl"]]
+
+
+def test_reference_is_a_partitioned_zero3_inference_engine(ranks):
+    _, results = ranks
+    for rank, result in enumerate(results):
+        for key in ("reference_kl", "reference_kl_resumed"):
+            reference = result[key]
+            assert reference["zero_stage"] == 3 and reference["optimizer"] == "DeepSpeedZeRoOffload", key
+            assert reference["statuses"] == ["NOT_AVAILABLE"], "every reference parameter partitioned between forwards"
+            assert not reference["requires_grad"] and not reference["grads"] and not reference["training"]
+        assert result["references_built"] == 2
+        assert f"zero3_rank{rank:03d}_of002.pt" in result["reference_files_kl"]
+
+
+def test_resume_restores_the_zero3_reference_and_replays_the_step(ranks):
+    _, results = ranks
+    for result in results:
+        continuous = result["steps_kl"][1]
+        (resumed,) = result["steps_kl_resumed"]
+        assert resumed["step"] == 1 and resumed["skipped_layers"] == continuous["skipped_layers"]
+        for key in ("loss", "kl_ref", "reward_mean", "completion_length", "ess", "ratio_seq_max", "frac_truncated"):
+            assert resumed[key] == pytest.approx(continuous[key], rel=1e-5, abs=1e-7), key

@@ -1,5 +1,9 @@
 """Every multi-rank ZeRO-3 check in one launch (DeepSpeed start-up is the expensive part on CPU).
 
+Training runs: (1) 3 steps with the default estimator (token_tis), checkpointing every step, (2) a resume of it,
+(6) 2 steps with correction=seq_is and KL to a frozen reference (a ZeRO-3 inference engine), every parameter
+partitioned, and (7) a resume of that one from its step-1 checkpoint (the reference restored from partitions).
+
 Run by tests/test_distributed.py as `deepspeed --num_gpus 2 tests/distributed/zero3_worker.py --out DIR`; each
 rank writes DIR/rank<r>.json, which the tests assert on. Nothing is mocked: real engine, real ZeRO-3, gloo.
 """
@@ -35,14 +39,20 @@ TINY = ["model.hidden_size=32", "model.num_layers=6", "model.num_heads=2", "mode
         "skip.ratio_max=0.5", "skip.step_size=0.17", "skip.target_ess=0.999"]
 
 
+# What each recorded RL step keeps: the estimator's diagnostics, and kl_ref when a reference exists.
+RECORDED = ("skipped_layers", "loss", "reward_mean", "completion_length", "grad_norm", "pg_loss", "ess",
+            "ess_seq_raw", "ess_tok_raw", "frac_truncated", "frac_masked", "kl_behavior_k1", "kl_behavior_k3",
+            "clip_frac", "weight_mean", "nonfinite_count", "kl_ref",
+            *(f"ratio_{unit}_{stat}" for unit in ("tok", "seq") for stat in ("mean", "min", "max", "p10", "p50", "p90")))
+
+
 def record_rl_steps(records: list) -> None:
     """Wrap the real rl_step to keep what this rank saw at each step (the skip plan is this rank's own)."""
     real_step = train.rl_step
 
     def recording(*args, **kwargs):
         metrics = real_step(*args, **kwargs)
-        records.append({key: metrics[key] for key in ("skipped_layers", "loss", "reward_mean", "completion_length",
-                                                       "ratio_tok_max", "grad_norm")} | {"step": args[5]})
+        records.append({key: metrics[key] for key in RECORDED if key in metrics} | {"step": args[5]})
         return metrics
 
     train.rl_step = recording
@@ -50,6 +60,24 @@ def record_rl_steps(records: list) -> None:
 
 def statuses(layers) -> list[list[str]]:
     return [sorted({p.ds_status.name for p in layer.parameters()}) for layer in layers]
+
+
+def record_references(built: list) -> None:
+    """Keep every reference train.run builds (it calls ds.build_reference), to inspect it afterwards."""
+    real_build = ds.build_reference
+
+    def recording(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    ds.build_reference = recording
+
+
+def describe_reference(reference) -> dict:
+    params = list(reference.module.parameters())
+    return {"zero_stage": reference.zero_optimization_stage(), "optimizer": type(reference.optimizer).__name__,
+            "statuses": sorted({p.ds_status.name for p in params}), "requires_grad": any(p.requires_grad for p in params),
+            "grads": any(p.grad is not None for p in params), "training": reference.module.training}
 
 
 def main() -> None:
@@ -127,6 +155,44 @@ def main() -> None:
     metrics = train.rl_step(engine, tokenizer, problems, cfg_a, skip, 0, rank, world)
     result["loss_after_error"] = metrics["loss"]
     result["loss_after_error_finite"] = math.isfinite(metrics["loss"])
+
+    # 6. seq_is (capped) + KL to a frozen reference under ZeRO-3 with every parameter partitioned (persistence
+    # threshold 0: the reference engine really fetches and releases each layer). RL starts from run 1's SFT
+    # checkpoint, so the reference is the warmed-up policy and its KL is ~0 at the first step.
+    kl_config = out / "zero3_partitioned.json"
+    run_c = out / "run_c"
+    if rank == 0:
+        partitioned = json.loads(Path(zero3).read_text())
+        partitioned["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        kl_config.write_text(json.dumps(partitioned))
+        shutil.copytree(out / "run_a" / "base_model", run_c / "base_model")
+        shutil.copytree(out / "run_a" / "checkpoints" / "sft_step30", run_c / "checkpoints" / "sft_step30")
+        (run_c / "checkpoints" / "latest").write_text("sft_step30")
+    ds.barrier()
+    # A cap of 1.2 sits inside the spread of sequence ratios this tiny model produces, so truncation happens.
+    kl_overrides = ["train.steps=2", "algorithm.correction=seq_is", "algorithm.is_cap=1.2", "algorithm.kl_coef=0.1"]
+    references: list = []
+    record_references(references)
+    records_a.clear()
+    cfg_c = load_config(None, TINY + kl_overrides + [f"train.output_dir={run_c}"])
+    train.run(cfg_c, str(kl_config), resume="auto")
+    result["steps_kl"] = list(records_a)
+    result["reference_kl"] = describe_reference(references[-1])
+    result["reference_files_kl"] = sorted(p.name for p in (run_c / "checkpoints" / "rl_step1" / "reference").iterdir())
+
+    # 7. Resume that run from its step-1 checkpoint: the reference comes back from the saved partitions.
+    run_d = out / "run_d"
+    if rank == 0:
+        shutil.copytree(run_c / "base_model", run_d / "base_model")
+        shutil.copytree(run_c / "checkpoints" / "rl_step1", run_d / "checkpoints" / "rl_step1")
+        (run_d / "checkpoints" / "latest").write_text("rl_step1")
+    ds.barrier()
+    records_a.clear()
+    cfg_d = load_config(None, TINY + kl_overrides + [f"train.output_dir={run_d}"])
+    train.run(cfg_d, str(kl_config), resume="auto")
+    result["steps_kl_resumed"] = list(records_a)
+    result["reference_kl_resumed"] = describe_reference(references[-1])
+    result["references_built"] = len(references)
 
     (out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
 
