@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 # The fields of the one-line step summary, in order (all metrics still go to JSONL and TensorBoard).
 SUMMARY = (("sft_loss", "sft loss {:.4f}"), ("reward_mean", "reward {:.3f}"), ("accuracy", "acc {:.3f}"), ("loss", "loss {:+.4f}"),
-           ("ratio_mean", "ratio {:.3f}"), ("ess", "ess {:.2f}"), ("kl_behavior_target", "kl {:.4f}"),
+           ("ratio_tok_mean", "ratio {:.3f}"), ("ess", "ess {:.2f}"), ("kl_behavior_k3", "kl(b|t) {:.4f}"),
+           ("kl_ref", "kl(ref) {:.4f}"),
            ("rollout_tokens_per_s", "roll {:.0f} tok/s"), ("time_step_s", "{:.1f}s"))
 
 

@@ -55,6 +55,8 @@ def test_default_recipe_writes_logs_checkpoints_and_metrics(default_run):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "latest").read_text() == f"rl_step{len(rl)}"
     assert "[rl 0]" in proc.stdout + proc.stderr, "one line per step"
+    step_line = next(line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("[rl 0]"))
+    assert all(field in step_line for field in ("reward", "ratio", "ess", "kl(b|t)", "tok/s")), step_line
 
 
 def test_rerun_resumes_without_repeating_warmup(default_run):
