@@ -69,6 +69,10 @@ class DataConfig:
     max_operand: int = 20
     min_steps: int = 1
     max_steps: int = 2
+    # Imperfect demonstrator: this fraction of the synthetic worked solutions (SFT targets only; reference
+    # answers stay true) computes the last step off by one. SFT then imitates the mistake at that rate and RL,
+    # rewarded against the true answer, has a verifiable error to remove, as ReFT does beyond SFT.
+    solution_error_rate: float = 0.0
     # "auto": the tokenizer's chat template when it has one, else the plain template.
     prompt_template: Literal["auto", "plain", "chat"] = "auto"
 
@@ -82,6 +86,8 @@ class DataConfig:
                  f"an integer >= data.min_operand={self.min_operand} >= 0")
         _require(1 <= self.min_steps <= self.max_steps, "data.max_steps", self.max_steps,
                  f"an integer >= data.min_steps={self.min_steps} >= 1")
+        _require(0.0 <= self.solution_error_rate <= 1.0, "data.solution_error_rate", self.solution_error_rate,
+                 "a float in [0, 1]")
 
 
 @dataclass(frozen=True)

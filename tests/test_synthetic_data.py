@@ -27,6 +27,23 @@ def test_train_and_eval_streams_differ():
     assert not {p.question for p in held_out} <= {p.question for p in train}
 
 
+def test_imperfect_demonstrator_errs_at_its_rate_and_keeps_true_answers():
+    knobs = dict(min_operand=1, max_operand=9, min_steps=1, max_steps=2)
+    clean = synthetic_problems(2000, seed=3, **knobs)
+    noisy = synthetic_problems(2000, seed=3, solution_error_rate=0.6, **knobs)
+    assert [p.question for p in noisy] == [p.question for p in clean], "the problems do not depend on the rate"
+    assert [p.answer for p in noisy] == [p.answer for p in clean], "references stay true"
+    wrong = [p for p in noisy if score_batch([p.solution], [p.answer]) == [0.0]]
+    assert 0.55 < len(wrong) / len(noisy) < 0.65
+    for p in wrong:  # off by one in the last step, consistently in the equation and the box
+        *_, last = re.findall(r"=(\d+)\.", p.solution)
+        assert int(last) == int(p.answer) + 1 and p.solution.endswith(f"\\boxed{{{int(p.answer) + 1}}}")
+    train, held_out = problems_from_config(DataConfig(num_problems=50, eval_problems=50, solution_error_rate=1.0),
+                                           seed=0)
+    assert score_batch([p.solution for p in held_out], [p.answer for p in held_out]) == [1.0] * 50
+    assert score_batch([p.solution for p in train], [p.answer for p in train]) == [0.0] * 50
+
+
 def test_bad_knobs_are_rejected():
     with pytest.raises(ValueError, match="operands"):
         synthetic_problems(5, 0, min_operand=10, max_operand=2)

@@ -15,16 +15,21 @@ ITEMS = ("apples", "pens", "cards", "coins", "books", "shells")
 
 
 def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_operand: int = 20,
-                       min_steps: int = 1, max_steps: int = 2) -> list[MathProblem]:
+                       min_steps: int = 1, max_steps: int = 2, solution_error_rate: float = 0.0) -> list[MathProblem]:
     """`count` problems drawn from a generator seeded by `seed` (same seed, same problems, on any machine).
 
     Difficulty: operands in [min_operand, max_operand], between min_steps and max_steps additions or
-    subtractions; a subtraction never takes the count below zero.
+    subtractions; a subtraction never takes the count below zero. `solution_error_rate`: the fraction of worked
+    solutions whose last step is off by one ("7+5=13. \\boxed{13}"), an imperfect demonstrator for the SFT
+    warm-up; `answer` is always the true one. The problems themselves do not depend on it.
     """
     if count < 1 or not 0 <= min_operand <= max_operand or not 1 <= min_steps <= max_steps:
         raise ValueError(f"invalid synthetic task: count={count}, operands=[{min_operand}, {max_operand}], "
                          f"steps=[{min_steps}, {max_steps}]")
+    if not 0.0 <= solution_error_rate <= 1.0:
+        raise ValueError(f"invalid synthetic task: solution_error_rate={solution_error_rate} (expected [0, 1])")
     rng = random.Random(f"nested-reft-synthetic:{seed}")
+    mistakes = random.Random(f"nested-reft-synthetic-mistakes:{seed}")  # separate stream: same problems
     problems = []
     for _ in range(count):
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
@@ -41,6 +46,10 @@ def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_opera
                 work.append(f"{total}-{amount}={total - amount}.")
                 total -= amount
         sentences.append(f"How many {item} does {name} have?")
+        shown = total
+        if mistakes.random() < solution_error_rate:
+            shown = total + 1
+            work[-1] = work[-1][:work[-1].index("=") + 1] + f"{shown}."
         problems.append(MathProblem(question=" ".join(sentences), answer=str(total), source="synthetic",
-                                    solution=" ".join(work) + f" \\boxed{{{total}}}"))
+                                    solution=" ".join(work) + f" \\boxed{{{shown}}}"))
     return problems
