@@ -1,0 +1,212 @@
+"""`nested-reft compare`: the summary math on hand-built records, the job plan, and a --quick grid end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nested_reft_ds import compare
+from nested_reft_ds.compare import ARMS, BASELINE, CompareConfig
+from nested_reft_ds.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "compare_tiny.yaml")
+
+
+def fake_run(step_s: float, rollout_s: float, rollout_tps: float, evals: dict[int, float], steps: int = 4):
+    """Metrics records of a run: `steps` identical RL steps and held-out evaluations {step: accuracy}."""
+    rl = [{"phase": "rl", "step": s, "time_step_s": step_s, "time_rollout_s": rollout_s, "time_reward_s": 0.1,
+           "time_train_s": step_s - rollout_s - 0.1, "rollout_tokens_per_s": rollout_tps, "reward_mean": 0.5,
+           "skip_ratio": 0.0, "ess": 1.0, "kl_behavior_k3": 0.0, "frac_truncated": 0.0, "frac_masked": 0.0}
+          for s in range(steps)]
+    return rl + [{"phase": "eval", "step": s, "accuracy": a} for s, a in evals.items()]
+
+
+# ------------------------------------------------------------------------------------------------ pure math
+
+def test_mean_std_is_over_seeds_with_sample_std():
+    stat = compare.mean_std([0.5, 0.7, 0.9])
+    assert stat["mean"] == pytest.approx(0.7) and stat["std"] == pytest.approx(0.2) and stat["n"] == 3
+    assert compare.mean_std([0.4]) == {"mean": 0.4, "std": None, "n": 1}
+    assert compare.mean_std([None, 2.0, 4.0])["std"] == pytest.approx(2 ** 0.5), "absent values (None) left out"
+    assert compare.mean_std([])["mean"] is None
+    assert compare.fmt(compare.mean_std([0.5, 0.7, 0.9]), 3) == "0.700 ± 0.200"
+    assert compare.fmt(compare.mean_std([1.25]), 2, "x") == "1.25x"
+    assert compare.fmt(compare.mean_std([]), 2) == "–"
+
+
+def test_eval_curve_places_evaluations_at_cumulative_rl_wall_time():
+    records = fake_run(2.0, 1.0, 100.0, {0: 0.1, 2: 0.3, 4: 0.5})
+    records[1]["time_step_s"] = 3.0  # steps take 2, 3, 2, 2 s
+    assert compare.rl_wall_times(records) == {0: 0.0, 1: 2.0, 2: 5.0, 3: 7.0, 4: 9.0}
+    assert compare.eval_curve(records) == ([0, 2, 4], [0.0, 5.0, 9.0], [0.1, 0.3, 0.5])
+    assert compare.interpolate([0.0, 5.0, 9.0], [0.1, 0.3, 0.5], 7.0) == pytest.approx(0.4)
+
+
+def test_run_metrics_are_ratios_of_sums():
+    records = fake_run(2.0, 1.0, 100.0, {0: 0.1, 4: 0.5})
+    records[0].update(time_rollout_s=3.0, rollout_tokens_per_s=300.0, time_step_s=4.0)  # 900 tokens in 3 s
+    metrics = compare.run_metrics(records)
+    tokens = 900 + 3 * 100
+    assert metrics["rollout_tokens_per_s"] == pytest.approx(tokens / (3 + 3 * 1.0))
+    assert metrics["step_tokens_per_s"] == pytest.approx(tokens / (4 + 3 * 2.0))
+    assert metrics["rl_wall_s"] == pytest.approx(10.0) and metrics["rl_steps"] == 4
+    assert (metrics["initial_accuracy"], metrics["final_accuracy"]) == (0.1, 0.5)
+    assert metrics["run_cpu_s"] is None, "no runner record"
+    assert compare.run_metrics(records + [{"phase": "job", "step": None, "wall_s": 20.0, "cpu_s": 12.5}])[
+        "run_cpu_s"] == 12.5
+
+
+def test_summary_equal_time_accuracy_and_paired_speedup():
+    runs = {
+        # seed 1: baseline 2 s/step (wall 8), nested 1.5 s/step (wall 6) -> T* = 6
+        (BASELINE, 1): fake_run(2.0, 1.0, 100.0, {0: 0.1, 2: 0.3, 4: 0.5}),
+        ("skip0.5-token_tis", 1): fake_run(1.5, 0.5, 200.0, {0: 0.1, 2: 0.2, 4: 0.45}),
+        # seed 2: baseline 1 s/step (wall 4), nested 0.5 s/step (wall 2) -> T* = 2
+        (BASELINE, 2): fake_run(1.0, 0.5, 100.0, {0: 0.2, 4: 0.6}),
+        ("skip0.5-token_tis", 2): fake_run(0.5, 0.25, 200.0, {0: 0.2, 4: 0.5}),
+    }
+    summary = compare.summarize(runs)
+    assert summary["equal_time_s"] == {"1": 6.0, "2": 2.0}
+    assert list(summary["arms"]) == [BASELINE, "skip0.5-token_tis"], "table in ARMS order"
+    base, nested = summary["arms"][BASELINE], summary["arms"]["skip0.5-token_tis"]
+    # Baseline at T*: seed 1 between (4 s, 0.3) and (8 s, 0.5) -> 0.4; seed 2 between (0, 0.2) and (4, 0.6) -> 0.4.
+    assert base["accuracy_at_equal_time"]["per_seed"] == pytest.approx({"1": 0.4, "2": 0.4})
+    # The fastest arm of each seed reports its final accuracy.
+    assert nested["accuracy_at_equal_time"]["per_seed"] == pytest.approx({"1": 0.45, "2": 0.5})
+    assert nested["final_accuracy"]["mean"] == pytest.approx(0.475)
+    assert nested["final_accuracy"]["std"] == pytest.approx(0.025 * 2 ** 0.5)
+    # Step tok/s: seed 1 baseline 100 tok / 2 s = 50, nested 100 tok / 1.5 s -> 4/3; seed 2: 50 / 1 vs 50 / 0.5 -> 2.
+    assert nested["speedup"]["per_seed"] == pytest.approx({"1": 4 / 3, "2": 2.0})
+    assert nested["speedup"]["mean"] == pytest.approx(5 / 3)
+    assert base["speedup"]["mean"] == pytest.approx(1.0) and base["speedup"]["std"] == pytest.approx(0.0)
+    table = compare.markdown_table(summary)
+    assert "| skip0.5-token_tis | 0.475 ± 0.035 | 0.475 ± 0.035 |" in table
+    assert "1.67x ± 0.47x" in table
+
+
+def test_moving_mean_is_trailing_with_short_windows_at_the_start():
+    assert compare.moving_mean([1, 2, 3, 4], 2).tolist() == [1.0, 1.5, 2.5, 3.5]
+    assert compare.moving_mean([5, 1], 1).tolist() == [5.0, 1.0]
+
+
+def test_speedup_is_absent_without_a_baseline_run():
+    runs = {("skip0.25-none", 1): fake_run(1.0, 0.5, 100.0, {0: 0.1, 4: 0.2})}
+    stats = compare.summarize(runs)["arms"]["skip0.25-none"]
+    assert stats["speedup"]["mean"] is None and "| – |" in compare.markdown_table(compare.summarize(runs))
+
+
+# ------------------------------------------------------------------------------------------------- grid and plan
+
+def test_grid_has_the_issue_arms():
+    assert BASELINE in ARMS and "adaptive-token_tis" in ARMS
+    assert {f"skip{r}-{c}" for r in (0.25, 0.5) for c in ("none", "token_tis", "seq_mis")} <= set(ARMS)
+    assert len(compare.DEFAULT_SEEDS) >= 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"arms": ("reft", "nope")}, "compare option '--arms' has invalid value 'nope'"),
+    ({"arms": ()}, "'--arms'"),
+    ({"seeds": (1, 1)}, "compare option '--seeds' has invalid value (1, 1)"),
+    ({"parallel": 0}, "compare option '--parallel' has invalid value 0"),
+])
+def test_compare_config_errors_name_option_and_value(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        CompareConfig(**kwargs)
+
+
+def test_every_arm_starts_from_the_same_warmup(tmp_path):
+    """Arms differ only in skip/algorithm (and train.steps vs the SFT-only job): one warm-up serves them all."""
+    sft, arms = compare.plan_jobs(CONFIG, ["train.lr=1e-4"], CompareConfig(seeds=(7, 8), parallel=2), tmp_path)
+    assert set(sft) == {7, 8} and len(arms) == 2 * len(ARMS)
+    for job in arms:
+        warmup, cfg = sft[job.seed].cfg.to_dict(), job.cfg.to_dict()
+        assert warmup["train"]["steps"] == 0 and cfg["train"]["steps"] > 0
+        for section in ("model", "data", "rollout", "reward", "train"):
+            a, b = dict(warmup[section]), dict(cfg[section])
+            if section == "train":
+                for key in ("steps", "output_dir"):
+                    a.pop(key), b.pop(key)
+            assert a == b, (job.arm, section)
+        assert job.cfg.train.seed == job.seed and job.cfg.train.lr == 1e-4 and job.cfg.train.cpu_threads == 1
+        assert job.out_dir == tmp_path / "runs" / job.arm / f"seed{job.seed}"
+    by_arm = {job.arm: job.cfg for job in arms if job.seed == 7}
+    assert by_arm[BASELINE].skip.ratio == 0 and by_arm[BASELINE].algorithm.correction == "none"
+    assert by_arm["skip0.5-seq_mis"].skip.ratio == 0.5 and by_arm["skip0.5-seq_mis"].algorithm.correction == "seq_mis"
+    assert by_arm["adaptive-token_tis"].skip.schedule == "adaptive"
+    assert [job.arm for job in arms if job.seed == 8][0] == list(ARMS)[1], "second seed runs the arms rotated"
+    sft, arms = compare.plan_jobs(CONFIG, [], CompareConfig(quick=True), tmp_path)
+    assert list(sft) == [compare.DEFAULT_SEEDS[0]] and arms[0].cfg.model.num_layers == 4
+
+
+def test_base_config_is_deep_enough():
+    from nested_reft_ds.config import load_config
+    assert load_config(CONFIG).model.num_layers >= 12
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def run_compare(*args):
+    return subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "compare", "--config", CONFIG, *args],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def quick_grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare_quick")
+    proc = run_compare("--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_quick_grid_writes_every_artefact(quick_grid):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.image
+
+    out, _ = quick_grid
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert {r["arm"] for r in records} == set(ARMS) | {compare.SFT_ARM}
+    assert {r["seed"] for r in records} == {compare.DEFAULT_SEEDS[0]}
+    for arm in ARMS:
+        rl = [r for r in records if r["arm"] == arm and r["phase"] == "rl"]
+        assert [r["step"] for r in rl] == [0, 1, 2], arm
+        for key in ("reward_mean", "accuracy", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout_s",
+                    "time_reward_s", "time_train_s", "time_step_s", "ess", "kl_behavior_k3", "frac_truncated",
+                    "frac_masked"):
+            assert key in rl[0], (arm, key)
+        assert [r["step"] for r in records if r["arm"] == arm and r["phase"] == "eval"] == [0, 3], "eval twice"
+        (job,) = [r for r in records if r["arm"] == arm and r["phase"] == "job"]
+        assert 0 < job["cpu_s"] and 0 < job["wall_s"]
+    assert not [r for r in records if r["arm"] != compare.SFT_ARM and r["phase"] == "sft"], "SFT ran once per seed"
+    assert [r for r in records if r["arm"] == compare.SFT_ARM and r["phase"] == "sft"]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["arms"]) == list(ARMS)
+    assert summary["arms"][BASELINE]["speedup"]["mean"] == pytest.approx(1.0)
+    assert summary["arms"][BASELINE]["run_cpu_s"]["mean"] > 0
+    assert summary["meta"]["rl_steps"] == 3 and "--quick" in summary["meta"]["command"]
+    table = (out / "summary.md").read_text()
+    for arm in ARMS:
+        assert f"| {arm} |" in table
+    for name in compare.PLOTS:
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0, name
+
+
+def test_rerun_reuses_finished_runs(quick_grid):
+    out, _ = quick_grid
+    proc = run_compare("--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"0 run(s) to do, {len(ARMS)} arm run(s) reused" in proc.stdout
+
+
+def test_bad_option_is_one_line_and_exit_code_2(tmp_path, capsys):
+    assert compare.main(["--config", CONFIG, "--out", str(tmp_path), "--arms", "reft", "typo"]) == 2
+    assert "'--arms' has invalid value 'typo'" in capsys.readouterr().err
+    assert compare.main(["--config", CONFIG, "--out", str(tmp_path), "--set", "rollout.group_size=1"]) == 2
+    assert "'rollout.group_size' has invalid value 1" in capsys.readouterr().err
+    assert compare.main(["--out", str(tmp_path), "--report-only"]) == 2
+    assert "runs.jsonl' does not exist" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "nothing half-started"
