@@ -1,8 +1,11 @@
-"""`nested-reft bench`: rollout throughput of the nested behaviour model vs the full target, in one run.
+"""`nested-reft bench [nested]`: rollout throughput of the nested behaviour model vs the full target, in one run.
 
 Prints a table of generated tokens/s per skip ratio and the speed-up ratio over ratio 0 (the ReFT baseline).
 Ratios, not absolute numbers, are what carry across machines: the same prompts, lengths and model are used
-for every row, rows are interleaved over repeats, and the median is reported.
+for every row, rows are interleaved over repeats, and the median is reported. One process, no DeepSpeed;
+`nested-reft bench rollout` (bench_rollout.py) measures the same under ZeRO-3 on 2 ranks.
+
+The helpers below (arguments, embedded model, fixed-length decoding, ideal speed-up) are shared by both.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,38 +21,65 @@ from .config import ModelConfig
 from .data import synthetic_problems
 from .data.templates import format_prompt
 from .model import build_tiny_model, load_model_and_tokenizer
-from .nested import sample_skip_plan
+from .nested import SkipPlan, sample_skip_plan
 from .rollout import generate
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_model_arguments(parser: argparse.ArgumentParser, *, layers: int, hidden_size: int, batch_size: int,
+                        new_tokens: int, repeats: int) -> argparse.ArgumentParser:
+    """Options every rollout benchmark takes: the model, the skip ratios and the decode workload."""
     parser.add_argument("--model", help="HF checkpoint directory (default: an embedded model, see --layers)")
-    parser.add_argument("--layers", type=int, default=12, help="decoder layers of the embedded model")
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--ratios", default="0,0.25,0.5", help="comma-separated skip ratios")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=layers, help="decoder layers of the embedded model")
+    parser.add_argument("--hidden-size", type=int, default=hidden_size, help="hidden size of the embedded model")
+    parser.add_argument("--ratios", default="0,0.25,0.5", help="comma-separated skip ratios; the first is the "
+                                                             "baseline the speed-ups are measured against")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="prompts per rollout (per rank)")
+    parser.add_argument("--new-tokens", type=int, default=new_tokens, help="tokens decoded per prompt (EOS ignored)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats per row (median reported)")
+    return parser
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_model_arguments(parser, layers=12, hidden_size=128, batch_size=32, new_tokens=64, repeats=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     return parser
 
 
+def parse_ratios(text: str) -> list[float]:
+    return [float(r) for r in text.split(",")]
+
+
+def model_path(args: argparse.Namespace, out_dir: str | Path) -> Path:
+    """`--model`, or the embedded model of `--layers` x `--hidden-size` written to `out_dir` (seed 0)."""
+    if args.model is not None:
+        return Path(args.model)
+    return build_tiny_model(ModelConfig(num_layers=args.layers, hidden_size=args.hidden_size,
+                                        intermediate_size=3 * args.hidden_size), out_dir, seed=0)
+
+
+def fixed_length(new_tokens: int, pad_token_id: int) -> dict:
+    """`rollout.generate` arguments for a decode of exactly `new_tokens` per row (EOS never ends it), so every
+    row of a benchmark does the same work."""
+    return dict(max_new_tokens=new_tokens, eos_token_id=-1, pad_token_id=pad_token_id)
+
+
+def ideal_speedup(full: SkipPlan, plan: SkipPlan) -> float:
+    """1 / (1 - s) for the layer fraction s that `plan` skips beyond `full`: layers run, full ÷ nested."""
+    return len(full.kept) / len(plan.kept)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
-    path = args.model
-    if path is None:
-        path = build_tiny_model(ModelConfig(num_layers=args.layers, hidden_size=args.hidden_size,
-                                            intermediate_size=3 * args.hidden_size), tempfile.mkdtemp(), seed=0)
+    path = model_path(args, tempfile.mkdtemp())
     model, tokenizer = load_model_and_tokenizer(path, dtype=dtype)
     model.to(args.device).eval()
     problems = synthetic_problems(args.batch_size, seed=0)
     enc = tokenizer([format_prompt(p.question, tokenizer) for p in problems], padding=True, return_tensors="pt")
     ids, mask = enc.input_ids.to(args.device), enc.attention_mask.to(args.device)
     num_layers = model.config.num_hidden_layers
-    ratios = [float(r) for r in args.ratios.split(",")]
-    # A fixed-length decode (EOS never ends it) so every row does the same work.
-    never = -1
+    ratios = parse_ratios(args.ratios)
+    decode = fixed_length(args.new_tokens, tokenizer.pad_token_id)
     samples: dict[float, list[float]] = {r: [] for r in ratios}
     for repeat in range(args.repeats + 1):
         for ratio in ratios:
@@ -56,8 +87,7 @@ def run_bench(args: argparse.Namespace) -> int:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            generate(model, ids, mask, plan, max_new_tokens=args.new_tokens, eos_token_id=never,
-                     pad_token_id=tokenizer.pad_token_id, generator=torch.Generator(args.device).manual_seed(repeat))
+            generate(model, ids, mask, plan, generator=torch.Generator(args.device).manual_seed(repeat), **decode)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             if repeat:  # repeat 0 warms up
@@ -65,9 +95,12 @@ def run_bench(args: argparse.Namespace) -> int:
     base = statistics.median(samples[ratios[0]])
     print(f"model {path} | {num_layers} layers | batch {args.batch_size} x {args.new_tokens} new tokens | "
           f"{args.device} {args.dtype} | median of {args.repeats}")
-    print(f"{'skip ratio':>10} {'layers run':>10} {'tokens/s':>10} {'speed-up':>9}")
+    print(f"{'skip ratio':>10} {'layers run':>10} {'tokens/s':>10} {'speed-up':>9} {'of ideal':>8}")
+    full = sample_skip_plan(num_layers, ratios[0], 0, 0)
     for ratio in ratios:
-        kept = num_layers - len(sample_skip_plan(num_layers, ratio, 0, 0).skipped)
-        rate = statistics.median(samples[ratio])
-        print(f"{ratio:>10.2f} {kept:>10d} {rate:>10.0f} {rate / base:>8.2f}x")
+        plan = sample_skip_plan(num_layers, ratio, 0, 0)
+        speedup = statistics.median(samples[ratio]) / base
+        print(f"{ratio:>10.2f} {len(plan.kept):>10d} {base * speedup:>10.0f} {speedup:>8.2f}x "
+              f"{speedup / ideal_speedup(full, plan):>8.2f}")
+    print("of ideal = speed-up / (layers run at the first ratio / layers run); 1.00 = time proportional to layers")
     return 0

@@ -58,11 +58,19 @@ def test_every_yaml_recipe_in_configs_loads():
         load_config(path)
 
 
-def test_bench_prints_a_row_per_ratio_with_speedups():
-    proc = run_cli("bench", "--layers", "4", "--hidden-size", "32", "--ratios", "0,0.5", "--batch-size", "4",
+@pytest.mark.parametrize("kind", [[], ["nested"]], ids=["bench", "bench-nested"])
+def test_bench_prints_a_row_per_ratio_with_speedups(kind):
+    """`nested-reft bench` is `nested-reft bench nested` (the ZeRO-3 one, `bench rollout`: test_bench_rollout.py)."""
+    proc = run_cli("bench", *kind, "--layers", "4", "--hidden-size", "32", "--ratios", "0,0.5", "--batch-size", "4",
                    "--new-tokens", "8", "--repeats", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith(("0.00", "0.50"))]
     assert [row[0] for row in rows] == ["0.00", "0.50"]
     assert [row[1] for row in rows] == ["4", "2"], "layers run: all 4, then 2 with half skipped"
-    assert rows[0][3] == "1.00x" and float(rows[1][3].rstrip("x")) > 0
+    assert rows[0][3:] == ["1.00x", "1.00"] and float(rows[1][3].rstrip("x")) > 0
+    assert float(rows[1][4]) == pytest.approx(float(rows[1][3].rstrip("x")) / 2, abs=0.01), "of ideal: ideal is 2x"
+
+
+def test_bench_rollout_rejects_unknown_modes():
+    proc = run_cli("bench", "rollout", "--modes", "once,fast")
+    assert proc.returncode == 2 and "unknown mode(s) ['fast']" in proc.stderr, proc.stderr[-2000:]
