@@ -18,7 +18,9 @@ Where this departs from the Nested-ReFT paper, and why:
   layer choice), not broadcast from rank 0: no communication, and
   resume reproduces it; agreement is still verified by a collective check each step.
 - The embedded default starts from a randomly initialised tiny model, so an SFT warm-up (`train.sft_steps`)
-  precedes RL to give it non-zero reward; a pretrained `model.path` sets sft_steps to 0.
+  precedes RL to give it non-zero reward; a pretrained `model.path` sets sft_steps to 0. The warm-up uses
+  LayerDrop (`train.sft_layer_drop`): a model trained from scratch without it is no usable behaviour policy
+  once layers are skipped, where pretrained LLMs tolerate skipping middle layers. Its lr decays to the RL lr.
 - The KL reference (`algorithm.kl_coef > 0`) is the policy as RL starts: after the SFT warm-up, or as loaded
   when there is none, rather than the pretrained base model (with a warm-up that is the model RL refines).
   It sees the full model (no skipping) and is scored at the rollout temperature, like pi_theta. It is frozen;
