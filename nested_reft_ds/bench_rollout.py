@@ -45,7 +45,6 @@ import argparse
 import ctypes
 import importlib.metadata
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -60,7 +59,7 @@ from typing import Iterator
 import psutil
 import torch
 
-from .bench import add_model_arguments, fixed_length, ideal_speedup, model_path, parse_ratios
+from .bench import add_model_arguments, cpu_name, fixed_length, ideal_speedup, model_path, parse_ratios
 
 MODES = ("naive", "hf", "once", "streamed")
 HOOKS_ON = ("naive", "hf")  # modes that call engine.module with ZeRO-3's hooks and its training coordinator
@@ -177,11 +176,7 @@ def machine(module: torch.nn.Module) -> str:
     if dev.type == "cuda":
         where = f"GPU {torch.cuda.get_device_name(dev)}, nccl"
     else:
-        cpuinfo = Path("/proc/cpuinfo")
-        lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                   platform.processor())
-        where = (f"CPU {cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU, "
+        where = (f"CPU {cpu_name()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU, "
                  f"gloo, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("torch", "deepspeed", "transformers"))
     return f"{where}; {str(next(module.parameters()).dtype).removeprefix('torch.')}; {versions}"

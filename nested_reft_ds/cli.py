@@ -17,8 +17,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import bench, bench_rollout, evaluate, train
-    from . import compare
+    from . import bench, bench_rollout, compare, evaluate, train
 
     parser = argparse.ArgumentParser(prog="nested-reft", description="Nested-ReFT on DeepSpeed")
     commands = parser.add_subparsers(dest="command", required=True)

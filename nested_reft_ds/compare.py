@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -467,12 +466,9 @@ def load_runs(path: Path) -> dict[tuple[str, int], list[dict]]:
 
 def machine() -> str:
     import torch
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, "
+
+    from .bench import cpu_name
+    return (f"{cpu_name()}, {os.cpu_count()} logical CPUs, "
             f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}")
 
 
