@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .data import synthetic_problems
 from .data.templates import format_prompt
 from .model import build_tiny_model, load_model_and_tokenizer
-from .nested import SkipPlan, sample_skip_plan
+from .nested import SkipPlan, parse_skip_ratios, sample_skip_plan
 from .rollout import generate
 
 
@@ -32,8 +32,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, layers: int, hidden_
     parser.add_argument("--model", help="HF checkpoint directory (default: an embedded model, see --layers)")
     parser.add_argument("--layers", type=int, default=layers, help="decoder layers of the embedded model")
     parser.add_argument("--hidden-size", type=int, default=hidden_size, help="hidden size of the embedded model")
-    parser.add_argument("--ratios", default="0,0.25,0.5", help="comma-separated skip ratios; the first is the "
-                                                             "baseline the speed-ups are measured against")
+    parser.add_argument("--ratios", type=skip_ratios_argument, default="0,0.25,0.5",
+                        help="comma-separated skip ratios; the first is the baseline the speed-ups are measured against")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="prompts per rollout (per rank)")
     parser.add_argument("--new-tokens", type=int, default=new_tokens, help="tokens decoded per prompt (EOS ignored)")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats per row (median reported)")
@@ -55,8 +55,12 @@ def cpu_name() -> str:
                 platform.processor() or platform.machine())
 
 
-def parse_ratios(text: str) -> list[float]:
-    return [float(r) for r in text.split(",")]
+def skip_ratios_argument(text: str) -> list[float]:
+    """argparse `type` for --ratios: the validated list, or a usage error naming the bad entry."""
+    try:
+        return parse_skip_ratios(text, "--ratios")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def model_path(args: argparse.Namespace, out_dir: str | Path) -> Path:
@@ -87,7 +91,7 @@ def run_bench(args: argparse.Namespace) -> int:
     enc = tokenizer([format_prompt(p.question, tokenizer) for p in problems], padding=True, return_tensors="pt")
     ids, mask = enc.input_ids.to(args.device), enc.attention_mask.to(args.device)
     num_layers = model.config.num_hidden_layers
-    ratios = parse_ratios(args.ratios)
+    ratios = args.ratios
     decode = fixed_length(args.new_tokens, tokenizer.pad_token_id)
     samples: dict[float, list[float]] = {r: [] for r in ratios}
     for repeat in range(args.repeats + 1):

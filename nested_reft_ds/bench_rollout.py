@@ -59,7 +59,7 @@ from typing import Iterator
 import psutil
 import torch
 
-from .bench import add_model_arguments, cpu_name, fixed_length, ideal_speedup, model_path, parse_ratios
+from .bench import add_model_arguments, cpu_name, fixed_length, ideal_speedup, model_path
 
 MODES = ("naive", "hf", "once", "streamed")
 HOOKS_ON = ("naive", "hf")  # modes that call engine.module with ZeRO-3's hooks and its training coordinator
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     ids = ids.to(ds.device())
     mask = torch.ones_like(ids)
     pad = module.config.pad_token_id if module.config.pad_token_id is not None else 0
-    ratios, modes = parse_ratios(args.ratios), args.modes.split(",")
+    ratios, modes = args.ratios, args.modes.split(",")
     plans = {ratio: sample_skip_plan(num_layers, ratio, step=0, seed=0) for ratio in ratios}
     cases = [(mode, ratio) for ratio in ratios for mode in modes]
 

@@ -38,7 +38,7 @@ import torch
 from .data import MathProblem, synthetic_problems
 from .data.sources import BUILTIN_SOURCES, load_problems
 from .data.templates import INSTRUCTION, check_template, format_prompt
-from .nested import SkipPlan, sample_skip_plan
+from .nested import SkipPlan, parse_skip_ratios, sample_skip_plan
 from .reward import DEFAULT_REL_TOL, DEFAULT_TIMEOUT, Outcome, VerifierPool, compare_answers, score_batch_with_stats
 from .rl import token_logprobs
 from .rollout import generate, position_ids_from_mask
@@ -434,16 +434,6 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _skip_ratios(text: str) -> list[float]:
-    try:
-        ratios = [float(r) for r in text.split(",") if r.strip()]
-    except ValueError as error:
-        raise ValueError(f"--skip-ratios must be comma-separated numbers, got {text!r}") from error
-    if not ratios or any(not 0 <= r < 1 for r in ratios):
-        raise ValueError(f"--skip-ratios must be numbers in [0, 1), got {text!r}")
-    return ratios
-
-
 def _distributed_context():
     """(rank, world, collectives module or None). A process started by a launcher (WORLD_SIZE > 1 in the
     environment) joins the process group; a plain process stays single and never imports deepspeed."""
@@ -519,7 +509,7 @@ def _run_eval(args: argparse.Namespace, rank: int, world: int, ds) -> int:
                                       seed=args.seed)
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        ratios = _skip_ratios(args.skip_ratios)
+        ratios = parse_skip_ratios(args.skip_ratios, "--skip-ratios")
         benchmarks = [benchmark_problems(spec, data_dir=args.data_dir, split=args.split, limit=args.limit,
                                          seed=args.seed) for spec in args.benchmarks.split(",") if spec.strip()]
         if not benchmarks:

@@ -74,3 +74,12 @@ def test_bench_prints_a_row_per_ratio_with_speedups(kind):
 def test_bench_rollout_rejects_unknown_modes():
     proc = run_cli("bench", "rollout", "--modes", "once,fast")
     assert proc.returncode == 2 and "unknown mode(s) ['fast']" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind, ratios, message", [
+    ([], "0,0.25,x", "--ratios: 'x' in '0,0.25,x' is not a number"),
+    (["rollout"], "0,1.0", "--ratios: skip ratio 1.0 in '0,1.0' is outside [0, 1)"),
+])
+def test_bench_rejects_bad_ratios_before_building_anything(kind, ratios, message):
+    proc = run_cli("bench", *kind, "--ratios", ratios)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]

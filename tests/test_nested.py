@@ -1,4 +1,5 @@
 """Skip plans and the nested view: pure functions, and equality with a physically smaller model."""
+import re
 import sys
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from nested_reft_ds.model import load_model_and_tokenizer
-from nested_reft_ds.nested import SkipPlan, nested_view, sample_skip_plan, scheduled_ratio
+from nested_reft_ds.nested import SkipPlan, nested_view, parse_skip_ratios, sample_skip_plan, scheduled_ratio
 from nested_reft_ds.rollout import position_ids_from_mask
 
 
@@ -150,3 +151,11 @@ def test_scheduler_rejects_ratio_that_cannot_fit():
         SkipScheduler(SkipConfig(ratio=0.25, schedule="adaptive", ratio_max=0.9, target_ess=0.8), 4, 0)
     with pytest.raises(ConfigError, match="at least one target"):
         SkipConfig(schedule="adaptive")
+
+
+def test_parse_skip_ratios_validates_every_entry():
+    assert parse_skip_ratios("0, 0.25,0.5") == [0.0, 0.25, 0.5]
+    for text, message in [("0,,0.5", "'' in '0,,0.5' is not a number"), ("0.9,1", "skip ratio 1.0"),
+                          ("-0.1", "skip ratio -0.1"), ("", "not a number")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_skip_ratios(text, "--skip-ratios")

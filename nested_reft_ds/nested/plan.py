@@ -40,6 +40,20 @@ class SkipPlan:
         return int.from_bytes(digest[:8], "little") >> 2
 
 
+def parse_skip_ratios(text: str, option: str = "skip ratios") -> list[float]:
+    """Comma-separated skip ratios ("0,0.25,0.5"), each in [0, 1); ValueError naming `option` and the bad entry."""
+    ratios = []
+    for entry in (part.strip() for part in text.split(",")):
+        try:
+            ratio = float(entry)
+        except ValueError:
+            raise ValueError(f"{option}: {entry!r} in {text!r} is not a number") from None
+        if not 0 <= ratio < 1:
+            raise ValueError(f"{option}: skip ratio {ratio} in {text!r} is outside [0, 1)")
+        ratios.append(ratio)
+    return ratios
+
+
 def num_skipped(num_layers: int, ratio: float, protect_first: int, protect_last: int) -> int:
     """round(ratio * num_layers), checked against the number of unprotected layers."""
     candidates = num_layers - protect_first - protect_last
