@@ -9,7 +9,6 @@ import math
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

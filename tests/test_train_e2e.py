@@ -75,5 +75,5 @@ def test_rerun_resumes_without_repeating_warmup(default_run):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rl = records(out, "rl")
     assert [r["step"] for r in rl[done:]] == [done, done + 1]
-    assert f"resume at sft" in proc.stdout + proc.stderr
+    assert "resume at sft" in proc.stdout + proc.stderr
     assert not any("[sft" in line for line in (proc.stdout + proc.stderr).splitlines())

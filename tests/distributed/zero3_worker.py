@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 import nested_reft_ds.train as train
 from nested_reft_ds import engine as ds
