@@ -221,8 +221,9 @@ class TrainConfig:
     sft_layer_drop: float = 0.0
     save_every: int = 0
     output_dir: str = "runs/tiny_arith"
-    # torch intra-op CPU threads per rank (null: torch's default). Tiny models decode fastest on 1 thread:
-    # thread synchronisation costs more than their matmuls, and ranks sharing a CPU must not oversubscribe it.
+    # torch intra-op CPU threads per rank (null: torch's default), capped at cores / ranks on the machine so ranks
+    # sharing a CPU do not oversubscribe it. Tiny models decode fastest on 1 thread (synchronisation costs more
+    # than their matmuls) but train ~2x faster on 2 (measured: the default's SFT step 0.44 s -> 0.20 s).
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:

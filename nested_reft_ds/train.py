@@ -301,7 +301,7 @@ def start_reference(engine, cfg: ExperimentConfig, ds_config: dict, model_dir: P
 def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[str, float]:
     """Train per `cfg`; returns summary numbers (reward and accuracy before/after). Collective."""
     if cfg.train.cpu_threads is not None:
-        torch.set_num_threads(cfg.train.cpu_threads)
+        torch.set_num_threads(ds.cpu_threads_per_rank(cfg.train.cpu_threads))
     rank, world = ds.init_distributed()
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)

@@ -50,3 +50,20 @@ def test_every_shipped_ds_config_fills():
     for path in sorted(DS_CONFIGS.glob("*.json")):
         filled = fill_ds_config(load_ds_config(path, cfg), cfg, 1)
         assert "auto" not in json.dumps(filled), path
+
+
+@pytest.mark.parametrize("env, cores, requested, expected", [
+    ({}, 2, 2, 2),                             # a single process may use both cores
+    ({"LOCAL_SIZE": "2"}, 2, 2, 1),            # deepspeed launcher, 2 ranks on 2 cores: one thread each
+    ({"LOCAL_WORLD_SIZE": "4"}, 16, 8, 4),     # torchrun, 4 ranks on 16 cores
+    ({"LOCAL_WORLD_SIZE": "4"}, 2, 1, 1),      # never below one thread
+])
+def test_cpu_threads_are_capped_by_the_ranks_sharing_the_machine(monkeypatch, env, cores, requested, expected):
+    from nested_reft_ds.engine import cpu_threads_per_rank
+
+    for key in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert cpu_threads_per_rank(requested) == expected

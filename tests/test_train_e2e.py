@@ -1,6 +1,6 @@
 """The README's main job, end to end: `nested-reft train --config configs/tiny_arith.yaml` (single process,
-DeepSpeed engine with world size 1) warms up, runs Nested-ReFT with a usable behaviour model, writes every
-artefact, and resumes."""
+DeepSpeed engine with world size 1) warms up, runs Nested-ReFT with a usable behaviour model that raises the
+mean reward, writes every artefact, and resumes."""
 import json
 import subprocess
 import sys
@@ -39,16 +39,19 @@ def test_default_recipe_trains_a_usable_nested_behaviour_model(default_run):
     reward_last = sum(r["reward_mean"] for r in rl[-quarter:]) / quarter
     print(f"mean reward, first quarter of RL steps {reward_first:.3f} -> last quarter {reward_last:.3f}; "
           f"held-out greedy accuracy {evals[0]['accuracy']:.3f} -> {evals[-1]['accuracy']:.3f}")
-    assert "summary: accuracy_before" in proc.stdout + proc.stderr
+    assert "summary: accuracy_before" in proc.stdout + proc.stderr and "reward_second_half" in proc.stdout + proc.stderr
     # The warm-up teaches the task (a random init scores 0) and LayerDrop makes the nested model a usable
     # behaviour policy: without it, skipping 2 of 6 layers gave KL(behaviour||target) ~1.0 and reward ~0.08.
-    assert evals[0]["accuracy"] > 0.3 and reward_first > 0.1
+    assert evals[0]["accuracy"] > 0.6 and reward_first > 0.4
     assert sum(r["kl_behavior_k3"] for r in rl) / len(rl) < 0.1
     assert sum(r["ess"] for r in rl) / len(rl) > 0.9
     sft = records(out, "sft")
     assert {r["sft_skipped"] for r in sft[1::2]} == {2} and {r["sft_skipped"] for r in sft[0::2]} == {0}
-    # RL at the recipe's lr keeps what the warm-up taught (it does not raise it yet: see the README).
-    assert evals[-1]["accuracy"] > 0.5 * evals[0]["accuracy"] and reward_last > 0.5 * reward_first
+    # RL raises the mean reward: the warm-up imitates the demonstrator's off-by-one mistake (30% of its
+    # solutions), and the verifier's reward is what teaches the policy to drop it. Measured: +0.078 from the
+    # first to the last quarter (per-step batch noise ~0.05, so a quarter's mean is good to ~0.01).
+    assert reward_last > reward_first + 0.03
+    assert evals[-1]["accuracy"] >= evals[0]["accuracy"]
 
 
 def test_default_recipe_writes_logs_checkpoints_and_metrics(default_run):

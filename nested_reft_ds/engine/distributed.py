@@ -20,6 +20,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_threads_per_rank(requested: int) -> int:
+    """`requested` intra-op threads, capped so the ranks on this machine do not oversubscribe its cores (the
+    deepspeed launcher exports LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE): oversubscribed, each rank's threads spin
+    waiting for each other and a 2-rank run on 2 cores ran about 3x slower."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    return max(1, min(requested, (os.cpu_count() or 1) // max(local_ranks, 1)))
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or, for a plain single process, create) the process group; returns (rank, world_size).
 
