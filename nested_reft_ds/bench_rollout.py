@@ -85,7 +85,9 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
     for action in add_rollout_arguments(argparse.ArgumentParser())._actions:
         value = getattr(args, action.dest, None)
         if action.option_strings and action.dest != "help" and value is not None:
-            argv += [action.option_strings[0], str(value)]
+            # Parsed lists (--ratios) go back in the comma-separated form their `type` reads.
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            argv += [action.option_strings[0], text]
     return argv
 
 
