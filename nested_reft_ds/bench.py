@@ -33,7 +33,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, layers: int, hidden_
     parser.add_argument("--layers", type=int, default=layers, help="decoder layers of the embedded model")
     parser.add_argument("--hidden-size", type=int, default=hidden_size, help="hidden size of the embedded model")
     parser.add_argument("--ratios", type=skip_ratios_argument, default="0,0.25,0.5",
-                        help="comma-separated skip ratios; the first is the baseline the speed-ups are measured against")
+                        help="comma-separated skip ratios; the first is the baseline the speed-ups are "
+                             "measured against")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="prompts per rollout (per rank)")
     parser.add_argument("--new-tokens", type=int, default=new_tokens, help="tokens decoded per prompt (EOS ignored)")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats per row (median reported)")

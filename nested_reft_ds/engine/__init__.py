@@ -9,6 +9,6 @@ from .setup import build_engine, load_model_for_engine, loss_scale_for_engine, s
 
 __all__ = ["all_reduce_sum", "barrier", "batch_layout", "build_engine", "build_reference", "check_same_plan",
            "consolidated_state_dict", "cpu_threads_per_rank", "device", "export_hf_model", "fill_ds_config",
-           "has_saved_reference", "init_distributed", "kept_parameters", "latest_tag", "load_checkpoint", "load_ds_config",
-           "load_model_for_engine", "loss_scale_for_engine", "reduce_metrics", "save_checkpoint", "save_reference",
-           "set_learning_rate", "shutdown_distributed", "skip_aware_gather"]
+           "has_saved_reference", "init_distributed", "kept_parameters", "latest_tag", "load_checkpoint",
+           "load_ds_config", "load_model_for_engine", "loss_scale_for_engine", "reduce_metrics", "save_checkpoint",
+           "save_reference", "set_learning_rate", "shutdown_distributed", "skip_aware_gather"]

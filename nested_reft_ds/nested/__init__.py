@@ -4,5 +4,4 @@ from .schedule import SkipScheduler
 from .view import decoder_layers, nested_view
 
 __all__ = ["SkipPlan", "SkipScheduler", "decoder_layers", "nested_view", "num_skipped", "parse_skip_ratios",
-           "sample_skip_plan",
-           "scheduled_ratio"]
+           "sample_skip_plan", "scheduled_ratio"]
