@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     from . import engine as ds
     from .config import load_config
     from .engine import comm_stats
-    from .engine.gather import gather_bytes, kept_parameters, lockstep_done, lockstep_for, skip_aware_gather
+    from .engine.gather import gather_bytes, kept_parameters, lockstep_done, skip_aware_gather
     from .model import select_attn_implementation
     from .nested import decoder_layers, nested_view, sample_skip_plan
     from .rollout import generate
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
             with skip_aware_gather(engine, plan, mode) as gathered:
                 if mode == "once":
                     gathered_at = time.perf_counter()
-                generate(gathered, ids, mask, plan, all_ranks_done=lockstep_for(gathered), **decode)
+                generate(gathered, ids, mask, plan, **decode)
         if ids.is_cuda:
             torch.cuda.synchronize()
         return gathered_at

@@ -100,8 +100,13 @@ class RolloutConfig:
     top_p: float = 1.0
     # ZeRO-3 parameter handling during generation (see nested_reft_ds.engine.gather).
     gather: Literal["once", "streamed", "auto"] = "once"
+    # "auto" gathers once when the kept layers take at most this fraction of the smallest free device memory
+    # over ranks (gather-once holds them next to the KV cache and activations), else it streams.
+    gather_memory_fraction: float = 0.5
 
     def __post_init__(self) -> None:
+        _require(0 < self.gather_memory_fraction <= 1, "rollout.gather_memory_fraction",
+                 self.gather_memory_fraction, "a float in (0, 1]")
         _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "an integer >= 1")
         _require(self.group_size >= 2, "rollout.group_size", self.group_size,
                  "an integer >= 2 (group-relative advantages need at least two samples)")
@@ -220,6 +225,9 @@ class TrainConfig:
     # without this does not, and its nested behaviour model would sample almost nothing correct. 0 disables.
     sft_layer_drop: float = 0.0
     save_every: int = 0
+    # Committed checkpoints kept in <output_dir>/checkpoints, newest by commit order (0: keep all). Older ones are
+    # removed only after a newer one is committed; the one `latest` names is never removed.
+    keep_checkpoints: int = 3
     output_dir: str = "runs/tiny_arith"
     # torch intra-op CPU threads per rank (null: torch's default), capped at cores / ranks on the machine so ranks
     # sharing a CPU do not oversubscribe it. Tiny models decode fastest on 1 thread (synchronisation costs more
@@ -231,7 +239,7 @@ class TrainConfig:
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, "an integer >= 1")
         _require(self.steps + self.sft_steps >= 1, "train.steps", self.steps,
                  f"an integer >= 1 (0 only with train.sft_steps >= 1: SFT only; sft_steps is {self.sft_steps})")
-        for key in ("steps", "warmup_steps", "sft_steps", "save_every"):
+        for key in ("steps", "warmup_steps", "sft_steps", "save_every", "keep_checkpoints"):
             _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "an integer >= 0")
         _require(0.0 <= self.sft_layer_drop < 1.0, "train.sft_layer_drop", self.sft_layer_drop,
                  "a float in [0, 1)")

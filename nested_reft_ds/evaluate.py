@@ -31,7 +31,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -217,18 +218,21 @@ class _Generated:
     kl_tokens: int = 0
 
 
-def _target_logprobs(model, rollout, temperature: float, rows_per_forward: int) -> torch.Tensor:
-    """Log-probs [B, T] of the sampled completion tokens under the full `model`, at the sampling temperature;
-    a few rows per forward so the [rows, T, V] logits stay small."""
-    new_tokens = rollout.completions.shape[1]
+def _target_logprobs(model, rollout, temperature: float, forwards: int) -> torch.Tensor:
+    """Log-probs [B, T] of the sampled completion tokens under the full `model`, at the sampling temperature, in
+    exactly `forwards` forward passes (so the [rows, T, V] logits stay small, and so that ranks whose forwards are
+    collective run the same number whatever their row count: a pass left without rows scores row 0, discarded)."""
+    new_tokens, num_rows = rollout.completions.shape[1], rollout.sequences.shape[0]
+    per_forward = max(1, -(-num_rows // forwards))
     chunks = []
-    for start in range(0, rollout.sequences.shape[0], rows_per_forward):
-        rows = slice(start, start + rows_per_forward)
+    for start in range(0, per_forward * forwards, per_forward):
+        rows = slice(start, min(start + per_forward, num_rows)) if start < num_rows else slice(0, 1)
         mask = rollout.attention_mask[rows]
         logits = model(input_ids=rollout.sequences[rows], attention_mask=mask,
                        position_ids=position_ids_from_mask(mask), use_cache=False,
                        logits_to_keep=new_tokens + 1).logits  # positions P-1 .. P+T-1
-        chunks.append(token_logprobs(logits[:, :-1], rollout.completions[rows], temperature))
+        if start < num_rows:
+            chunks.append(token_logprobs(logits[:, :-1], rollout.completions[rows], temperature))
     return torch.cat(chunks)
 
 
@@ -251,11 +255,29 @@ def generation_chunks(prompt_lengths: Sequence[int], samples: int, batch_size: i
     return [order[start:start + per_chunk] for start in range(0, len(order), per_chunk)]
 
 
+# How a model is made ready to run with a skip plan: `decoding(plan)` is a context manager yielding the module
+# to call (a plain model: itself; a ZeRO-3 engine: `engine.skip_aware_gather(engine, plan, mode)`).
+Decoding = Callable[[SkipPlan], AbstractContextManager]
+
+# Rows per scoring forward of the full model (measure_kl); with a `decoding`, counted at the largest batch.
+SCORING_ROWS = 4
+
+
+def plain_decoding(model) -> Decoding:
+    return lambda plan: nullcontext(model)
+
+
 def _generate_completions(model, tokenizer, prompts: list[str], settings: GenerationSettings, plan,
-                          device: torch.device, measure_kl: bool = False, seed: int | None = None) -> _Generated:
+                          device: torch.device, measure_kl: bool = False, seed: int | None = None,
+                          decoding: Decoding | None = None) -> _Generated:
     """Sample one completion per prompt with `plan`, in order, `settings.batch_size` prompts per generate()
     call, from one generator seeded with `seed` (default `settings.seed`); with `measure_kl`, also score the
-    sampled tokens under the full model (behaviour-target KL of the nested model)."""
+    sampled tokens under the full model (behaviour-target KL of the nested model). `decoding` (default: the
+    plain `model`) prepares the model for each plan; every call runs the same number of forwards outside
+    `generate` for the same `settings`, so ranks whose forwards are collective stay in step."""
+    balanced = decoding is not None  # forwards may be collective: a fixed number of scoring passes per batch
+    decoding = decoding or plain_decoding(model)
+    full_plan = SkipPlan(plan.num_layers)
     out = _Generated(texts=[], tokens=[], truncated=[], seconds=0.0)
     generator = torch.Generator(device=device).manual_seed(settings.seed if seed is None else seed)
     eos_id = tokenizer.eos_token_id
@@ -263,16 +285,18 @@ def _generate_completions(model, tokenizer, prompts: list[str], settings: Genera
         batch = prompts[start:start + settings.batch_size]
         encoded = tokenizer(batch, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
         began = time.perf_counter()
-        rollout = generate(model, encoded.input_ids.to(device), encoded.attention_mask.to(device), plan,
-                           max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                           top_p=settings.top_p, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
-                           greedy=settings.greedy, generator=generator)
+        with decoding(plan) as decoder:
+            rollout = generate(decoder, encoded.input_ids.to(device), encoded.attention_mask.to(device), plan,
+                               max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                               top_p=settings.top_p, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
+                               greedy=settings.greedy, generator=generator)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         out.seconds += time.perf_counter() - began
         if measure_kl:
-            with torch.no_grad():
-                target = _target_logprobs(model, rollout, settings.temperature, rows_per_forward=4)  # [b, T]
+            with torch.no_grad(), decoding(full_plan) as scorer:
+                rows = settings.batch_size if balanced else rollout.sequences.shape[0]
+                target = _target_logprobs(scorer, rollout, settings.temperature, -(-rows // SCORING_ROWS))  # [b, T]
             mask = rollout.completion_mask.float()
             out.kl_sum += float(((rollout.behavior_logprobs - target) * mask).sum())
             out.kl_tokens += int(mask.sum())
@@ -288,7 +312,8 @@ def _generate_completions(model, tokenizer, prompts: list[str], settings: Genera
 def evaluate_problems(model, tokenizer, problems: Sequence[MathProblem], settings: GenerationSettings, *,
                       plan: SkipPlan | None = None, measure_kl: bool = False,
                       reward_timeout: float = DEFAULT_TIMEOUT, rel_tol: float = DEFAULT_REL_TOL,
-                      pool: VerifierPool | None = None, rank: int = 0, world: int = 1) -> tuple[EvalSums, list[dict[str, Any]]]:
+                      pool: VerifierPool | None = None, rank: int = 0, world: int = 1,
+                      decoding: Decoding | None = None) -> tuple[EvalSums, list[dict[str, Any]]]:
     """Sample `settings.samples` completions per problem of this rank's shard, score them, and return the
     shard's sums and per-problem records (sorted by problem index). Not collective: the caller adds the sums
     over ranks (`EvalSums.as_list` / `from_list`).
@@ -298,6 +323,10 @@ def evaluate_problems(model, tokenizer, problems: Sequence[MathProblem], setting
     ranks and the records are the same for any world size. `plan` is the skip plan to generate with (default:
     the full model); with `measure_kl` the sampled tokens are also scored under the full model, giving the
     nested behaviour model's KL to the target (`kl_behavior_target`; meaningful for sampled decoding).
+
+    `decoding` prepares `model` for each plan (default: the plain model). Given one (a ZeRO-3 engine whose
+    forwards may be collective), every rank runs the same number of chunks: a rank out of chunks in the last
+    round generates chunk 0 again and discards it. Collective then: every rank must call it alike.
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, world={world}), got {rank}")
@@ -312,10 +341,18 @@ def evaluate_problems(model, tokenizer, problems: Sequence[MathProblem], setting
     mine: list[int] = []  # problem indices of this shard, in generation order
     texts, tokens, truncated = [], [], []  # [len(mine) * n], problem-major
     generated = _Generated([], [], [], seconds=0.0)
-    for chunk in range(rank, len(chunks), world):
+    rounds = -(-len(chunks) // world) if decoding is not None else 0
+    schedule = [rank + r * world for r in range(rounds)] if decoding is not None else range(rank, len(chunks), world)
+    for chunk in schedule:
+        if chunk >= len(chunks):  # a balancing round: only keeps this rank's collectives in step
+            _generate_completions(model, tokenizer, [prompts[i] for i in chunks[0] for _ in range(n)], settings,
+                                  plan, device, measure_kl=measure_kl, seed=chunk_seed(settings.seed, 0),
+                                  decoding=decoding)
+            continue
         indices = chunks[chunk]
         out = _generate_completions(model, tokenizer, [prompts[i] for i in indices for _ in range(n)], settings,
-                                    plan, device, measure_kl=measure_kl, seed=chunk_seed(settings.seed, chunk))
+                                    plan, device, measure_kl=measure_kl, seed=chunk_seed(settings.seed, chunk),
+                                    decoding=decoding)
         mine += indices
         texts, tokens, truncated = texts + out.texts, tokens + out.tokens, truncated + out.truncated
         generated.seconds += out.seconds
@@ -383,6 +420,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--skip-ratios", default="0",
                         help="comma-separated layer-skip ratios of the nested behaviour model to evaluate (first and "
                              "last layer kept); a ratio > 0 also reports its KL to the full model")
+    parser.add_argument("--deepspeed", metavar="DS_CONFIG",
+                        help="shard the model with this ZeRO-3 DeepSpeed JSON over the launched ranks (for models "
+                             "that do not fit one device); without it every rank holds the whole model")
+    parser.add_argument("--gather", choices=["once", "streamed", "auto"], default="once",
+                        help="with --deepspeed: how generation gets the kept layers (rollout.gather: once gathers "
+                             "them for the batch, streamed fetches layer by layer per decode step)")
     parser.add_argument("--reward-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per comparison")
     parser.add_argument("--rel-tol", type=float, default=DEFAULT_REL_TOL, help="relative tolerance for decimals")
     parser.add_argument("--output", help="write metrics and per-problem records as JSON here")
@@ -434,10 +477,11 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _distributed_context():
+def _distributed_context(sharded: bool = False):
     """(rank, world, collectives module or None). A process started by a launcher (WORLD_SIZE > 1 in the
-    environment) joins the process group; a plain process stays single and never imports deepspeed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    environment), or a `sharded` (ZeRO-3) evaluation, joins the process group; a plain single process stays
+    single and never imports deepspeed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not sharded:
         return 0, 1, None
     from .engine import distributed as ds
 
@@ -452,6 +496,27 @@ def _device(requested: str | None, distributed: bool) -> torch.device:
     if distributed and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
     return device
+
+
+def _sharded_model(args: argparse.Namespace, world: int, dtype: torch.dtype):
+    """(module, tokenizer, decoding) of `args.model` partitioned by the ZeRO-3 JSON `args.deepspeed` over the
+    launched ranks: an inference-only engine (no optimizer), decoded through `engine.skip_aware_gather`."""
+    from .config import ConfigError, load_config
+    from .engine import build_inference_engine, fill_ds_config, load_ds_config, load_model_for_engine, \
+        skip_aware_gather
+
+    # The batch keys a DeepSpeed engine insists on, filled for one sequence per rank (nothing is trained).
+    layout = load_config(None, [f"rollout.prompts_per_step={world}", "rollout.group_size=2",
+                                "train.micro_batch_size=2",
+                                f"train.precision={'bf16' if dtype == torch.bfloat16 else 'fp32'}"])
+    ds_config = fill_ds_config(load_ds_config(args.deepspeed, layout), layout, world)
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        raise ConfigError(f"--deepspeed {args.deepspeed!r}: eval shards with ZeRO stage 3 only (got stage "
+                          f"{ds_config.get('zero_optimization', {}).get('stage')}); without --deepspeed every rank "
+                          "holds the whole model")
+    model, tokenizer = load_model_for_engine(args.model, ds_config, "auto")
+    engine = build_inference_engine(model, ds_config)
+    return engine.module, tokenizer, lambda plan: skip_aware_gather(engine, plan, args.gather)
 
 
 def _merge_rank_records(records: dict[str, list[dict[str, Any]]], staging: Path, rank: int, world: int,
@@ -490,12 +555,20 @@ def run_eval(args: argparse.Namespace) -> int:
     nested_reft_ds.evaluate ...`, or `--module nested_reft_ds.cli eval ...`). Collective when launched on
     several ranks: every rank evaluates its chunks of every benchmark row (`evaluate_problems`), the sums are
     all-reduced, and rank 0 gathers the per-problem records and writes every output."""
-    rank, world, ds = _distributed_context()
-    try:
+    rank, world, ds = _distributed_context(sharded=args.deepspeed is not None)
+    if ds is None:
         return _run_eval(args, rank, world, ds)
+    from .engine.failstop import fail_stop, start_watchdog, stop_watchdog
+
+    start_watchdog()  # an exception on one rank ends every rank (engine.failstop), never a hang
+    code: list[int] = []
+    try:
+        failed = fail_stop(lambda: code.append(_run_eval(args, rank, world, ds)))
+        stop_watchdog()
+        ds.barrier()  # no rank tears down the store while another's watchdog still polls it
+        return failed or code[0]
     finally:
-        if ds is not None:
-            ds.shutdown_distributed()
+        ds.shutdown_distributed()
 
 
 def _run_eval(args: argparse.Namespace, rank: int, world: int, ds) -> int:
@@ -515,7 +588,12 @@ def _run_eval(args: argparse.Namespace, rank: int, world: int, ds) -> int:
         if not benchmarks:
             raise ValueError("--benchmarks is empty")
         device = _device(args.device, ds is not None)
-        model, tokenizer = load_model_and_tokenizer(args.model, dtype=_dtype(args.dtype, device))
+        decoding = None
+        if args.deepspeed is not None:
+            model, tokenizer, decoding = _sharded_model(args, world, _dtype(args.dtype, device))
+            device = next(model.parameters()).device
+        else:
+            model, tokenizer = load_model_and_tokenizer(args.model, dtype=_dtype(args.dtype, device))
         num_layers = model.config.num_hidden_layers
         plans = {ratio: sample_skip_plan(num_layers, ratio, step=0, seed=args.seed) for ratio in ratios}
         warm_up_prompt = format_prompt("1+1", tokenizer, settings.prompt_template,
@@ -524,10 +602,12 @@ def _run_eval(args: argparse.Namespace, rank: int, world: int, ds) -> int:
         if rank == 0:
             print(f"nested-reft eval: error: {error}", file=sys.stderr)
         return 2
-    model.to(device).eval()
+    if decoding is None:
+        model.to(device).eval()
     # One short generation first, so that one-time initialisation is not counted in the first row's tokens/s.
     _generate_completions(model, tokenizer, [warm_up_prompt],
-                          dataclasses.replace(settings, max_new_tokens=2, batch_size=1), SkipPlan(num_layers), device)
+                          dataclasses.replace(settings, max_new_tokens=2, batch_size=1), SkipPlan(num_layers), device,
+                          decoding=decoding)
 
     results: dict[str, dict[str, float]] = {}
     records: dict[str, list[dict[str, Any]]] = {}
@@ -540,7 +620,7 @@ def _run_eval(args: argparse.Namespace, rank: int, world: int, ds) -> int:
                 sums, records[row] = evaluate_problems(
                     model, tokenizer, problems, settings, plan=plan,
                     measure_kl=bool(plan.skipped) and not settings.greedy, reward_timeout=args.reward_timeout,
-                    rel_tol=args.rel_tol, pool=pool, rank=rank, world=world)
+                    rel_tol=args.rel_tol, pool=pool, rank=rank, world=world, decoding=decoding)
                 if ds is not None:
                     sums = EvalSums.from_list(settings.samples, ds.all_reduce_sum(sums.as_list()))
                 results[row] = sums.metrics()

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def select_attn_implementation(requested: str = "auto") -> str:
     """flash_attention_2 on CUDA when flash-attn imports, else sdpa; an explicit request is honoured/checked."""
     flash_ok = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
     if requested == "flash_attention_2" and not flash_ok:
-        raise ValueError("model.attn_implementation='flash_attention_2' needs CUDA and the flash-attn package "
+        raise ConfigError("model.attn_implementation='flash_attention_2' needs CUDA and the flash-attn package "
                          "(pip install flash-attn); use 'auto' or 'sdpa'")
     if requested == "auto":
         return "flash_attention_2" if flash_ok else "sdpa"
@@ -88,7 +88,7 @@ def load_model_and_tokenizer(path: str | Path, attn_implementation: str = "auto"
     """Load a local HF checkpoint directory (model + tokenizer). Raises ValueError if it is not one."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"model.path={str(path)!r} is not a Hugging Face checkpoint directory (no config.json)")
+        raise ConfigError(f"model.path={str(path)!r} is not a Hugging Face checkpoint directory (no config.json)")
     attn = select_attn_implementation(attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype)
     tokenizer = load_tokenizer(path)

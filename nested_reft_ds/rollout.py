@@ -2,9 +2,10 @@
 
 `generate` returns, besides the tokens, the behaviour log-probabilities of the sampled tokens under the
 distribution they were actually drawn from (after temperature and top-p): the denominator of every
-off-policy correction. It runs no collective: under ZeRO-3 the caller wraps it in
-`engine.skip_aware_gather`, which makes the kept parameters local first, so each rank decodes its own
-prompts to its own EOS.
+off-policy correction. Under ZeRO-3 the caller wraps it in `engine.skip_aware_gather`. In gather-once mode
+the kept parameters are local and decoding runs no collective, so each rank decodes its own prompts to its own
+EOS. In streamed mode every forward runs collectives; the yielded model then carries its lockstep rule
+(`mark_lockstep`), and `generate` always obeys it, so no call site can forget it and deadlock the job.
 """
 from __future__ import annotations
 
@@ -15,6 +16,25 @@ import torch
 from transformers import DynamicCache
 
 from .nested import SkipPlan, nested_view
+
+
+# The attribute under which a model that decodes with collectives carries its `all_ranks_done` rule.
+_LOCKSTEP_ATTR = "_nested_reft_all_ranks_done"
+
+
+def mark_lockstep(model: torch.nn.Module, all_ranks_done: Callable[[bool], bool] | None) -> None:
+    """Declare that `model`'s forward runs collectives (`all_ranks_done` set) or no longer does (None).
+
+    While marked, every `generate` on it decodes in lockstep: every rank runs the same number of forwards."""
+    if all_ranks_done is None:
+        model.__dict__.pop(_LOCKSTEP_ATTR, None)
+    else:
+        model.__dict__[_LOCKSTEP_ATTR] = all_ranks_done
+
+
+def lockstep_rule(model: torch.nn.Module) -> Callable[[bool], bool] | None:
+    """The `all_ranks_done` rule `model` was marked with (`mark_lockstep`), or None: ranks decode independently."""
+    return model.__dict__.get(_LOCKSTEP_ATTR)
 
 
 @dataclass
@@ -73,7 +93,14 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     `use_cache=False` recomputes the whole prefix each step (slow; the reference the cached path is tested
     against). `all_ranks_done(local_done) -> global_done` makes decoding lockstep across ranks (for modes whose
     forward runs collectives): a rank whose rows have all stopped keeps stepping on padding until it returns True.
+    A model marked with `mark_lockstep` always decodes with its own rule; passing a different one is an error.
     """
+    marked = lockstep_rule(model)
+    if marked is not None:
+        if all_ranks_done is not None and all_ranks_done is not marked:
+            raise ValueError("generate: this model decodes with collectives and carries its own lockstep rule; "
+                             "do not pass a different all_ranks_done")
+        all_ranks_done = marked
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
                            device=input_ids.device)
     batch_size = input_ids.shape[0]
@@ -112,7 +139,11 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
                 step_positions = position_ids_from_mask(full_mask)[:, -1:]
             else:
                 step_ids, step_positions = sequences, position_ids_from_mask(full_mask)
-    completions = torch.stack(tokens, dim=1)
+    # In lockstep a rank keeps stepping after its own rows have ended: drop those all-padding columns, so the
+    # rollout is the same tensor whether or not decoding was lockstep.
+    completion_mask = torch.stack(alive_masks, dim=1)  # [B, steps]
+    width = max(int(completion_mask.sum(dim=1).max()), 1) if batch_size else len(tokens)
+    completions = torch.stack(tokens, dim=1)[:, :width]
     return Rollout(sequences=torch.cat([input_ids, completions], dim=1), prompt_mask=prompt_mask,
-                   completion_mask=torch.stack(alive_masks, dim=1),
-                   behavior_logprobs=torch.stack(logprobs, dim=1))
+                   completion_mask=completion_mask[:, :width],
+                   behavior_logprobs=torch.stack(logprobs, dim=1)[:, :width])

@@ -43,11 +43,13 @@ from . import engine as ds
 from .config import ConfigError, ExperimentConfig, load_config
 from .data import MathProblem, problems_from_config
 from .data.templates import format_prompt
+from .faults import maybe_fail
+from .fingerprint import base_model_fingerprint, check_base_model, model_fingerprint, run_fingerprint, write_fingerprint
 from .model import build_tiny_model, select_attn_implementation
 from .nested import SkipPlan, SkipScheduler, nested_view, sample_skip_plan
 from .reward import score_batch_with_stats
-from .rl import compute_advantages, policy_loss, token_logprobs
-from .rollout import Rollout, generate, position_ids_from_mask
+from .rl import compute_advantages, merge, policy_loss_parts, token_logprobs
+from .rollout import Rollout, generate, lockstep_rule, position_ids_from_mask
 from .run_log import RunLog
 
 log = logging.getLogger("nested_reft_ds")
@@ -151,6 +153,7 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
         engine.backward(loss * ds.loss_scale_for_engine(engine))
         engine.step()
         local_share_of_loss += loss.item()
+    maybe_fail("sft", step, rank)
     # reduce_metrics averages over ranks; world x the mean of the local shares is the global loss.
     return ds.reduce_metrics({"sft_loss": local_share_of_loss * world, "lr": lr, "sft_skipped": len(plan.skipped)})
 
@@ -173,11 +176,13 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
     prompt_ids, prompt_mask = encode_prompts(tokenizer, batch, cfg.data.prompt_template, ds.device())
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
     engine.eval()
-    with ds.skip_aware_gather(engine, plan, mode=cfg.rollout.gather) as model:
+    with ds.skip_aware_gather(engine, plan, mode=cfg.rollout.gather,
+                              memory_fraction=cfg.rollout.gather_memory_fraction) as model:
         rollout = generate(model, prompt_ids, prompt_mask, plan, max_new_tokens=cfg.rollout.max_new_tokens,
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            generator=sampling_generator(cfg.train.seed, step, rank, ds.device()))
+        lockstep = lockstep_rule(model) is not None  # streamed: decoding ran collectives
     t_rollout = timer()
 
     # 3. Reward: verify each completion's final answer against its problem's reference.
@@ -185,6 +190,7 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
     scored = score(texts, [p.answer for p in batch for _ in range(G)], cfg)
     rewards = torch.tensor(scored.scores, dtype=torch.float32, device=ds.device())  # [B*G]
     t_reward = timer()
+    maybe_fail("rl", step, rank)
 
     # 4. Group-relative advantages (each prompt's G samples are contiguous rows).
     advantages = compute_advantages(rewards, G, algo.advantage)  # [B*G]
@@ -194,40 +200,44 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
     completion_mask = rollout.completion_mask.float()
     num_global_tokens, num_global_seqs = ds.all_reduce_sum([completion_mask.sum().item(), len(texts)])
     engine.train()
-    micro_metrics = []
+    local_share_of_loss, micro_parts = 0.0, []
     for rows in micro_batches(engine, len(texts)):
         ref_logprobs = None
         if reference is not None:  # under ZeRO-3 a collective forward: every rank, every micro-batch
             with torch.no_grad():
                 ref_logprobs = completion_logprobs(reference, rollout, rows, cfg.rollout.temperature)  # [b, T]
         logprobs = completion_logprobs(engine, rollout, rows, cfg.rollout.temperature)  # [b, T] pi_theta
-        loss, metrics = policy_loss(logprobs, logprobs.detach(), rollout.behavior_logprobs[rows], advantages[rows],
-                                    completion_mask[rows], algo, num_global_tokens=num_global_tokens,
-                                    num_global_seqs=num_global_seqs, ref_logprobs=ref_logprobs, group_size=G,
-                                    max_completion_length=cfg.rollout.max_new_tokens)
+        loss, parts = policy_loss_parts(logprobs, logprobs.detach(), rollout.behavior_logprobs[rows],
+                                        advantages[rows], completion_mask[rows], algo,
+                                        num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs,
+                                        ref_logprobs=ref_logprobs, group_size=G,
+                                        max_completion_length=cfg.rollout.max_new_tokens)
         engine.backward(loss * ds.loss_scale_for_engine(engine))
         engine.step()
-        micro_metrics.append({"loss": loss.item(), **metrics})
+        local_share_of_loss += loss.item()
+        micro_parts.append(parts)
     t_train = timer()
 
-    # 7. Log: per-rank means over micro-batches, then reduced over ranks.
-    local = {key: sum(m[key] for m in micro_metrics) / len(micro_metrics) for key in micro_metrics[0]}
+    # 7. Log. The estimator's diagnostics (ESS, ratio quantiles, KL, ...) are computed over the global batch from
+    # all-reduced sums and all-gathered ratios, never averaged over micro-batches or ranks.
+    diagnostics = ds.reduce_diagnostics(merge(micro_parts))
     # Each micro-batch loss is its share of the global objective: the global loss is the sum over micro-batches
     # and ranks, i.e. world x (the rank-mean of the local sums) after reduce_metrics.
-    local["loss"] = sum(m["loss"] for m in micro_metrics) * world
-    local.update({key: max(m[key] for m in micro_metrics) for key in micro_metrics[0] if key.endswith("_max")})
-    local.update({key: min(m[key] for m in micro_metrics) for key in micro_metrics[0] if key.endswith("_min")})
+    local = {"loss": local_share_of_loss * world}
     generated_tokens = rollout.num_completion_tokens
     local.update({key.replace("/", "_"): value for key, value in scored.log_metrics().items()})
     local.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                  accuracy=sum(scored.correct) / len(texts),
                  completion_length=generated_tokens / len(texts),
+                 # This rank's longest completion; min and max over ranks show how unequal the ranks' rollouts are.
+                 longest_completion_min=rollout.completion_mask.sum(dim=1).max().item(),
+                 longest_completion_max=rollout.completion_mask.sum(dim=1).max().item(),
                  rollout_tokens_per_s=generated_tokens * world / (t_rollout - t0),
                  train_tokens_per_s=rollout.attention_mask.sum().item() * world / (t_train - t_reward),
                  time_rollout_s=t_rollout - t0, time_reward_s=t_reward - t_rollout, time_train_s=t_train - t_reward,
                  time_step_s=t_train - t0, grad_norm=float(engine.get_global_grad_norm() or 0.0),
-                 skip_ratio=plan.ratio)
-    reduced = ds.reduce_metrics(local)
+                 skip_ratio=plan.ratio, rollout_lockstep=float(lockstep))
+    reduced = {**ds.reduce_metrics(local), **diagnostics}
     skip.observe(plan, ess=reduced["ess"], kl=reduced["kl_behavior_k3"])
     reduced.update(skip.metrics())
     reduced["skipped_layers"] = list(plan.skipped)
@@ -236,19 +246,26 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
 
 def greedy_accuracy(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, rank: int,
                     world: int) -> float:
-    """Held-out greedy accuracy of the full target (no skipping). Collective: one gather for the whole eval."""
+    """Held-out greedy accuracy of the full target (no skipping). Collective: one gather for the whole eval.
+
+    Every rank runs the same number of equally sized generate calls (streamed decoding is collective): shards
+    shorter than the longest are padded with copies of their first problem, which are not scored."""
     shard = problems[rank::world]
+    per_rank = -(-len(problems) // world)  # the longest shard
+    padded = shard + shard[:1] * (per_rank - len(shard))
     correct = 0.0
     engine.eval()
-    with ds.skip_aware_gather(engine, SkipPlan(engine.module.config.num_hidden_layers), cfg.rollout.gather) as model:
-        for start in range(0, len(shard), 64):
-            batch = shard[start:start + 64]
+    with ds.skip_aware_gather(engine, SkipPlan(engine.module.config.num_hidden_layers), cfg.rollout.gather,
+                              memory_fraction=cfg.rollout.gather_memory_fraction) as model:
+        for start in range(0, len(padded), 64):
+            batch = padded[start:start + 64]
             ids, mask = encode_prompts(tokenizer, batch, cfg.data.prompt_template, ds.device())
             rollout = generate(model, ids, mask, SkipPlan(model.config.num_hidden_layers),
                                max_new_tokens=cfg.rollout.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id, greedy=True)
-            texts = tokenizer.batch_decode(rollout.completions, skip_special_tokens=True)
-            correct += sum(score(texts, [p.answer for p in batch], cfg).correct)
+            real = shard[start:start + 64]
+            texts = tokenizer.batch_decode(rollout.completions[:len(real)], skip_special_tokens=True)
+            correct += sum(score(texts, [p.answer for p in real], cfg).correct)
     (total_correct,) = ds.all_reduce_sum([correct])
     return total_correct / max(len(problems), 1)
 
@@ -276,7 +293,9 @@ def prepare_model_dir(cfg: ExperimentConfig, out_dir: Path, rank: int) -> Path:
     path = out_dir / "base_model"
     if rank == 0 and not (path / "config.json").is_file():
         build_tiny_model(cfg.model, path, cfg.train.seed)
+        write_fingerprint(path, base_model_fingerprint(cfg.model, cfg.train.seed))
     ds.barrier()
+    check_base_model(path, cfg.model, cfg.train.seed)  # a stale base_model: ConfigError naming keys and values
     return path
 
 
@@ -303,6 +322,7 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
     if cfg.train.cpu_threads is not None:
         torch.set_num_threads(ds.cpu_threads_per_rank(cfg.train.cpu_threads))
     rank, world = ds.init_distributed()
+    ds.start_watchdog()
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
     ds_config = ds.fill_ds_config(ds.load_ds_config(ds_config_path, cfg), cfg, world)
@@ -312,20 +332,27 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
     engine = ds.build_engine(model, ds_config)
     skip = SkipScheduler(cfg.skip, model.config.num_hidden_layers, cfg.train.seed)
     ckpt_dir = out_dir / "checkpoints"
+    # What a checkpoint pins (nested_reft_ds.fingerprint): checked before a resume loads anything, recorded by
+    # every save (an SFT checkpoint pins less than an RL one: RL may start from it with another rollout layout).
+    model_fp = model_fingerprint(model.config, tokenizer)
+    fingerprint = {phase: run_fingerprint(cfg, model_fp, world, ds_config=ds_config, problems=train_problems,
+                                          phase=phase) for phase in (None, "sft", "rl")}
 
     progress = Progress()
     resumed_from = None  # the checkpoint directory <dir>/<tag> this run continues from
     if resume != "none":
         resume_dir = ckpt_dir if resume == "auto" else Path(resume)
-        state = ds.load_checkpoint(engine, resume_dir)
+        state = ds.load_checkpoint(engine, resume_dir, fingerprint=fingerprint[None])
         if state is None and resume != "auto":
             raise ConfigError(f"--resume {resume}: no committed checkpoint there")
         if state is not None:
             progress = Progress(**state["progress"])
             skip.load_state_dict(state["skip"])
             resumed_from = resume_dir / ds.latest_tag(resume_dir)
-    run_log = RunLog(out_dir, rank == 0, total_steps=cfg.train.steps, start_step=progress.rl_step,
-                     tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
+    # After the resume check, so that a refused resume never touches metrics.jsonl; records past the resume
+    # point (written before a crash) are dropped, so each step is in the files once.
+    run_log = RunLog(out_dir, rank == 0, tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
+                     resume_at=(progress.sft_step, progress.rl_step),
                      echo_prefix=f"[rank {rank}] " if cfg.logging.all_ranks and rank != 0 else None)
     run_log.message(f"world {world} | ZeRO-{engine.zero_optimization_stage()} | attention "
                     f"{select_attn_implementation(cfg.model.attn_implementation)} | "
@@ -334,17 +361,26 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
     reference = None  # the frozen KL reference, from the start of RL on
 
     def checkpoint() -> None:
-        if reference is not None:  # written into the tag directory before save_checkpoint commits it
-            ds.save_reference(reference, ckpt_dir / progress.tag())
+        def finish_tag(tag_dir: Path) -> None:  # every rank, once its shard is on disk, before the commit
+            if reference is not None:
+                ds.save_reference(reference, tag_dir)
+            maybe_fail("checkpoint", progress.rl_step or progress.sft_step, rank)
         ds.save_checkpoint(engine, ckpt_dir, progress.tag(), {"progress": vars(progress), "skip": skip.state_dict(),
-                                                        "config": cfg.to_dict()})
+                                                              "config": cfg.to_dict()},
+                           keep=cfg.train.keep_checkpoints, fingerprint=fingerprint["rl" if progress.rl_step else "sft"],
+                           write_extra=finish_tag)
 
+    def due(step: int, last: int) -> bool:  # a checkpoint every train.save_every steps and at the end of a phase
+        return (cfg.train.save_every and step % cfg.train.save_every == 0) or step == last
+
+    run_log.start_phase("warm-up", cfg.train.sft_steps, progress.sft_step)
     while progress.sft_step < cfg.train.sft_steps:
         metrics = sft_step(engine, tokenizer, train_problems, cfg, progress.sft_step, rank, world)
         if progress.sft_step % cfg.logging.log_every == 0:
             run_log.log(progress.sft_step, metrics, phase="sft")
         progress.sft_step += 1
-        if progress.sft_step == cfg.train.sft_steps:
+        run_log.step_done()
+        if due(progress.sft_step, cfg.train.sft_steps):
             checkpoint()
 
     def evaluate() -> float:
@@ -355,7 +391,8 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
     reference = start_reference(engine, cfg, ds_config, model_dir, progress, resumed_from)
     summary = {"accuracy_before": evaluate()}
     first_rewards, last_rewards = [], []
-    accuracy = None  # held-out accuracy at the current step, if measured
+    accuracy = summary["accuracy_before"]  # held-out accuracy at the current step, if measured
+    run_log.start_phase("rl", cfg.train.steps, progress.rl_step)
     while progress.rl_step < cfg.train.steps:
         step = progress.rl_step
         ds.set_learning_rate(engine, cfg.train.lr * min(1.0, (step + 1) / max(cfg.train.warmup_steps, 1)))
@@ -364,10 +401,11 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
         if step % cfg.logging.log_every == 0:
             run_log.log(step, metrics)
         progress.rl_step += 1
+        run_log.step_done()
         accuracy = None
         if cfg.logging.eval_every and progress.rl_step % cfg.logging.eval_every == 0:
             accuracy = evaluate()
-        if (cfg.train.save_every and progress.rl_step % cfg.train.save_every == 0) or progress.rl_step == cfg.train.steps:
+        if due(progress.rl_step, cfg.train.steps):
             checkpoint()
     if progress.rl_step > 0:
         summary["accuracy_after"] = evaluate() if accuracy is None else accuracy
@@ -376,7 +414,8 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
                        reward_second_half=sum(last_rewards) / len(last_rewards))
     run_log.message("summary: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     run_log.close()
-    ds.barrier()  # no rank tears down while another still communicates
+    ds.stop_watchdog()
+    ds.barrier()  # no rank tears down while another still communicates (nor while its watchdog still polls)
     return summary
 
 
@@ -394,17 +433,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def train_main(args: argparse.Namespace) -> int:
+    """Fail-stop (`engine.failstop`): a `ConfigError` on any rank is one line and exit 2; any other exception
+    prints its traceback once, rank-tagged, and ends every rank of the job with exit 1."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        cfg = load_config(args.config, args.overrides)
-        run(cfg, args.deepspeed, args.resume)
-    except (ConfigError, ValueError) as err:
-        print(f"nested-reft: error: {err}", file=sys.stderr)
-        return 2
+        return ds.fail_stop(lambda: run(load_config(args.config, args.overrides), args.deepspeed, args.resume))
     finally:
         ds.shutdown_distributed()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -178,3 +178,31 @@ def test_resume_restores_the_zero3_reference_and_replays_the_step(ranks):
         assert resumed["step"] == 1 and resumed["skipped_layers"] == continuous["skipped_layers"]
         for key in ("loss", "kl_ref", "reward_mean", "completion_length", "ess", "ratio_seq_max", "frac_truncated"):
             assert resumed[key] == pytest.approx(continuous[key], rel=1e-5, abs=1e-7), key
+
+
+def test_every_rollout_mode_trains_through_train_run_with_unequal_rank_lengths(ranks):
+    """Streamed decoding runs collectives; ranks whose completions end at different lengths used to run different
+    numbers of forwards and hang. Now every mode finishes, and gives the run gather-once gives."""
+    out, results = ranks
+    for result in results:
+        once, streamed, auto = (result[f"steps_mode_{mode}"] for mode in ("once", "streamed", "auto"))
+        assert [s["step"] for s in once] == [s["step"] for s in streamed] == [s["step"] for s in auto] == [0, 1, 2]
+        assert [s["rollout_lockstep"] for s in once] == [0.0] * 3
+        assert [s["rollout_lockstep"] for s in streamed] == [1.0] * 3
+        assert [s["rollout_lockstep"] for s in auto] == [1.0] * 3, "auto chose streamed under the tiny fraction"
+        # The case that hung: in some step the two ranks' longest completions differ.
+        assert any(s["longest_completion_min"] < s["longest_completion_max"] for s in once), once
+        for mode_steps in (streamed, auto):
+            for expected, got in zip(once, mode_steps):
+                assert got["skipped_layers"] == expected["skipped_layers"]
+                # Same weights, same tokens: the losses agree to float32 rounding of a reordered reduction.
+                for key in ("loss", "reward_mean", "completion_length", "ess", "kl_behavior_k3"):
+                    assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
+        for mode in ("streamed", "auto"):
+            assert result[f"summary_mode_{mode}"] == pytest.approx(result["summary_mode_once"], abs=1e-12)
+    weights = {mode: consolidated_state_dict(out / f"mode_{mode}" / "checkpoints", "rl_step3")
+               for mode in ("once", "streamed", "auto")}
+    for mode in ("streamed", "auto"):
+        assert weights[mode].keys() == weights["once"].keys()
+        for key, value in weights["once"].items():
+            torch.testing.assert_close(weights[mode][key], value, rtol=1e-6, atol=1e-7, msg=f"{mode}: {key}")

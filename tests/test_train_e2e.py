@@ -64,7 +64,7 @@ def test_default_recipe_writes_logs_checkpoints_and_metrics(default_run):
         assert key in rl[0], key
     assert all(len(r["skipped_layers"]) == 2 for r in rl), "25% of 6 layers, rounded"
     assert records(out, "sft") and len(records(out, "eval")) >= 2
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "tensorboard").glob("*/events.out.tfevents.*"))
     assert (out / "checkpoints" / "latest").read_text() == f"rl_step{len(rl)}"
     assert "[rl 0]" in proc.stdout + proc.stderr, "one line per step"
     step_line = next(line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("[rl 0]"))

@@ -1,7 +1,7 @@
 """Problem sources -> MathProblem lists (no tokenizer, no ranks)."""
 from __future__ import annotations
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from .problem import MathProblem
 from .synthetic import synthetic_problems
 from .templates import format_prompt
@@ -27,6 +27,6 @@ def problems_from_config(cfg: DataConfig, seed: int) -> tuple[list[MathProblem],
     problems = load_problems(cfg.source, cfg.path, split=cfg.split, question_field=cfg.question_field,
                              answer_field=cfg.answer_field, answer_format=cfg.answer_format)
     if len(problems) <= cfg.eval_problems:
-        raise ValueError(f"data.path={cfg.path!r} has {len(problems)} problems, not more than "
+        raise ConfigError(f"data.path={cfg.path!r} has {len(problems)} problems, not more than "
                          f"data.eval_problems={cfg.eval_problems}; nothing would be left to train on")
     return problems[cfg.eval_problems:cfg.eval_problems + cfg.num_problems], problems[:cfg.eval_problems]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+from ..config import ConfigError
 from .problem import MathProblem
 
 NAMES = ("Ann", "Ben", "Cat", "Dan", "Eve", "Tom", "Sam", "Lia")
@@ -24,10 +25,10 @@ def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_opera
     warm-up; `answer` is always the true one. The problems themselves do not depend on it.
     """
     if count < 1 or not 0 <= min_operand <= max_operand or not 1 <= min_steps <= max_steps:
-        raise ValueError(f"invalid synthetic task: count={count}, operands=[{min_operand}, {max_operand}], "
+        raise ConfigError(f"invalid synthetic task: count={count}, operands=[{min_operand}, {max_operand}], "
                          f"steps=[{min_steps}, {max_steps}]")
     if not 0.0 <= solution_error_rate <= 1.0:
-        raise ValueError(f"invalid synthetic task: solution_error_rate={solution_error_rate} (expected [0, 1])")
+        raise ConfigError(f"invalid synthetic task: solution_error_rate={solution_error_rate} (expected [0, 1])")
     rng = random.Random(f"nested-reft-synthetic:{seed}")
     mistakes = random.Random(f"nested-reft-synthetic-mistakes:{seed}")  # separate stream: same problems
     problems = []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from ..config import ConfigError
 
 INSTRUCTION = "Put the final answer in \\boxed{}."
 PLAIN_TEMPLATE = "Question: {question}\n{instruction}\nAnswer:"
@@ -13,7 +14,7 @@ _PLACEHOLDER = re.compile(r"\{(question|instruction)\}")
 def check_template(template: str) -> str:
     """`template` if it is a named template or a custom one with a `{question}` placeholder, else ValueError."""
     if template not in NAMED_TEMPLATES and "{question}" not in template:
-        raise ValueError(f"prompt template {template!r} is neither one of {', '.join(NAMED_TEMPLATES)} nor a "
+        raise ConfigError(f"prompt template {template!r} is neither one of {', '.join(NAMED_TEMPLATES)} nor a "
                          "template string with a {question} placeholder")
     return template
 
@@ -37,7 +38,7 @@ def format_prompt(question: str, tokenizer: Any = None, template: str = "auto", 
     check_template(template)
     has_chat = tokenizer is not None and getattr(tokenizer, "chat_template", None)
     if template == "chat" and not has_chat:
-        raise ValueError("data.prompt_template='chat' but the tokenizer has no chat template; use 'plain' or 'auto'")
+        raise ConfigError("data.prompt_template='chat' but the tokenizer has no chat template; use 'plain' or 'auto'")
     if template == "chat" or (template == "auto" and has_chat):
         content = f"{question}\n{instruction}" if instruction else question
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,

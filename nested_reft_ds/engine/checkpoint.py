@@ -3,30 +3,130 @@
 A checkpoint is `<dir>/<tag>/` written by `engine.save_checkpoint` on every rank, then made current by
 rank 0 replacing `<dir>/latest` atomically (write to a temp file, fsync, os.replace). A crash mid-save
 leaves `latest` pointing at the previous complete checkpoint, so nothing is lost and `--resume` is safe.
+
+`latest` is the one commit point. `<dir>/committed_tags` lists the committed tags in commit order (rewritten
+atomically after each commit; a crash between the two is healed on the next read, which appends `latest`).
+Retention (`keep`) keeps the last N of that list and always the tag `latest` names; a tag directory in neither
+(a save that crashed before its commit) is removed too, so it can never be chosen nor linger. A directory written
+before `committed_tags` existed is listed in tag order (`sft_step{n}` before `rl_step{n}`, by step) up to `latest`.
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .distributed import barrier
+from ..config import ConfigError
+from ..fingerprint import check_compatible, read_fingerprint, write_fingerprint
+
+COMMITTED = "committed_tags"
+TAG_PATTERN = re.compile(r"^(sft|rl)_step(\d+)$")  # the tags the training loop writes (train.Progress.tag)
 
 
-def save_checkpoint(engine, save_dir: str | Path, tag: str, client_state: dict[str, Any]) -> Path:
-    """Save and commit checkpoint `tag`. Collective: every rank must call it."""
+def _atomic_write(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def tag_order(tag: str) -> tuple[int, int] | None:
+    """Position of a training-loop tag in a run (every SFT step before every RL step); None for other names."""
+    match = TAG_PATTERN.match(tag)
+    return (0 if match.group(1) == "sft" else 1, int(match.group(2))) if match else None
+
+
+def committed_tags(save_dir: str | Path) -> list[str]:
+    """Committed tags whose directories exist, oldest commit first; the one `latest` names is always last-or-in."""
     save_dir = Path(save_dir)
+    latest = latest_tag(save_dir)
+    listing = save_dir / COMMITTED
+    if listing.is_file():
+        tags = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    else:  # written before the list existed: every loop tag up to `latest`, in tag order
+        bound = tag_order(latest) if latest else None
+        tags = sorted((d.name for d in save_dir.iterdir() if d.is_dir() and tag_order(d.name) and bound
+                       and tag_order(d.name) <= bound), key=tag_order) if save_dir.is_dir() else []
+    if latest is not None and latest not in tags:  # a crash between the commit and the list's rewrite
+        tags.append(latest)
+    return [tag for tag in dict.fromkeys(tags) if (save_dir / tag).is_dir()]
+
+
+def _commit(save_dir: Path, tag: str) -> None:
+    """Make `tag` current (`latest`, the commit point), then record it last in `committed_tags`."""
+    tags = [t for t in committed_tags(save_dir) if t != tag]
+    _atomic_write(save_dir / "latest", tag)
+    _atomic_write(save_dir / COMMITTED, "".join(f"{t}\n" for t in tags + [tag]))
+
+
+def clear_tag(save_dir: str | Path, tag: str) -> None:
+    """Before (re)writing `tag`: remove an earlier copy of it, uncommitting it first. If `latest` names it, `latest`
+    moves back to the previous committed tag (or is removed when there is none), so a crash while `tag` is being
+    rewritten never leaves `latest` naming a half-written directory. Rank 0 only; no collective."""
+    save_dir = Path(save_dir)
+    tags = committed_tags(save_dir)
+    if tag in tags:
+        rest = [t for t in tags if t != tag]
+        if latest_tag(save_dir) == tag:
+            if rest:
+                _atomic_write(save_dir / "latest", rest[-1])
+            else:
+                (save_dir / "latest").unlink()
+        _atomic_write(save_dir / COMMITTED, "".join(f"{t}\n" for t in rest))
+    if (save_dir / tag).exists():
+        shutil.rmtree(save_dir / tag)
+
+
+def prune_checkpoints(save_dir: str | Path, keep: int) -> list[str]:
+    """Keep the last `keep` committed tags (0: all) and the one `latest` names; remove the other committed tags and
+    every uncommitted loop-tag directory (a crashed save). Returns the removed tags. Rank 0 only; no collective."""
+    save_dir = Path(save_dir)
+    latest = latest_tag(save_dir)
+    tags = committed_tags(save_dir)
+    kept = set(tags[-keep:] if keep else tags) | ({latest} if latest else set())
+    on_disk = [d.name for d in save_dir.iterdir() if d.is_dir()] if save_dir.is_dir() else []
+    removed = [t for t in tags if t not in kept] + \
+              sorted((name for name in on_disk if tag_order(name) and name not in tags and name not in kept),
+                     key=tag_order)
+    if save_dir.is_dir() and (removed or (save_dir / COMMITTED).is_file()):
+        # The list first: a crash after it leaves the removed directories uncommitted, removed next time.
+        _atomic_write(save_dir / COMMITTED, "".join(f"{t}\n" for t in tags if t in kept))
+    for tag in removed:
+        shutil.rmtree(save_dir / tag, ignore_errors=True)
+    return removed
+
+
+def save_checkpoint(engine, save_dir: str | Path, tag: str, client_state: dict[str, Any], *, keep: int = 0,
+                    fingerprint: dict[str, Any] | None = None,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Save and commit checkpoint `tag`, then keep only the last `keep` committed ones (0: all). Collective: every
+    rank must call it.
+
+    `fingerprint` (see nested_reft_ds.fingerprint) is recorded in the tag directory for `load_checkpoint` to check;
+    `write_extra(tag_dir)` writes more into the tag directory before the commit and is called on every rank (it
+    may be collective, e.g. `save_reference`). An earlier copy of `tag` is removed first (`clear_tag`)."""
+    save_dir = Path(save_dir)
+    rank0 = engine.global_rank == 0
+    if rank0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        clear_tag(save_dir, tag)
+    barrier()  # no rank writes into `tag` before its earlier copy is gone
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+    if write_extra is not None:
+        write_extra(save_dir / tag)
+    if rank0 and fingerprint is not None:
+        write_fingerprint(save_dir / tag, fingerprint)
     barrier()  # every rank's shard is on disk before `latest` moves
-    if engine.global_rank == 0:
-        temp = save_dir / f".latest.{os.getpid()}.tmp"
-        with open(temp, "w") as handle:
-            handle.write(tag)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, save_dir / "latest")
+    if rank0:
+        _commit(save_dir, tag)
+        prune_checkpoints(save_dir, keep)
     barrier()
     return save_dir / tag
 
@@ -36,18 +136,25 @@ def latest_tag(save_dir: str | Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def load_checkpoint(engine, save_dir: str | Path, tag: str | None = None) -> dict[str, Any] | None:
+def load_checkpoint(engine, save_dir: str | Path, tag: str | None = None, *,
+                    fingerprint: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Load `tag` (default: the committed latest) into `engine`; returns our client state, or None when there
-    is no checkpoint. Collective."""
+    is no checkpoint. Collective.
+
+    `fingerprint`: the current run's (`fingerprint.run_fingerprint`); before anything is loaded, a checkpoint that
+    recorded a different one is refused with a ConfigError naming each differing key and both values."""
     tag = tag or latest_tag(save_dir)
     if tag is None:
         return None
     if not (Path(save_dir) / tag).is_dir():
-        raise ValueError(f"checkpoint {str(Path(save_dir) / tag)!r} does not exist")
+        raise ConfigError(f"checkpoint {str(Path(save_dir) / tag)!r} does not exist")
+    if fingerprint is not None:
+        check_compatible(read_fingerprint(Path(save_dir) / tag), fingerprint,
+                         f"cannot resume from {str(Path(save_dir) / tag)}")
     path, client_state = engine.load_checkpoint(str(save_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
-        raise ValueError(f"DeepSpeed could not load checkpoint {tag!r} from {str(save_dir)!r}")
+        raise ConfigError(f"DeepSpeed could not load checkpoint {tag!r} from {str(save_dir)!r}")
     return client_state
 
 
@@ -55,14 +162,14 @@ def consolidated_state_dict(save_dir: str | Path, tag: str | None = None) -> dic
     """Full fp32 weights from a checkpoint of any ZeRO stage (0/1/2/3), in one process, no GPU needed."""
     tag = tag or latest_tag(save_dir)
     if tag is None:
-        raise ValueError(f"no committed checkpoint in {str(save_dir)!r} (no 'latest' file)")
+        raise ConfigError(f"no committed checkpoint in {str(save_dir)!r} (no 'latest' file)")
     checkpoint = Path(save_dir) / tag
     if any(checkpoint.glob("zero_pp_rank_*optim_states.pt")):  # ZeRO 1-3: weights live in optimizer shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
     model_states = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
     if not model_states:
-        raise ValueError(f"{str(checkpoint)!r} holds no DeepSpeed model states")
+        raise ConfigError(f"{str(checkpoint)!r} holds no DeepSpeed model states")
     state = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
     return {key: value.float() for key, value in state.items()}
 
@@ -81,7 +188,7 @@ def export_hf_model(save_dir: str | Path, output_dir: str | Path, tag: str | Non
     save_dir = Path(save_dir)
     tag = tag or latest_tag(save_dir)
     if tag is None or not (save_dir / tag).is_dir():
-        raise ValueError(f"no committed checkpoint {tag or ''!s} in {str(save_dir)!r}")
+        raise ConfigError(f"no committed checkpoint {tag or ''!s} in {str(save_dir)!r}")
     if base_model is None:
         model_states = sorted((save_dir / tag).glob("mp_rank_*_model_states.pt"))
         saved = torch.load(model_states[0], map_location="cpu", weights_only=False) if model_states else {}
@@ -89,12 +196,12 @@ def export_hf_model(save_dir: str | Path, output_dir: str | Path, tag: str | Non
         base_model = recorded or save_dir.parent / "base_model"
     base_model = Path(base_model)
     if not (base_model / "config.json").is_file():
-        raise ValueError(f"base model {str(base_model)!r} not found; pass --base-model")
+        raise ConfigError(f"base model {str(base_model)!r} not found; pass --base-model")
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model), dtype=torch.float32)
     result = model.load_state_dict(consolidated_state_dict(save_dir, tag), strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     if set(result.missing_keys) - tied or result.unexpected_keys:
-        raise ValueError(f"checkpoint does not match {str(base_model)!r}: missing {result.missing_keys}, "
+        raise ConfigError(f"checkpoint does not match {str(base_model)!r}: missing {result.missing_keys}, "
                          f"unexpected {result.unexpected_keys}")
     model.tie_weights()
     output_dir = Path(output_dir)

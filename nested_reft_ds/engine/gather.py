@@ -10,8 +10,8 @@ Modes (`rollout.gather`):
   recorded trace stays valid, so the next training step fetches exactly what it would have without the rollout.
 - "streamed": for targets whose kept layers do not fit on the device; hooks stay on, layers are fetched per
   decode step and skipped layers never (see `streamed.py`); ranks decode in lockstep (`lockstep_for`).
-- "auto": "once" if the bytes to gather fit in a fraction of the smallest free device memory over ranks,
-  else "streamed"; the choice is logged.
+- "auto": "once" if the bytes to gather fit in `memory_fraction` (`rollout.gather_memory_fraction`) of the
+  smallest free device memory over ranks, else "streamed"; the choice is logged.
 With ZeRO stage 0-2 parameters are already local and every mode only checks the plan.
 """
 from __future__ import annotations
@@ -72,16 +72,16 @@ def choose_gather_mode(needed_bytes: int, free_bytes: int, fraction: float = AUT
     return "once" if needed_bytes <= fraction * free_bytes else "streamed"
 
 
-def _auto_mode(model: nn.Module, plan: SkipPlan) -> str:
+def _auto_mode(model: nn.Module, plan: SkipPlan, fraction: float) -> str:
     """Collective (one all-reduce MIN): every rank must pick the same mode, or one rank decodes with
     collectives while another does not and they deadlock; so the decision uses the smallest free memory."""
     needed = gather_bytes(kept_parameters(model, plan))
     free = torch.tensor([free_device_memory(device())], dtype=torch.int64, device=device())
     dist.all_reduce(free, op=dist.ReduceOp.MIN)
-    mode = choose_gather_mode(needed, int(free.item()))
+    mode = choose_gather_mode(needed, int(free.item()), fraction)
     log.info("rollout.gather=auto -> %s: %.1f MiB to gather for %d kept layers, min free memory over ranks "
              "%.1f MiB (threshold %.0f%%)", mode, needed / 2**20, len(plan.kept), free.item() / 2**20,
-             100 * AUTO_MEMORY_FRACTION)
+             100 * fraction)
     return mode
 
 
@@ -105,12 +105,15 @@ def _gathered_once(engine, plan: SkipPlan) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def skip_aware_gather(engine, plan: SkipPlan, mode: str = "once") -> Iterator[nn.Module]:
+def skip_aware_gather(engine, plan: SkipPlan, mode: str = "once",
+                      memory_fraction: float = AUTO_MEMORY_FRACTION) -> Iterator[nn.Module]:
     """Context in which `engine.module` decodes through `nested_view(model, plan)` without fetching skipped layers.
 
     Collective: every rank must enter it with the same mode and the same plan (checked: a plan mismatch raises
-    on every rank; "auto" decides on all-reduced numbers, so all ranks pick alike). Pass `all_ranks_done=lockstep_for(model)` to `generate` for the yielded model: streamed decoding runs
-    collectives and must stay in lockstep; gather-once decoding runs none.
+    on every rank; "auto" decides on all-reduced numbers, so all ranks pick alike). Streamed decoding runs
+    collectives and must stay in lockstep: the yielded model then carries its lockstep rule, which
+    `rollout.generate` applies by itself (`lockstep_for` tells which case applies). Any other forward inside
+    the block (e.g. scoring) must be run the same number of times on every rank in streamed mode.
     """
     if mode not in MODES:
         raise ValueError(f"rollout.gather must be one of {MODES}, got {mode!r}")
@@ -119,6 +122,6 @@ def skip_aware_gather(engine, plan: SkipPlan, mode: str = "once") -> Iterator[nn
         yield engine.module
         return
     if mode == "auto":
-        mode = _auto_mode(engine.module, plan)
+        mode = _auto_mode(engine.module, plan, memory_fraction)
     with (_gathered_once(engine, plan) if mode == "once" else streamed_decoding(engine)) as model:
         yield model

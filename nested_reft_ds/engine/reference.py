@@ -24,14 +24,14 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
+from ..config import ConfigError
 from .distributed import device
-from .setup import load_model_for_engine
+from .setup import build_inference_engine, load_model_for_engine
 
 REFERENCE_DIR = "reference"
 
@@ -86,14 +86,14 @@ def _load_saved(tag_dir: Path, zero3: bool) -> dict[str, torch.Tensor]:
     if not zero3:
         path = folder / "model_states.pt"
         if not path.is_file():
-            raise ValueError(f"{str(path)!r} is missing: the reference in {str(folder)!r} was not saved by a "
+            raise ConfigError(f"{str(path)!r} is missing: the reference in {str(folder)!r} was not saved by a "
                              "ZeRO stage 0-2 run (a ZeRO-3 run saves per-rank partitions)")
         return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     rank, world = dist.get_rank(), dist.get_world_size()
     path = folder / _shard_file(rank, world)
     if not path.is_file():
         found = sorted(p.name for p in folder.glob("*.pt"))
-        raise ValueError(f"{str(path)!r} is missing: the ZeRO-3 reference partitions must be restored at the "
+        raise ConfigError(f"{str(path)!r} is missing: the ZeRO-3 reference partitions must be restored at the "
                          f"world size they were saved with (found {found})")
     return torch.load(path, map_location="cpu", weights_only=True)["tensors"]
 
@@ -102,12 +102,12 @@ def _fill_partitions(model: nn.Module, partitions: dict[str, torch.Tensor]) -> N
     """Copy `partitions` into the (still partitioned, not yet engine-wrapped) reference's `ds_tensor`s."""
     own = _named_partitions(model)
     if own.keys() != partitions.keys():
-        raise ValueError(f"reference parameters differ from the policy's: {sorted(own.keys() ^ partitions.keys())[:5]}")
+        raise ConfigError(f"reference parameters differ from the policy's: {sorted(own.keys() ^ partitions.keys())[:5]}")
     for name, param in model.named_parameters():
         assert param.ds_status == ZeroParamStatus.NOT_AVAILABLE, f"{name} must be partitioned while it is filled"
         source = partitions[name]
         if source.shape != param.ds_tensor.shape or source.dtype != param.ds_tensor.dtype:
-            raise ValueError(f"reference partition of {name!r} is {tuple(source.shape)} {source.dtype}, expected "
+            raise ConfigError(f"reference partition of {name!r} is {tuple(source.shape)} {source.dtype}, expected "
                              f"{tuple(param.ds_tensor.shape)} {param.ds_tensor.dtype} (same world size and dtype)")
         param.ds_tensor.data.copy_(source)
 
@@ -121,7 +121,7 @@ def build_reference(model_dir: str | Path, ds_config: dict[str, Any], attn_imple
     assert (policy is None) != (saved is None), "give exactly one of policy / saved"
     zero3 = _is_zero3(ds_config)
     if zero3 and ds_config["zero_optimization"].get("offload_param", {}).get("device") == "nvme":
-        raise ValueError("algorithm.kl_coef > 0 with zero_optimization.offload_param.device='nvme' is not "
+        raise ConfigError("algorithm.kl_coef > 0 with zero_optimization.offload_param.device='nvme' is not "
                          "supported: the reference copies parameter partitions in memory; use 'cpu' or 'none'")
     config = reference_ds_config(ds_config) if zero3 else ds_config
     model, _ = load_model_for_engine(model_dir, config, attn_implementation)  # the target's architecture
@@ -129,9 +129,7 @@ def build_reference(model_dir: str | Path, ds_config: dict[str, Any], attn_imple
     if zero3:
         partitions = _named_partitions(policy.module) if policy is not None else _load_saved(Path(saved), True)
         _fill_partitions(model, partitions)
-        engine, *_ = deepspeed.initialize(model=model, config=config)
-        engine.eval()
-        return engine
+        return build_inference_engine(model, config)
     state = policy.module.state_dict() if policy is not None else _load_saved(Path(saved), False)
     model.load_state_dict(state)
     return model.to(device()).eval()

@@ -13,6 +13,7 @@ from transformers import AutoConfig
 from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from ..config import ConfigError
 from ..model import load_tokenizer, load_model_and_tokenizer, select_attn_implementation
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ def _checkpoint_tensors(path: Path):
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
         else ["model.safetensors"]
     if not all((path / name).is_file() for name in files):
-        raise ValueError(f"{str(path)!r} has no safetensors weights; ZeRO-3 loading reads *.safetensors")
+        raise ConfigError(f"{str(path)!r} has no safetensors weights; ZeRO-3 loading reads *.safetensors")
     handles = [safe_open(str(path / name), framework="pt") for name in files]
     return {key: (handle, key) for handle in handles for key in handle.keys()}
 
@@ -75,7 +76,7 @@ def load_model_for_engine(path: str | Path, ds_config: dict[str, Any], attn_impl
             model._init_weights(module)
     tied = {"lm_head.weight"} if model_config.tie_word_embeddings else set()
     if set(missing) - tied:
-        raise ValueError(f"checkpoint {str(path)!r} lacks weights for {sorted(set(missing) - tied)[:5]}")
+        raise ConfigError(f"checkpoint {str(path)!r} lacks weights for {sorted(set(missing) - tied)[:5]}")
     log.info("loaded %s partitioned with ZeRO-3 (dtype %s)", path, dtype)
     return model, load_tokenizer(path)
 
@@ -87,6 +88,17 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
     log.info("DeepSpeed engine: ZeRO stage %d, micro batch %d, grad accum %d, world %d, bf16 %s",
              engine.zero_optimization_stage(), engine.train_micro_batch_size_per_gpu(),
              engine.gradient_accumulation_steps(), engine.world_size, engine.bfloat16_enabled())
+    return engine
+
+
+def build_inference_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
+    """An inference-only DeepSpeed engine (no optimizer, nothing requires grad) around `model`, in eval mode:
+    under ZeRO-3 its parameters stay partitioned and are fetched per forward (or by `skip_aware_gather`)."""
+    from .reference import reference_ds_config  # reference.py builds its engine with this function
+
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=reference_ds_config(ds_config))
+    engine.eval()
     return engine
 
 

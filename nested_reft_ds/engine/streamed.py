@@ -8,8 +8,9 @@ forward does. Two things keep it from disturbing training or touching skipped la
   fwd+bwd trace, step counter and its `lru_cache` of release decisions exactly as they were; and the decode
   coordinator's own trace holds only the modules the nested view calls, so its prefetcher can never fetch a
   skipped layer (skipped layers are not called, so their hooks never fire either).
-- The forward runs collectives, so every rank must run the same number of forwards: `generate` has to be
-  given `lockstep_done` (ranks that have finished keep stepping on padding until all are done).
+- The forward runs collectives, so every rank must run the same number of forwards: the yielded model is
+  marked (`rollout.mark_lockstep`) with `lockstep_done`, which `generate` then always uses (ranks that have
+  finished keep stepping on padding until all are done).
 """
 from __future__ import annotations
 
@@ -25,14 +26,13 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 from torch import nn
 
+from ..rollout import lockstep_rule, mark_lockstep
 from .distributed import device
 from .hooks import engine_root_hook_handles, hooks_suspended, zero3_coordinator
 
 _COORDINATOR = "_PartitionedParameterCoordinator__"
 # A module id no module has: while in a parameter's `ds_active_sub_modules`, DeepSpeed never releases it.
 _PINNED = -1
-# Models currently yielded by a streamed rollout: their decoding must be lockstep (see `lockstep_for`).
-_LOCKSTEP_MODELS: set[int] = set()
 
 
 def lockstep_done(local_done: bool) -> bool:
@@ -43,10 +43,10 @@ def lockstep_done(local_done: bool) -> bool:
 
 
 def lockstep_for(model: nn.Module):
-    """The `all_ranks_done` argument `rollout.generate` needs for a model yielded by `skip_aware_gather`:
-    `lockstep_done` while the model decodes with collectives (streamed mode), else None (ranks decode
-    independently: gather-once, ZeRO stage 0-2)."""
-    return lockstep_done if id(model) in _LOCKSTEP_MODELS else None
+    """The lockstep rule of a model yielded by `skip_aware_gather`: `lockstep_done` while it decodes with
+    collectives (streamed mode), else None (ranks decode independently: gather-once, ZeRO stage 0-2).
+    `rollout.generate` applies it by itself; this tells a caller which case it is in."""
+    return lockstep_rule(model)
 
 
 def _uncached_params_to_release():
@@ -83,8 +83,8 @@ def decode_coordinator(training: PartitionedParameterCoordinator) -> Partitioned
 def streamed_decoding(engine) -> Iterator[nn.Module]:
     """Decode `engine.module` (ZeRO-3) with its hooks on, through a rollout-only parameter coordinator.
 
-    Collective: every rank must enter it, and inside run the same number of forwards (decode with
-    `all_ranks_done=lockstep_done`). Parameters resident at entry stay resident; on exit, even on an exception,
+    Collective: every rank must enter it, and inside run the same number of forwards (`generate` does so by
+    itself: the yielded model is marked with `lockstep_done`; other forwards are the caller's to balance). Parameters resident at entry stay resident; on exit, even on an exception,
     every parameter is back in its entry state and the training coordinator is restored untouched. An
     exception raised on only some ranks mid-forward leaves the others waiting in a collective (the process-group
     timeout ends the job).
@@ -104,11 +104,11 @@ def streamed_decoding(engine) -> Iterator[nn.Module]:
             if status == ZeroParamStatus.AVAILABLE:
                 param.ds_active_sub_modules.add(_PINNED)
         offload.param_coordinator = decode
-        _LOCKSTEP_MODELS.add(id(model))
+        mark_lockstep(model, lockstep_done)
         with hooks_suspended(engine_root_hook_handles(engine)):
             yield model
     finally:
-        _LOCKSTEP_MODELS.discard(id(model))
+        mark_lockstep(model, None)
         offload.param_coordinator = training
         decode._clean_inflight_param_registry()
         # An exception inside a forward skips post-forward hooks: undo their bookkeeping and release.

@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 
 from ..config import AlgorithmConfig
+from .diagnostics import DiagnosticParts, finalize, merge, parts_from_tensors
 from .kl import kl_estimate
-from .weights import LOG_RATIO_CLAMP, importance_weights
+from .weights import LOG_RATIO_CLAMP, importance_weight_parts
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
-def policy_loss(
+def policy_loss_parts(
     logprobs: torch.Tensor,
     prox_logprobs: torch.Tensor,
     behavior_logprobs: torch.Tensor,
@@ -29,8 +30,8 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     max_completion_length: int | None = None,
     group_size: int | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """This micro-batch's share of the global loss, and its metrics.
+) -> tuple[torch.Tensor, DiagnosticParts]:
+    """This micro-batch's share of the global loss, and its diagnostics as mergeable parts.
 
     logprobs [B, T] (pi_theta, with grad); prox_logprobs, behavior_logprobs, ref_logprobs [B, T] (detached);
     advantages [B] (one per sequence); mask [B, T] (1 on completion tokens). Token loss:
@@ -45,10 +46,12 @@ def policy_loss(
       seq_mean_token_sum_norm  sum_t l_t / (num_global_seqs * max_completion_length)   (Dr. GRPO; default T)
     `group_size` is needed only for `cfg.self_normalize` (each prompt group must sit in one micro-batch).
 
-    metrics (floats; keys ending `_max`/`_min` are max/min-reduced, the rest averaged over micro-batches):
-    every `importance_weights` statistic, plus clip_frac (tokens whose clipped branch is active),
+    The parts (rl.diagnostics) hold the `importance_weight_parts` diagnostics plus those of the surrogate; merged
+    over every micro-batch (and rank: engine.distributed.reduce_diagnostics) and finalized they give, over the
+    global batch: every `importance_weights` statistic, plus clip_frac (tokens whose clipped branch is active),
     ppo_ratio_{mean,min,max} (pi_theta / pi_prox), pg_loss (mean token surrogate loss), kl_ref (when
-    ref_logprobs is given) and nonfinite_logprobs_count (completion tokens with non-finite pi_theta log-probs).
+    ref_logprobs is given) and nonfinite_logprobs_count (completion tokens with non-finite pi_theta log-probs;
+    like nonfinite_count a total over the merged rows, not a mean).
     Completion tokens with a non-finite pi_theta, pi_prox or beta log-prob are excluded from the loss.
     """
     if cfg.loss_agg not in LOSS_AGGREGATIONS:
@@ -59,7 +62,7 @@ def policy_loss(
     if cfg.kl_coef > 0 and ref_logprobs is None:
         raise ValueError(f"algorithm.kl_coef={cfg.kl_coef} > 0 needs ref_logprobs (a reference model)")
 
-    weights, stats = importance_weights(
+    weights, weight_parts = importance_weight_parts(
         prox_logprobs, behavior_logprobs, mask, correction=cfg.correction, cap=cfg.is_cap, low=cfg.mask_low,
         high=cfg.mask_high, self_normalize=cfg.self_normalize, group_size=group_size,
         geometric=cfg.seq_mis_geometric)                                           # [B, T], detached
@@ -100,19 +103,38 @@ def policy_loss(
         loss = token_loss.sum() / (max(float(num_global_seqs), 1.0) * length)
 
     with torch.no_grad():
-        n_ok = ok.sum().clamp(min=1)
         clipped = ((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low))        # [B, T]
-        big, small = torch.finfo(ratio.dtype).max, torch.finfo(ratio.dtype).min
-        any_ok = ok.any()
-        extra = {
-            "clip_frac": (clipped & ok).sum() / n_ok,
-            "ppo_ratio_mean": torch.where(ok, ratio, 0.0).sum() / n_ok,
-            "ppo_ratio_min": torch.where(any_ok, torch.where(ok, ratio, big).min(), 1.0),
-            "ppo_ratio_max": torch.where(any_ok, torch.where(ok, ratio, small).max(), 1.0),
-            "pg_loss": torch.where(ok, pg_token, 0.0).sum() / n_ok,
-            "nonfinite_logprobs_count": (completion & ~logp_finite).sum().float(),
+        sums = {
+            "ok_n": ok.sum(), "clipped": (clipped & ok).sum(), "ppo_ratio": torch.where(ok, ratio, 0.0).double().sum(),
+            "pg": torch.where(ok, pg_token, 0.0).double().sum(),
+            "nonfinite_logprobs": (completion & ~logp_finite).sum(),
         }
         if kl_token is not None:
-            extra["kl_ref"] = kl_token.sum() / n_ok
-        values = torch.stack([v.float() for v in extra.values()]).tolist()
-    return loss, {**stats, **dict(zip(extra.keys(), values))}
+            sums["kl_ref"] = kl_token.detach().double().sum()
+        surrogate_parts = parts_from_tensors(sums, {"ppo_ratio": ratio.detach()[ok]}, {})
+    return loss, merge([weight_parts, surrogate_parts])
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    prox_logprobs: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: AlgorithmConfig,
+    *,
+    num_global_tokens: float,
+    num_global_seqs: float,
+    ref_logprobs: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    group_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`policy_loss_parts` with its diagnostics finalized for this micro-batch alone: (loss, metrics).
+
+    Metrics of one micro-batch only: to report a step, merge the parts of every micro-batch and rank instead of
+    averaging these (ESS, quantiles and ratios of sums are not additive)."""
+    loss, parts = policy_loss_parts(
+        logprobs, prox_logprobs, behavior_logprobs, advantages, mask, cfg, num_global_tokens=num_global_tokens,
+        num_global_seqs=num_global_seqs, ref_logprobs=ref_logprobs, max_completion_length=max_completion_length,
+        group_size=group_size)
+    return loss, finalize(parts)

@@ -12,45 +12,15 @@ from __future__ import annotations
 
 import torch
 
+from .diagnostics import DiagnosticParts, finalize, parts_from_tensors
+
 CORRECTIONS = ("none", "seq_is", "token_tis", "token_mis", "seq_mis")
 SEQUENCE_CORRECTIONS = ("seq_is", "seq_mis")
 
 # exp(20) ~ 4.9e8: squares and batch sums stay finite in float32; a real run that reaches it is broken anyway.
 LOG_RATIO_CLAMP = 20.0
 
-_QUANTILES = (0.1, 0.5, 0.9)
-
-
-def _quantiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
-    """Linear-interpolation quantiles of a non-empty 1-D tensor (as torch.quantile, without its size limit)."""
-    s = torch.sort(x).values
-    out = []
-    for q in qs:
-        pos = q * (s.numel() - 1)
-        lo = int(pos)
-        hi = min(lo + 1, s.numel() - 1)
-        out.append(s[lo] + (s[hi] - s[lo]) * (pos - lo))
-    return out
-
-
-def _summary(x: torch.Tensor, name: str, neutral: float, quantiles: bool = True) -> dict[str, torch.Tensor]:
-    """mean/min/max (+ p10/p50/p90) of a 1-D tensor; `neutral` for every entry when it is empty."""
-    keys = ["mean", "min", "max"] + ([f"p{round(q * 100)}" for q in _QUANTILES] if quantiles else [])
-    if x.numel() == 0:
-        return {f"{name}_{k}": x.new_tensor(neutral) for k in keys}
-    values = [x.mean(), x.min(), x.max()] + (_quantiles(x, _QUANTILES) if quantiles else [])
-    return {f"{name}_{k}": v for k, v in zip(keys, values)}
-
-
-def _ess(w: torch.Tensor) -> torch.Tensor:
-    """Normalised effective sample size (sum w)^2 / (N sum w^2) of 1-D weights; 1 when empty, 0 when all zero."""
-    if w.numel() == 0:
-        return w.new_tensor(1.0)
-    sq = (w * w).sum()
-    return torch.where(sq > 0, w.sum() ** 2 / (w.numel() * sq.clamp_min(1e-30)), sq.new_tensor(0.0))
-
-
-def importance_weights(
+def importance_weight_parts(
     prox_logprobs: torch.Tensor,
     behavior_logprobs: torch.Tensor,
     mask: torch.Tensor,
@@ -62,8 +32,8 @@ def importance_weights(
     self_normalize: bool = False,
     group_size: int | None = None,
     geometric: bool = True,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Detached per-token off-policy weights [B, T] and their diagnostics.
+) -> tuple[torch.Tensor, DiagnosticParts]:
+    """Detached per-token off-policy weights [B, T] and their diagnostics as mergeable parts.
 
     prox_logprobs, behavior_logprobs [B, T]: log pi_prox and log beta of the sampled tokens; mask [B, T]
     (1 on completion tokens, 0 elsewhere). Tokens with mask 0 always get weight 0.
@@ -78,7 +48,7 @@ def importance_weights(
                  token of the sequence (the geometric form is the length-normalised ratio GSPO uses)
     Sequence-level weights are repeated on each completion token of the sequence.
 
-    stats (python floats; `_min`/`_max` keys are min/max-reducible, the rest are means):
+    The parts finalize (rl.diagnostics.finalize) to these statistics, exact over whatever rows are merged:
       ratio_tok_{mean,min,max,p10,p50,p90}  raw rho_t over valid completion tokens, before truncation
       ratio_seq_{mean,min,max,p10,p50,p90}  raw rho over valid sequences, before truncation
       log_ratio_seq_{mean,min,max}          log rho (does not saturate)
@@ -87,7 +57,8 @@ def importance_weights(
       ess_tok_raw, ess_seq_raw              ESS/N of the untruncated rho_t / rho
       kl_behavior_k1, kl_behavior_k3        KL(beta || pi_prox) per token from the sampled tokens
       weight_mean                           mean weight over completion tokens
-      nonfinite_count, nonfinite_frac       completion tokens whose ratio was NaN/inf (weight forced to 0)
+      nonfinite_count, nonfinite_frac       completion tokens whose ratio was NaN/inf (weight forced to 0):
+                                            total count, fraction of completion tokens
     """
     if correction not in CORRECTIONS:
         raise ValueError(f"correction {correction!r} is not one of {', '.join(CORRECTIONS)}")
@@ -141,28 +112,44 @@ def importance_weights(
 
         w_unit = torch.where(unit_valid, w_unit, 0.0)                                  # [B] or [B, T]
         weights = torch.where(valid, w_unit[:, None] if w_unit.dim() == 1 else w_unit, 0.0)  # [B, T]
-        unit_w = w_unit[unit_valid]
-        frac_truncated = truncated[unit_valid].float()
-        frac_masked = dropped[unit_valid].float()
+        # Diagnostics as additive sums (float64), extremes and quantile values: exact once merged over rows.
+        tok_values, seq_values = ratio[valid], seq_ratio[seq_valid]                    # [n_valid], [n_seq]
+        tok_ratio, seq_r = tok_values.double(), seq_values.double()
+        tok_lr = log_ratio[valid].double()                                             # [n_valid]
+        seq_lr = seq_log_ratio[seq_valid]                                              # [n_seq]
+        unit_w = w_unit[unit_valid].double()                                           # [n_unit]
+        sums = {
+            "tok_n": valid.sum(), "tok_ratio": tok_ratio.sum(), "tok_ratio_sq": (tok_ratio * tok_ratio).sum(),
+            "tok_log_ratio": tok_lr.sum(), "tok_k3": (torch.expm1(tok_lr) - tok_lr).sum(),
+            "seq_n": seq_valid.sum(), "seq_ratio": seq_r.sum(), "seq_ratio_sq": (seq_r * seq_r).sum(),
+            "seq_log_ratio": seq_lr.double().sum(),
+            "unit_n": unit_valid.sum(), "unit_w": unit_w.sum(), "unit_w_sq": (unit_w * unit_w).sum(),
+            "unit_truncated": truncated[unit_valid].sum(), "unit_masked": dropped[unit_valid].sum(),
+            "completion_n": completion.sum(), "weight": weights.double().sum(), "nonfinite": bad.sum(),
+        }
+        extremes = {"ratio_tok": tok_values, "ratio_seq": seq_values, "log_ratio_seq": seq_lr}
+        parts = parts_from_tensors(sums, extremes, {"ratio_tok": tok_values, "ratio_seq": seq_values})
+    return weights, parts
 
-        tok_lr = log_ratio[valid]                                                      # [n_valid]
-        n_completion = completion.sum().clamp(min=1)
-        stats: dict[str, torch.Tensor] = {}
-        stats.update(_summary(ratio[valid], "ratio_tok", 1.0))
-        stats.update(_summary(seq_ratio[seq_valid], "ratio_seq", 1.0))
-        stats.update(_summary(seq_log_ratio[seq_valid], "log_ratio_seq", 0.0, quantiles=False))
-        zero = ratio.new_tensor(0.0)
-        stats["frac_truncated"] = frac_truncated.mean() if frac_truncated.numel() else zero
-        stats["frac_masked"] = frac_masked.mean() if frac_masked.numel() else zero
-        stats["ess"] = _ess(unit_w)
-        stats["ess_tok_raw"] = _ess(ratio[valid])
-        stats["ess_seq_raw"] = _ess(seq_ratio[seq_valid])
-        stats["kl_behavior_k1"] = -tok_lr.mean() if tok_lr.numel() else zero
-        # k3 for KL(beta || pi) with samples from beta: (rho - 1) - log rho.
-        stats["kl_behavior_k3"] = (torch.expm1(tok_lr) - tok_lr).mean() if tok_lr.numel() else zero
-        stats["weight_mean"] = weights.sum() / n_completion
-        stats["nonfinite_count"] = bad.sum().float()
-        stats["nonfinite_frac"] = bad.sum() / n_completion
-        # One device->host transfer for all statistics.
-        values = torch.stack([v.float() for v in stats.values()]).tolist()
-    return weights, dict(zip(stats.keys(), values))
+
+def importance_weights(
+    prox_logprobs: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    correction: str,
+    cap: float | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    self_normalize: bool = False,
+    group_size: int | None = None,
+    geometric: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`importance_weight_parts` with its diagnostics finalized for this batch alone: (weights [B, T], stats).
+
+    To report statistics over several micro-batches or ranks, merge the parts instead of averaging these stats
+    (rl.diagnostics.merge / finalize, engine.distributed.reduce_diagnostics)."""
+    weights, parts = importance_weight_parts(
+        prox_logprobs, behavior_logprobs, mask, correction=correction, cap=cap, low=low, high=high,
+        self_normalize=self_normalize, group_size=group_size, geometric=geometric)
+    return weights, finalize(parts)

@@ -2,7 +2,8 @@
 
 Training runs: (1) 3 steps with the default estimator (token_tis), checkpointing every step, (2) a resume of it,
 (6) 2 steps with correction=seq_is and KL to a frozen reference (a ZeRO-3 inference engine), every parameter
-partitioned, and (7) a resume of that one from its step-1 checkpoint (the reference restored from partitions).
+partitioned, (7) a resume of that one from its step-1 checkpoint (the reference restored from partitions), and
+(8) run 1's RL phase once per rollout mode (once / streamed / auto forced to stream).
 
 Run by tests/test_distributed.py as `deepspeed --num_gpus 2 tests/distributed/zero3_worker.py --out DIR`; each
 rank writes DIR/rank<r>.json, which the tests assert on. Nothing is mocked: real engine, real ZeRO-3, gloo.
@@ -31,7 +32,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=6", "model.num_heads=2", "mode
         "rollout.max_new_tokens=20", "train.micro_batch_size=2", "train.sft_steps=30", "train.sft_lr=0.01",
         "data.min_operand=0", "data.max_operand=1", "train.steps=3",
         "train.save_every=1", "data.num_problems=32", "data.eval_problems=4", "logging.tensorboard=false",
-        "logging.progress_bar=false", "train.lr=1e-3",
+        "logging.progress_bar=false", "train.lr=1e-3", "train.keep_checkpoints=0",
         # Adaptive ratio + learned layer choice: plans depend on all-reduced statistics and scheduler state,
         # so equal plans across ranks and an exact replay after resume both test that state end to end.
         "skip.schedule=adaptive", "skip.strategy=learned", "skip.ratio=0.34", "skip.ratio_min=0.17",
@@ -39,7 +40,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=6", "model.num_heads=2", "mode
 
 
 # What each recorded RL step keeps: the estimator's diagnostics, and kl_ref when a reference exists.
-RECORDED = ("skipped_layers", "loss", "reward_mean", "completion_length", "grad_norm", "pg_loss", "ess",
+RECORDED = ("skipped_layers", "loss", "longest_completion_min", "longest_completion_max", "rollout_lockstep", "reward_mean", "completion_length", "grad_norm", "pg_loss", "ess",
             "ess_seq_raw", "ess_tok_raw", "frac_truncated", "frac_masked", "kl_behavior_k1", "kl_behavior_k3",
             "clip_frac", "weight_mean", "nonfinite_count", "kl_ref",
             *(f"ratio_{unit}_{stat}" for unit in ("tok", "seq") for stat in ("mean", "min", "max", "p10", "p50", "p90")))
@@ -192,6 +193,22 @@ def main() -> None:
     result["steps_kl_resumed"] = list(records_a)
     result["reference_kl_resumed"] = describe_reference(references[-1])
     result["references_built"] = len(references)
+
+    # 8. The RL phase of run 1 again from its SFT checkpoint, once per rollout mode: gather-once, streamed (ZeRO-3
+    # hooks on, lockstep decoding) and auto forced to stream. 5 held-out problems give the ranks unequal eval
+    # shards (3 and 2), so streamed greedy eval must pad; each run writes its rl_step3 checkpoint.
+    for mode, overrides in (("once", ["rollout.gather=once"]), ("streamed", ["rollout.gather=streamed"]),
+                            ("auto", ["rollout.gather=auto", "rollout.gather_memory_fraction=1e-12"])):
+        run_dir = out / f"mode_{mode}"
+        if rank == 0:
+            shutil.copytree(out / "run_a" / "base_model", run_dir / "base_model")
+            shutil.copytree(out / "run_a" / "checkpoints" / "sft_step30", run_dir / "checkpoints" / "sft_step30")
+            (run_dir / "checkpoints" / "latest").write_text("sft_step30")
+        ds.barrier()
+        records_a.clear()
+        cfg_mode = load_config(None, TINY + overrides + [f"train.output_dir={run_dir}", "data.eval_problems=5"])
+        result[f"summary_mode_{mode}"] = train.run(cfg_mode, zero3, resume="auto")
+        result[f"steps_mode_{mode}"] = list(records_a)
 
     (out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
 

@@ -1,0 +1,154 @@
+"""Fail-stop for multi-rank jobs: an exception on any rank ends every rank within seconds.
+
+Without this, a rank that raises leaves the others blocked in their next collective until the process-group
+timeout (30 minutes by default, forever under some NCCL settings), and a launcher that only watches its own
+node (pdsh, srun without --kill-on-bad-exit) never notices. Here:
+
+- the first rank to fail prints its traceback once, every line tagged `[rank R]`, publishes an abort record in the
+  job's c10d store (reachable from every node) and leaves with `os._exit`: tearing down a process group whose
+  peers are mid-collective can block;
+- every rank runs a watchdog thread that polls the store; on an abort record, or when the store itself is gone
+  (its host rank died, e.g. killed with SIGKILL), it prints one line naming the failed rank and leaves;
+- a rank failing after that (typically in a collective broken by the first failure) prints one line;
+- `ConfigError` (bad config, data or path) is a user error: one line, exit 2, no traceback. Every rank usually
+  raises it alike, so only the first rank to publish it prints.
+
+Nothing half-written is committed: a checkpoint becomes current only when `latest` is replaced after every
+rank's shard is on disk (`checkpoint.save_checkpoint`), and leaving with `os._exit` never reaches that point.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+from ..config import ConfigError
+
+ABORT_KEY = "nested_reft/abort"
+USER_ERROR_EXIT = 2
+FAILURE_EXIT = 1
+POLL_SECONDS = 1.0
+
+
+def _store():
+    """The default process group's c10d store (private: `distributed_c10d._get_default_store`, torch 2.x)."""
+    from torch.distributed import distributed_c10d
+    return distributed_c10d._get_default_store()
+
+
+def _emit(text: str) -> None:
+    sys.stdout.flush()
+    sys.stderr.write(text if text.endswith("\n") else text + "\n")
+    sys.stderr.flush()
+
+
+def tagged(text: str, rank: int) -> str:
+    """Every line of `text` prefixed with `[rank R] `, so interleaved output from several ranks stays readable."""
+    return "".join(f"[rank {rank}] {line}\n" for line in text.rstrip("\n").splitlines())
+
+
+class _Watchdog(threading.Thread):
+    """Polls the store for an abort record from another rank; leaves the process when it finds one."""
+
+    def __init__(self, store, rank: int):
+        super().__init__(name="nested-reft-failstop", daemon=True)
+        self.store, self.rank = store, rank
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(POLL_SECONDS):
+            try:
+                if not self.store.check([ABORT_KEY]):
+                    continue
+                failed_rank, _, kind = self.store.get(ABORT_KEY).decode().partition(":")
+            except Exception:  # the store's host is gone: its rank died without publishing anything
+                if self.stopped.is_set():
+                    return
+                _emit(f"[rank {self.rank}] stopping: the job's rendezvous store is unreachable (another rank died)")
+                os._exit(FAILURE_EXIT)
+            if self.stopped.is_set():
+                return
+            if int(failed_rank) != self.rank:
+                if kind != "config":
+                    _emit(f"[rank {self.rank}] stopping: rank {failed_rank} failed (its traceback is above)")
+                os._exit(USER_ERROR_EXIT if kind == "config" else FAILURE_EXIT)
+
+
+def _publish(store, rank: int, kind: str) -> bool:
+    """Record this rank's failure; True if it is the first one recorded (that rank reports the error)."""
+    if store is None:
+        return True
+    try:
+        first = store.add("nested_reft/failures", 1) == 1
+        if first:
+            store.set(ABORT_KEY, f"{rank}:{kind}")
+        return first
+    except Exception:
+        return True
+
+
+def fail_stop(main: Callable[[], Any]) -> int:
+    """Run `main()` so that an exception on this rank ends the whole job (see the module docstring); returns 0.
+
+    On an exception in a distributed run it never returns: the process exits with 2 for a `ConfigError`, 1
+    otherwise. In a single process it prints the same and returns that exit code.
+    The watchdog starts once the process group exists: call `start_watchdog()` right after initialising it.
+    """
+    try:
+        main()
+        return 0
+    except BaseException as error:  # noqa: BLE001 - everything, KeyboardInterrupt included, must stop the job
+        if isinstance(error, SystemExit) and error.code in (0, None):
+            return 0
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        rank = dist.get_rank() if distributed else 0
+        stop_watchdog()
+        kind = "config" if isinstance(error, ConfigError) else "error"
+        store = None
+        if distributed:
+            try:
+                store = _store()
+            except Exception:
+                store = None
+        first = _publish(store, rank, kind)
+        if kind == "config":
+            if first:
+                _emit(f"nested-reft: error: {error}")
+            code = USER_ERROR_EXIT
+        elif first:
+            _emit(tagged("".join(traceback.format_exception(error)), rank))
+            code = FAILURE_EXIT
+        else:  # usually the consequence (a broken collective) of the first failure, already reported
+            summary = traceback.format_exception_only(error)[-1].strip()
+            _emit(f"[rank {rank}] stopping after another rank's failure: {summary}")
+            code = FAILURE_EXIT
+        if distributed:
+            os._exit(code)
+        return code
+    finally:
+        stop_watchdog()
+
+
+_watchdog: _Watchdog | None = None
+
+
+def start_watchdog() -> None:
+    """Start this rank's abort watchdog (no-op for a single process). Call after the process group exists."""
+    global _watchdog
+    if _watchdog is not None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    _watchdog = _Watchdog(_store(), dist.get_rank())
+    _watchdog.start()
+
+
+def stop_watchdog() -> None:
+    """Stop the watchdog. Call before the final barrier of a successful run: once every rank has passed it,
+    rank 0 may tear down the store, which a still-running watchdog would take for a crash."""
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.stopped.set()
+        _watchdog = None
