@@ -1,10 +1,14 @@
 """User-facing errors: a one-line message naming the problem, exit code 2, nothing half-started."""
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from nested_reft_ds.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, cwd=None):
@@ -83,3 +87,53 @@ def test_bench_rollout_rejects_unknown_modes():
 def test_bench_rejects_bad_ratios_before_building_anything(kind, ratios, message):
     proc = run_cli("bench", *kind, "--ratios", ratios)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path):
+    """Only ConfigError is a user error: an exception from the code (here the documented fault hook, as a bug
+    would raise) keeps its traceback, tagged with the rank, and exits 1."""
+    import os
+    env = dict(os.environ, NESTED_REFT_FAULT="0:sft:0:raise")
+    proc = subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "train", "--config",
+                           "configs/tiny_zero3_2rank.yaml", "--set", f"train.output_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "[rank 0] Traceback (most recent call last):" in proc.stderr
+    assert "[rank 0] nested_reft_ds.faults.InjectedFault: injected fault at sft step 0 on rank 0" in proc.stderr
+    assert "nested-reft: error:" not in proc.stderr
+
+
+def test_malformed_fault_spec_is_a_config_error():
+    from nested_reft_ds.faults import parse_faults
+    assert parse_faults("1:rl:3:raise, 0:checkpoint:4:kill") == [(1, "rl", 3, "raise"), (0, "checkpoint", 4, "kill")]
+    with pytest.raises(ConfigError, match="RANK:POINT:STEP:KIND"):
+        parse_faults("1:rollout:3:raise")
+
+
+def _train(capsys, out, *overrides) -> tuple[int, str, str]:
+    from nested_reft_ds import train
+    code = train.main(["--config", str(REPO / "configs" / "tiny_zero3_2rank.yaml"),
+                       "--set", f"train.output_dir={out}", *(a for o in overrides for a in ("--set", o))])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_stale_base_model_and_incompatible_resume_are_refused_compatible_resume_allowed(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = _train(capsys, out)
+    assert code == 0, err
+    # model.* changed: the built base_model no longer matches (one line naming the key and both values).
+    code, _, err = _train(capsys, out, "model.num_layers=6")
+    errors = [line for line in err.splitlines() if line.startswith("nested-reft: error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert "base_model" in errors[0] and "model.num_layers was 4, now 6" in errors[0]
+    # the rollout layout changed: the RL checkpoint refuses to resume.
+    code, _, err = _train(capsys, out, "rollout.group_size=4")
+    errors = [line for line in err.splitlines() if line.startswith("nested-reft: error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert "cannot resume from" in errors[0] and "rollout.group_size was 2, now 4" in errors[0]
+    # safe changes (more steps, another lr, logging): resumed, and trains the new step only.
+    code, _, err = _train(capsys, out, "train.steps=3", "train.lr=1e-3", "logging.log_every=2")
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["phase"] == "rl"] == [0, 1, 2]

@@ -206,3 +206,35 @@ def test_every_rollout_mode_trains_through_train_run_with_unequal_rank_lengths(r
         assert weights[mode].keys() == weights["once"].keys()
         for key, value in weights["once"].items():
             torch.testing.assert_close(weights[mode][key], value, rtol=1e-6, atol=1e-7, msg=f"{mode}: {key}")
+
+
+def test_zero3_streamed_eval_equals_the_plain_single_process_eval(ranks, tmp_path):
+    """`nested-reft eval --deepspeed zero3 --gather streamed` on 2 ranks: lockstep decoding and balanced scoring
+    forwards (one rank generates a balancing chunk in the last round) finish and give the plain run's numbers."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("zero3_worker", REPO / "tests" / "distributed" / "zero3_worker.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    from nested_reft_ds import evaluate
+
+    out, _ = ranks
+    assert [(out / f"eval_rank{r}.code").read_text() for r in range(2)] == ["0", "0"]
+    assert evaluate.main(worker.eval_arguments(out / "hf_a", tmp_path / "plain.json")) == 0
+    sharded, plain = (json.loads(path.read_text()) for path in (out / "eval_streamed.json", tmp_path / "plain.json"))
+    assert sharded["world_size"] == 2 and plain["world_size"] == 1
+    assert list(sharded["benchmarks"]) == list(plain["benchmarks"]) == ["synthetic skip=0", "synthetic skip=0.34"]
+    for row, expected in plain["benchmarks"].items():
+        got = sharded["benchmarks"][row]
+        assert got["problems"] == expected["problems"], row  # every sample, token count and answer
+        for key, value in expected["metrics"].items():
+            if key != "tokens_per_s":
+                assert got["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (row, key)
+    # The case lockstep exists for: in the last round rank 0 decodes chunk 2 while rank 1 decodes its balancing
+    # copy of chunk 0 (same prompts and seed), and the two end at different lengths.
+    records = plain["benchmarks"]["synthetic skip=0"]["problems"]
+    from nested_reft_ds.model import load_tokenizer
+    tokenizer = load_tokenizer(out / "hf_a")
+    lengths = [len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in records]
+    chunks = evaluate.generation_chunks(lengths, 2, 4)
+    longest = [max(s["tokens"] for i in chunk for s in records[i]["samples"]) for chunk in chunks]
+    assert len(chunks) == 3 and longest[2] != longest[0], longest

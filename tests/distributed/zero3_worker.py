@@ -3,7 +3,8 @@
 Training runs: (1) 3 steps with the default estimator (token_tis), checkpointing every step, (2) a resume of it,
 (6) 2 steps with correction=seq_is and KL to a frozen reference (a ZeRO-3 inference engine), every parameter
 partitioned, (7) a resume of that one from its step-1 checkpoint (the reference restored from partitions), and
-(8) run 1's RL phase once per rollout mode (once / streamed / auto forced to stream).
+(8) run 1's RL phase once per rollout mode (once / streamed / auto forced to stream), and (9) `nested-reft eval`
+sharded with ZeRO-3 in streamed mode.
 
 Run by tests/test_distributed.py as `deepspeed --num_gpus 2 tests/distributed/zero3_worker.py --out DIR`; each
 rank writes DIR/rank<r>.json, which the tests assert on. Nothing is mocked: real engine, real ZeRO-3, gloo.
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 import nested_reft_ds.train as train
+from nested_reft_ds import evaluate
 from nested_reft_ds import engine as ds
 from nested_reft_ds.config import load_config
 from nested_reft_ds.engine.gather import zero3_coordinator
@@ -44,6 +46,13 @@ RECORDED = ("skipped_layers", "loss", "longest_completion_min", "longest_complet
             "ess_seq_raw", "ess_tok_raw", "frac_truncated", "frac_masked", "kl_behavior_k1", "kl_behavior_k3",
             "clip_frac", "weight_mean", "nonfinite_count", "kl_ref",
             *(f"ratio_{unit}_{stat}" for unit in ("tok", "seq") for stat in ("mean", "min", "max", "p10", "p50", "p90")))
+
+
+def eval_arguments(model: Path, output: Path) -> list[str]:
+    """5 synthetic problems in chunks of 2 (3 chunks: on 2 ranks one rank balances the last round), sampled, with a
+    nested row whose behaviour-target KL is scored by extra full-model forwards."""
+    return ["--model", str(model), "--benchmarks", "synthetic", "--limit", "5", "--samples", "2", "--temperature",
+            "1.0", "--max-new-tokens", "20", "--batch-size", "4", "--skip-ratios", "0,0.34", "--output", str(output)]
 
 
 def record_rl_steps(records: list) -> None:
@@ -195,7 +204,8 @@ def main() -> None:
     result["references_built"] = len(references)
 
     # 8. The RL phase of run 1 again from its SFT checkpoint, once per rollout mode: gather-once, streamed (ZeRO-3
-    # hooks on, lockstep decoding) and auto forced to stream. 5 held-out problems give the ranks unequal eval
+    # hooks on, lockstep decoding) and auto forced to stream, with every parameter partitioned (run 6's config,
+    # persistence threshold 0: this tiny model would otherwise stay resident whole). 5 held-out problems give the ranks unequal eval
     # shards (3 and 2), so streamed greedy eval must pad; each run writes its rl_step3 checkpoint.
     for mode, overrides in (("once", ["rollout.gather=once"]), ("streamed", ["rollout.gather=streamed"]),
                             ("auto", ["rollout.gather=auto", "rollout.gather_memory_fraction=1e-12"])):
@@ -207,10 +217,20 @@ def main() -> None:
         ds.barrier()
         records_a.clear()
         cfg_mode = load_config(None, TINY + overrides + [f"train.output_dir={run_dir}", "data.eval_problems=5"])
-        result[f"summary_mode_{mode}"] = train.run(cfg_mode, zero3, resume="auto")
+        result[f"summary_mode_{mode}"] = train.run(cfg_mode, str(kl_config), resume="auto")
         result[f"steps_mode_{mode}"] = list(records_a)
 
     (out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
+
+    # 9. `nested-reft eval` sharded with ZeRO-3 (every parameter partitioned) and streamed decoding, on run 1's final
+    # model; tests/test_distributed.py compares it with a plain single-process eval. Last: it ends the process group.
+    hf = out / "hf_a"
+    if rank == 0:
+        ds.export_hf_model(out / "run_a" / "checkpoints", hf)
+    ds.barrier()
+    code = evaluate.main(eval_arguments(hf, out / "eval_streamed.json")
+                         + ["--deepspeed", str(kl_config), "--gather", "streamed"])
+    (out / f"eval_rank{rank}.code").write_text(str(code))
 
 
 if __name__ == "__main__":
