@@ -195,17 +195,18 @@ def test_every_rollout_mode_trains_through_train_run_with_unequal_rank_lengths(r
         for mode_steps in (streamed, auto):
             for expected, got in zip(once, mode_steps):
                 assert got["skipped_layers"] == expected["skipped_layers"]
-                # Same weights, same tokens: the losses agree to float32 rounding of a reordered reduction.
+                # Same gathered weights, same tokens, same tensor shapes (lockstep's trailing padding is trimmed):
+                # bitwise equal on CPU.
                 for key in ("loss", "reward_mean", "completion_length", "ess", "kl_behavior_k3"):
-                    assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
+                    assert got[key] == expected[key], key
         for mode in ("streamed", "auto"):
-            assert result[f"summary_mode_{mode}"] == pytest.approx(result["summary_mode_once"], abs=1e-12)
+            assert result[f"summary_mode_{mode}"] == result["summary_mode_once"]
     weights = {mode: consolidated_state_dict(out / f"mode_{mode}" / "checkpoints", "rl_step3")
                for mode in ("once", "streamed", "auto")}
     for mode in ("streamed", "auto"):
         assert weights[mode].keys() == weights["once"].keys()
         for key, value in weights["once"].items():
-            torch.testing.assert_close(weights[mode][key], value, rtol=1e-6, atol=1e-7, msg=f"{mode}: {key}")
+            assert torch.equal(weights[mode][key], value), f"{mode}: {key}"
 
 
 def test_zero3_streamed_eval_equals_the_plain_single_process_eval(ranks, tmp_path):

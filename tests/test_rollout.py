@@ -62,3 +62,40 @@ def test_top_p_restricts_support_and_renormalises():
     assert torch.isinf(logprobs[0, 2:]).all()
     torch.testing.assert_close(logprobs[0, :2].exp(), torch.tensor([0.625, 0.375]))
     torch.testing.assert_close(sampling_logprobs(logits, 1.0, 1.0).exp(), logits.exp())
+
+
+
+def test_a_model_marked_for_lockstep_decodes_in_lockstep_whatever_the_caller_passes(tiny_models):
+    """Streamed ZeRO-3 decoding marks its model; generate then consults the rule every step by itself (a call site
+    that forgets it cannot hang the job), keeps stepping until the rule says every rank is done, trims the extra
+    padding steps, and refuses a different rule."""
+    from nested_reft_ds.rollout import lockstep_rule, mark_lockstep
+    model, tok = load_model_and_tokenizer(tiny_models["qwen2"])
+    model.eval()
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    plan = SkipPlan(6)
+    first = generate(model, enc.input_ids, enc.attention_mask, plan, max_new_tokens=1, greedy=True,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    eos = int(first.completions[0, 0])  # the row's first greedy token ends it: this "rank" is done after 1 step
+    kwargs = dict(max_new_tokens=8, greedy=True, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    alone = generate(model, enc.input_ids, enc.attention_mask, plan, **kwargs)
+    calls = []
+
+    def all_ranks_done(local_done: bool) -> bool:  # another rank needs 3 more steps
+        calls.append(local_done)
+        return len(calls) >= 4
+
+    mark_lockstep(model, all_ranks_done)
+    try:
+        assert lockstep_rule(model) is all_ranks_done
+        stepped = generate(model, enc.input_ids, enc.attention_mask, plan, **kwargs)
+        with pytest.raises(ValueError, match="carries its own lockstep rule"):
+            generate(model, enc.input_ids, enc.attention_mask, plan, all_ranks_done=lambda done: done, **kwargs)
+    finally:
+        mark_lockstep(model, None)
+    assert lockstep_rule(model) is None
+    assert calls == [True] * 4, "one rule call per decode step, until every rank is done"
+    assert alone.completions.shape[1] == 1
+    assert torch.equal(stepped.sequences, alone.sequences), "the padding steps are trimmed"
+    assert torch.equal(stepped.completion_mask, alone.completion_mask)
+    assert torch.equal(stepped.behavior_logprobs, alone.behavior_logprobs)
