@@ -2,11 +2,11 @@
 
     python benchmarks/compare_reft.py --config configs/compare_tiny.yaml --out runs/compare [--quick] [--parallel N]
 
-The same as `nested-reft compare` (nested_reft_ds/compare.py documents the options, outputs and definitions).
+The same as `nested-reft compare` (nested_reft_ds/recipes/compare.py documents the options, outputs and definitions).
 """
 import sys
 
-from nested_reft_ds.compare import main
+from nested_reft_ds.recipes.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

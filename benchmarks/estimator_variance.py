@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from nested_reft_ds.config import AlgorithmConfig
-from nested_reft_ds.rl.toy import exact_gradient, gradient_samples, make_toy_problem
+from toy_problem import exact_gradient, gradient_samples, make_toy_problem
 
 GROUP = 4
 ESTIMATORS = {

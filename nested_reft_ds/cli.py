@@ -1,53 +1,84 @@
-"""`nested-reft train | eval | bench [nested | rollout] | export`."""
+"""`nested-reft train | eval | bench [nested | rollout] | compare | export`.
+
+Each subcommand's recipe is imported only when that subcommand runs: `nested-reft --help` imports no recipe, and
+`eval` on plain processes never imports DeepSpeed.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from typing import Callable
+
+# name -> (recipe module, function adding its arguments, function running it, help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "train": ("recipes.train", "build_parser", "train_main",
+              "train with Nested-ReFT (single process or any launcher)"),
+    "eval": ("recipes.evaluate", "add_eval_arguments", "run_eval", "pass@k / maj@k on math benchmarks"),
+    "compare": ("recipes.compare", "add_compare_arguments", "compare_main",
+                "Nested-ReFT vs ReFT over skip ratios, corrections and seeds: table, JSONL, plots"),
+    "export": ("cli", "add_export_arguments", "export_main",
+               "consolidate a (ZeRO-3) checkpoint into a HF model directory"),
+}
+BENCHES: dict[str, tuple[str, str, str, str]] = {
+    "nested": ("recipes.bench", "add_bench_arguments", "run_bench",
+               "rollout tokens/s: nested vs full model, one process"),
+    "rollout": ("recipes.bench_rollout", "add_rollout_arguments", "launch",
+                "ZeRO-3 rollout per gather mode x skip ratio on 2 ranks: tokens/s, bytes, collectives, memory, R1-R3"),
+}
 
 
-def _export(args: argparse.Namespace) -> int:
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--checkpoint-dir", required=True, help="<output_dir>/checkpoints of a run")
+    parser.add_argument("--output", required=True, help="directory to write (save_pretrained)")
+    parser.add_argument("--tag", help="checkpoint tag (default: latest)")
+    parser.add_argument("--base-model", help="architecture/tokenizer source (default: the run's own model)")
+    return parser
+
+
+def export_main(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .engine import export_hf_model
+
     try:
         out = export_hf_model(args.checkpoint_dir, args.output, tag=args.tag, base_model=args.base_model)
-    except ValueError as err:
+    except ConfigError as err:
         print(f"nested-reft: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote Hugging Face model to {out}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from . import bench, bench_rollout, compare, evaluate, train
+def _attach(subparsers, table: dict[str, tuple[str, str, str, str]], chosen: str | None) -> Callable | None:
+    """Add every entry of `table` as a subcommand; only `chosen`'s recipe is imported (for its arguments).
+    Returns `chosen`'s run function."""
+    run = None
+    for name, (module_name, add_arguments, run_name, help_text) in table.items():
+        parser = subparsers.add_parser(name, help=help_text)
+        if name == chosen:
+            module = importlib.import_module(f"{__package__}.{module_name}")
+            getattr(module, add_arguments)(parser)
+            run = getattr(module, run_name)
+    return run
 
-    parser = argparse.ArgumentParser(prog="nested-reft", description="Nested-ReFT on DeepSpeed")
-    commands = parser.add_subparsers(dest="command", required=True)
-    train.build_parser(commands.add_parser("train", help="train with Nested-ReFT (single process or any launcher)"))
-    evaluate.add_eval_arguments(commands.add_parser("eval", help="pass@k / maj@k on math benchmarks"))
-    benches = commands.add_parser("bench", help="rollout benchmarks (default: nested)").add_subparsers(
-        dest="bench", required=True)
-    bench.add_bench_arguments(benches.add_parser("nested", help="rollout tokens/s: nested vs full model, one process"))
-    bench_rollout.add_rollout_arguments(benches.add_parser(
-        "rollout", help="ZeRO-3 rollout per gather mode x skip ratio on 2 ranks: tokens/s, bytes, collectives, "
-                        "memory, R1-R3"))
-    compare.add_compare_arguments(commands.add_parser(
-        "compare", help="Nested-ReFT vs ReFT over skip ratios, corrections and seeds: table, JSONL, plots"))
-    export = commands.add_parser("export", help="consolidate a (ZeRO-3) checkpoint into a HF model directory")
-    export.add_argument("--checkpoint-dir", required=True, help="<output_dir>/checkpoints of a run")
-    export.add_argument("--output", required=True, help="directory to write (save_pretrained)")
-    export.add_argument("--tag", help="checkpoint tag (default: latest)")
-    export.add_argument("--base-model", help="architecture/tokenizer source (default: the run's own model)")
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher puts --local_rank=N before the subcommand; ranks read LOCAL_RANK from the environment.
     argv = [arg for arg in argv if not arg.startswith(("--local_rank=", "--local-rank="))]
-    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1] not in ("nested", "rollout", "-h", "--help")):
+    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1] not in (*BENCHES, "-h", "--help")):
         argv.insert(1, "nested")  # plain `nested-reft bench [options]` is the single-process benchmark
+    command = argv[0] if argv and argv[0] in (*COMMANDS, "bench") else None
+    bench = argv[1] if command == "bench" and len(argv) > 1 and argv[1] in BENCHES else None
+
+    parser = argparse.ArgumentParser(prog="nested-reft", description="Nested-ReFT on DeepSpeed")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = _attach(commands, COMMANDS, command)
+    benches = commands.add_parser("bench", help="rollout benchmarks (default: nested)").add_subparsers(
+        dest="bench", required=True)
+    run = _attach(benches, BENCHES, bench) or run
     args = parser.parse_args(argv)
-    if args.command == "compare":
-        return compare.compare_main(args)
-    if args.command == "bench":
-        return {"nested": bench.run_bench, "rollout": bench_rollout.launch}[args.bench](args)
-    handlers = {"train": train.train_main, "eval": evaluate.run_eval, "export": _export}
-    return handlers[args.command](args)
+    return run(args)
 
 
 if __name__ == "__main__":

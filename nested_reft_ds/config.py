@@ -73,8 +73,9 @@ class DataConfig:
     # answers stay true) computes the last step off by one. SFT then imitates the mistake at that rate and RL,
     # rewarded against the true answer, has a verifiable error to remove, as ReFT does beyond SFT.
     solution_error_rate: float = 0.0
-    # "auto": the tokenizer's chat template when it has one, else the plain template.
-    prompt_template: Literal["auto", "plain", "chat"] = "auto"
+    # "auto": the tokenizer's chat template when it has one, else the plain template; "plain", "chat", or a custom
+    # template string with a {question} (and optionally {instruction}) placeholder.
+    prompt_template: str = "auto"
 
     def __post_init__(self) -> None:
         if self.source != "synthetic":
@@ -88,6 +89,9 @@ class DataConfig:
                  f"an integer >= data.min_steps={self.min_steps} >= 1")
         _require(0.0 <= self.solution_error_rate <= 1.0, "data.solution_error_rate", self.solution_error_rate,
                  "a float in [0, 1]")
+        from .data.templates import NAMED_TEMPLATES, is_template  # data imports config: import at use
+        _require(is_template(self.prompt_template), "data.prompt_template", self.prompt_template,
+                 f"one of {', '.join(NAMED_TEMPLATES)} or a template string with a {{question}} placeholder")
 
 
 @dataclass(frozen=True)
@@ -103,8 +107,14 @@ class RolloutConfig:
     # "auto" gathers once when the kept layers take at most this fraction of the smallest free device memory
     # over ranks (gather-once holds them next to the KV cache and activations), else it streams.
     gather_memory_fraction: float = 0.5
+    # Exact decode savings (sampling noise is keyed per token, so neither changes a sampled token): finished rows
+    # leave the batch once the rows still decoding are at most `compact_below` of it (0: never), and each prompt
+    # is prefilled once for its group_size samples (`shared_prefill`).
+    compact_below: float = 0.5
+    shared_prefill: bool = True
 
     def __post_init__(self) -> None:
+        _require(0 <= self.compact_below <= 1, "rollout.compact_below", self.compact_below, "a float in [0, 1]")
         _require(0 < self.gather_memory_fraction <= 1, "rollout.gather_memory_fraction",
                  self.gather_memory_fraction, "a float in (0, 1]")
         _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "an integer >= 1")
@@ -208,6 +218,9 @@ class TrainConfig:
     steps: int = 30  # RL steps (0: stop after the SFT warm-up)
     # Sequences per forward/backward on each rank; gradient accumulation follows from the rollout size.
     micro_batch_size: int = 32
+    # Exact: micro-batches take rows of similar length (whole prompt groups when the micro-batch holds whole
+    # groups) and each is trimmed to its own longest row, so training computes little padding.
+    bucket_by_length: bool = True
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -363,6 +376,18 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _override_value(raw: str) -> Any:
+    """YAML typing for a command-line value (8 -> int, 0.5 -> float, null -> None, [1, 2] -> list). No config key
+    takes a mapping, so text YAML cannot parse or reads as one (a prompt template "Q: {question}") is a string."""
+    if not raw.strip():
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if isinstance(value, dict) else value
+
+
 def _apply_override(tree: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value (e.g. rollout.group_size=8)")
@@ -370,7 +395,7 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     parts = dotted.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override key '{dotted}' must be section.key, e.g. rollout.group_size")
-    value = yaml.safe_load(raw) if raw.strip() else None  # YAML typing: 8 -> int, 0.5 -> float, null -> None
+    value = _override_value(raw)
     section = tree.setdefault(parts[0], {})
     if not isinstance(section, dict):
         raise ConfigError(f"config key '{parts[0]}' must be a mapping, got {section!r}")

@@ -16,6 +16,8 @@ import torch
 from transformers import DynamicCache
 
 from .nested import SkipPlan, nested_view
+from .rl.logprobs import token_logprobs
+from .sampling import keyed_uniforms, sample_tokens, sampling_logprobs
 
 
 # The attribute under which a model that decodes with collectives carries its `all_ranks_done` rule.
@@ -60,40 +62,84 @@ class Rollout:
     def num_completion_tokens(self) -> int:
         return int(self.completion_mask.sum())
 
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The rollout of `rows` (an index tensor) trimmed to the columns those rows use: the prompt padding left
+        of their longest prompt and the completion padding right of their longest completion are dropped.
+
+        Dropped columns are masked for every selected row, so a forward over the trimmed rows computes the same
+        per-token values as over the full width (up to the summation order of a shorter attention row)."""
+        prompt_mask, completion_mask = self.prompt_mask[rows], self.completion_mask[rows]
+        used = prompt_mask.any(dim=0)  # left padded: the used prompt columns are a suffix
+        start = int(used.long().argmax()) if bool(used.any()) else self.prompt_length
+        width = max(int(completion_mask.sum(dim=1).max()), 1) if len(rows) else 1
+        sequences = torch.cat([self.sequences[rows, start:self.prompt_length], self.completions[rows, :width]], dim=1)
+        return Rollout(sequences=sequences, prompt_mask=prompt_mask[:, start:],
+                       completion_mask=completion_mask[:, :width],
+                       behavior_logprobs=self.behavior_logprobs[rows, :width])
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that start at 0 on each row's first real token (left padding gets position 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Log-probabilities of the distribution actually sampled from: softmax(logits / T) restricted to the top-p
-    nucleus and renormalised. logits [B, V] -> [B, V] float32 (-inf outside the nucleus)."""
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    if top_p >= 1.0:
-        return logprobs
-    sorted_logprobs, order = logprobs.sort(dim=-1, descending=True)
-    # Drop a token when the mass strictly before it already reaches top_p (the top token always stays).
-    mass_before = sorted_logprobs.exp().cumsum(-1) - sorted_logprobs.exp()
-    drop_sorted = mass_before >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return torch.log_softmax(logprobs.masked_fill(drop, float("-inf")), dim=-1)
+def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt texts -> left-padded input ids and attention mask [B, P], the layout `generate` and `Rollout` use.
+
+    No special tokens are added: the prompt template (`format_prompt`) already wrote every token the model sees."""
+    enc = tokenizer(list(prompts), padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def completion_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """Log-probs [B, T] of the completion tokens of `rollout` under `model`, at `temperature`.
+
+    Differentiable when called with grad. Only the logits at positions P-1 .. P+T-1 (those that predict a
+    completion token) are computed, so no [B, P+T, V] tensor is materialised for the prompt, and they are
+    scored a chunk of positions at a time (`token_logprobs`). Select and trim rows first (`Rollout.select`)."""
+    mask = rollout.attention_mask
+    new_tokens = rollout.completions.shape[1]
+    logits = model(input_ids=rollout.sequences, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                   use_cache=False, logits_to_keep=new_tokens + 1).logits  # [B, T + 1, V]
+    return token_logprobs(logits[:, :-1], rollout.completions, temperature)
+
+
+@dataclass
+class DecodeStats:
+    """What one `generate` call computed: token-steps of the rows in the batch vs those still alive."""
+    steps: int = 0                # decode forwards after the prefill
+    row_steps: int = 0            # sum over decode forwards of the rows the forward ran
+    alive_row_steps: int = 0      # of those, rows that had not finished (the tokens that were needed)
+    prefill_rows: int = 0         # rows the prefill forward ran (one per prompt with shared prefill)
+    compactions: int = 0
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: SkipPlan, *,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int], pad_token_id: int, greedy: bool = False,
-             generator: torch.Generator | None = None, use_cache: bool = True,
-             all_ranks_done: Callable[[bool], bool] | None = None) -> Rollout:
+             seed: int = 0, row_keys: torch.Tensor | None = None, group_size: int = 1,
+             compact_below: float = 0.5, use_cache: bool = True,
+             all_ranks_done: Callable[[bool], bool] | None = None,
+             stats: DecodeStats | None = None) -> Rollout:
     """Sample one completion per row of the left-padded `input_ids` [B, P] from `model` viewed through `plan`.
 
     Stops a row at EOS (the EOS token is part of its completion) and the batch when every row has stopped or
     after `max_new_tokens`. `greedy` takes the argmax but still reports temperature-scaled log-probs.
+
+    Sampling is keyed (`sampling.keyed_uniforms`): the token at position t of row r reads the uniform of
+    (`seed`, `row_keys[r]`, t) (default keys 0..B-1), so a row's tokens do not depend on the rest of the batch.
+    That makes two savings exact:
+    - `group_size` G > 1 declares that rows come in groups of G identical prompts (a GRPO group): each prompt is
+      prefilled once and its KV cache repeated for its G samples.
+    - compaction: once the rows still decoding are at most `compact_below` of the rows in the batch, the
+      finished ones leave it (KV cache and per-row state), so later steps cost what is alive. 0 never compacts.
+
     `use_cache=False` recomputes the whole prefix each step (slow; the reference the cached path is tested
     against). `all_ranks_done(local_done) -> global_done` makes decoding lockstep across ranks (for modes whose
-    forward runs collectives): a rank whose rows have all stopped keeps stepping on padding until it returns True.
-    A model marked with `mark_lockstep` always decodes with its own rule; passing a different one is an error.
+    forward runs collectives): a rank whose rows have all stopped keeps stepping on one row until it returns
+    True. A model marked with `mark_lockstep` always decodes with its own rule; passing a different one is an
+    error. `stats`, if given, is filled with the token-steps computed and needed.
     """
     marked = lockstep_rule(model)
     if marked is not None:
@@ -101,49 +147,86 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
             raise ValueError("generate: this model decodes with collectives and carries its own lockstep rule; "
                              "do not pass a different all_ranks_done")
         all_ranks_done = marked
-    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                           device=input_ids.device)
-    batch_size = input_ids.shape[0]
+    batch_size, device = input_ids.shape[0], input_ids.device
+    if group_size < 1 or batch_size % group_size:
+        raise ValueError(f"generate: group_size must be >= 1 and divide the batch ({batch_size}), got {group_size}")
+    if not 0.0 <= compact_below <= 1.0:
+        raise ValueError(f"generate: compact_below must be in [0, 1], got {compact_below}")
     prompt_mask = attention_mask.long()
-    tokens, logprobs, alive_masks = [], [], []
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
+    if group_size > 1:
+        grouped_ids = input_ids.view(-1, group_size, input_ids.shape[1])
+        grouped_mask = prompt_mask.view(-1, group_size, input_ids.shape[1])
+        if not (torch.equal(grouped_ids, grouped_ids[:, :1].expand_as(grouped_ids))
+                and torch.equal(grouped_mask, grouped_mask[:, :1].expand_as(grouped_mask))):
+            raise ValueError(f"generate: group_size={group_size} but the rows of a group are not the same prompt")
+    row_keys = torch.arange(batch_size, device=device) if row_keys is None else row_keys.to(device)
+    if row_keys.shape != (batch_size,):
+        raise ValueError(f"generate: row_keys must have shape ({batch_size},), got {tuple(row_keys.shape)}")
+    stats = stats if stats is not None else DecodeStats()
+    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    # Output rows in the caller's order; `rows` maps the rows now in the batch to them.
+    tokens = torch.full((batch_size, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    behavior_logprobs = torch.zeros((batch_size, max_new_tokens), device=device)
+    completion_mask = torch.zeros((batch_size, max_new_tokens), dtype=torch.long, device=device)
+    rows = torch.arange(batch_size, device=device)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    steps_taken = 0
     with nested_view(model, plan):
         model_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         cache = DynamicCache(config=model_config) if use_cache else None
         sequences, full_mask = input_ids, prompt_mask
-        step_ids, step_positions = input_ids, position_ids_from_mask(prompt_mask)
-        for _ in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=full_mask, position_ids=step_positions,
+        shared = use_cache and group_size > 1
+        step_ids = input_ids[::group_size] if shared else input_ids
+        step_mask = prompt_mask[::group_size] if shared else prompt_mask
+        step_positions = position_ids_from_mask(step_mask)
+        for position in range(max_new_tokens):
+            out = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions,
                         cache=cache, use_cache=use_cache, logits_to_keep=1)
-            step_logprobs = sampling_logprobs(out.logits[:, -1], temperature, top_p)  # [B, V]
+            last_logits = out.logits[:, -1]
+            if position == 0:
+                stats.prefill_rows += step_ids.shape[0]
+                if shared:  # one prefill per prompt: its cache and next-token logits serve its G samples
+                    cache.batch_repeat_interleave(group_size)
+                    last_logits = last_logits.repeat_interleave(group_size, dim=0)
+            else:
+                stats.steps += 1
+                stats.row_steps += rows.numel()
+                stats.alive_row_steps += int((~finished[rows]).sum())
+            step_logprobs = sampling_logprobs(last_logits, temperature, top_p)  # [b, V]
             if greedy:
                 token = step_logprobs.argmax(-1)
             else:
-                token = torch.multinomial(step_logprobs.exp(), 1, generator=generator).squeeze(-1)
+                token = sample_tokens(step_logprobs, keyed_uniforms(seed, row_keys[rows], position))
             token_logprob = step_logprobs.gather(-1, token[:, None]).squeeze(-1)
-            alive = ~finished
-            token = torch.where(alive, token, torch.full_like(token, pad_token_id))
-            tokens.append(token)
-            logprobs.append(torch.where(alive, token_logprob, torch.zeros_like(token_logprob)))
-            alive_masks.append(alive.long())
-            finished = finished | torch.isin(token, eos_ids)
+            alive = ~finished[rows]
+            tokens[rows, position] = torch.where(alive, token, torch.full_like(token, pad_token_id))
+            behavior_logprobs[rows, position] = torch.where(alive, token_logprob, torch.zeros_like(token_logprob))
+            completion_mask[rows, position] = alive.long()
+            finished[rows] = finished[rows] | (alive & torch.isin(token, eos_ids))
+            steps_taken = position + 1
             done = bool(finished.all())
             if all_ranks_done is not None:
                 done = all_ranks_done(done)
-            if done:
+            if done or position + 1 == max_new_tokens:
                 break
+            token = tokens[rows, position]
             sequences = torch.cat([sequences, token[:, None]], dim=1)
             full_mask = torch.cat([full_mask, torch.ones_like(token[:, None])], dim=1)
+            still = ~finished[rows]
+            if compact_below > 0 and use_cache and int(still.sum()) <= compact_below * rows.numel():
+                # Keep the alive rows (at least one: a lockstep rank with none left still runs the forwards).
+                keep = still.nonzero().squeeze(-1) if bool(still.any()) else still.new_zeros(1, dtype=torch.long)
+                if keep.numel() < rows.numel():
+                    rows, sequences, full_mask = rows[keep], sequences[keep], full_mask[keep]
+                    cache.batch_select_indices(keep)
+                    stats.compactions += 1
             if use_cache:
-                step_ids = token[:, None]
+                step_ids, step_mask = sequences[:, -1:], full_mask
                 step_positions = position_ids_from_mask(full_mask)[:, -1:]
             else:
-                step_ids, step_positions = sequences, position_ids_from_mask(full_mask)
-    # In lockstep a rank keeps stepping after its own rows have ended: drop those all-padding columns, so the
-    # rollout is the same tensor whether or not decoding was lockstep.
-    completion_mask = torch.stack(alive_masks, dim=1)  # [B, steps]
-    width = max(int(completion_mask.sum(dim=1).max()), 1) if batch_size else len(tokens)
-    completions = torch.stack(tokens, dim=1)[:, :width]
-    return Rollout(sequences=torch.cat([input_ids, completions], dim=1), prompt_mask=prompt_mask,
-                   completion_mask=completion_mask[:, :width],
-                   behavior_logprobs=torch.stack(logprobs, dim=1)[:, :width])
+                step_ids, step_mask, step_positions = sequences, full_mask, position_ids_from_mask(full_mask)
+    # In lockstep a rank keeps stepping after its own rows have ended: keep only the columns some row used, so
+    # the rollout is the same tensor whether or not decoding was lockstep.
+    width = max(int(completion_mask.sum(dim=1).max()), 1) if batch_size else steps_taken
+    return Rollout(sequences=torch.cat([input_ids, tokens[:, :width]], dim=1), prompt_mask=prompt_mask,
+                   completion_mask=completion_mask[:, :width], behavior_logprobs=behavior_logprobs[:, :width])

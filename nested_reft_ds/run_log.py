@@ -18,7 +18,8 @@ from typing import Any
 from tqdm import tqdm
 
 # The fields of the one-line step summary, in order (all metrics still go to JSONL and TensorBoard).
-SUMMARY = (("sft_loss", "sft loss {:.4f}"), ("reward_mean", "reward {:.3f}"), ("accuracy", "acc {:.3f}"), ("loss", "loss {:+.4f}"),
+SUMMARY = (("sft_loss", "sft loss {:.4f}"), ("reward_mean", "reward {:.3f}"), ("sample_accuracy", "acc {:.3f}"),
+           ("heldout_accuracy", "held-out acc {:.3f}"), ("loss", "loss {:+.4f}"),
            ("ratio_tok_mean", "ratio {:.3f}"), ("ess", "ess {:.2f}"), ("kl_behavior_k3", "kl(b|t) {:.4f}"),
            ("kl_ref", "kl(ref) {:.4f}"),
            ("rollout_tokens_per_s", "roll {:.0f} tok/s"), ("time_step_s", "{:.1f}s"))

@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
+# Fixtures shared with the benchmarks (the exactly solvable toy problem) live in benchmarks/, not in the package.
+sys.path.insert(0, str(REPO / "benchmarks"))
 # Benchmark files live beside the repository (../shared/data); tests that need them skip without it.
 SHARED_DATA = REPO.parent / "shared" / "data"
 

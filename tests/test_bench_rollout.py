@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nested_reft_ds.bench_rollout import MODES
+from nested_reft_ds.recipes.bench_rollout import MODES
 
 RATIOS = ("0.00", "0.25", "0.50")
 COLUMNS = ("mode", "skip", "layers", "tok/s", "x hf", "wall s", "gather s", "all-gathers", "MB gathered", "other coll.",

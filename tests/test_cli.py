@@ -111,9 +111,17 @@ def test_malformed_fault_spec_is_a_config_error():
 
 
 def _train(capsys, out, *overrides) -> tuple[int, str, str]:
-    from nested_reft_ds import train
-    code = train.main(["--config", str(REPO / "configs" / "tiny_zero3_2rank.yaml"),
-                       "--set", f"train.output_dir={out}", *(a for o in overrides for a in ("--set", o))])
+    """`nested-reft train` in this process; the environment a bare process's init_distributed exports (RANK,
+    MASTER_PORT, ...) is restored afterwards, so later subprocesses do not inherit a used port."""
+    import os
+    from nested_reft_ds.recipes import train
+    environ = dict(os.environ)
+    try:
+        code = train.main(["--config", str(REPO / "configs" / "tiny_zero3_2rank.yaml"),
+                           "--set", f"train.output_dir={out}", *(a for o in overrides for a in ("--set", o))])
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

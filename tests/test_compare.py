@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nested_reft_ds import compare
-from nested_reft_ds.compare import ARMS, BASELINE, CompareConfig
+from nested_reft_ds.recipes import compare
+from nested_reft_ds.recipes.compare import ARMS, BASELINE, CompareConfig
 from nested_reft_ds.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ def fake_run(step_s: float, rollout_s: float, rollout_tps: float, evals: dict[in
            "time_train_s": step_s - rollout_s - 0.1, "rollout_tokens_per_s": rollout_tps, "reward_mean": 0.5,
            "skip_ratio": 0.0, "ess": 1.0, "kl_behavior_k3": 0.0, "frac_truncated": 0.0, "frac_masked": 0.0}
           for s in range(steps)]
-    return rl + [{"phase": "eval", "step": s, "accuracy": a} for s, a in evals.items()]
+    return rl + [{"phase": "eval", "step": s, "heldout_accuracy": a} for s, a in evals.items()]
 
 
 # ------------------------------------------------------------------------------------------------ pure math
@@ -172,7 +172,7 @@ def test_quick_grid_writes_every_artefact(quick_grid):
     for arm in ARMS:
         rl = [r for r in records if r["arm"] == arm and r["phase"] == "rl"]
         assert [r["step"] for r in rl] == [0, 1, 2], arm
-        for key in ("reward_mean", "accuracy", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout_s",
+        for key in ("reward_mean", "sample_accuracy", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout_s",
                     "time_reward_s", "time_train_s", "time_step_s", "ess", "kl_behavior_k3", "frac_truncated",
                     "frac_masked"):
             assert key in rl[0], (arm, key)

@@ -181,8 +181,8 @@ def test_resume_restores_the_zero3_reference_and_replays_the_step(ranks):
 
 
 def test_every_rollout_mode_trains_through_train_run_with_unequal_rank_lengths(ranks):
-    """Streamed decoding runs collectives; ranks whose completions end at different lengths used to run different
-    numbers of forwards and hang. Now every mode finishes, and gives the run gather-once gives."""
+    """Streamed decoding runs collectives, so ranks whose completions end at different lengths must still run the
+    same number of forwards: every mode finishes, and gives the run gather-once gives."""
     out, results = ranks
     for result in results:
         once, streamed, auto = (result[f"steps_mode_{mode}"] for mode in ("once", "streamed", "auto"))
@@ -216,7 +216,7 @@ def test_zero3_streamed_eval_equals_the_plain_single_process_eval(ranks, tmp_pat
     spec = importlib.util.spec_from_file_location("zero3_worker", REPO / "tests" / "distributed" / "zero3_worker.py")
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
-    from nested_reft_ds import evaluate
+    from nested_reft_ds.recipes import evaluate
 
     out, _ = ranks
     assert [(out / f"eval_rank{r}.code").read_text() for r in range(2)] == ["0", "0"]

@@ -9,20 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from nested_reft_ds import evaluate
+from nested_reft_ds.recipes import evaluate
 from nested_reft_ds.data import MathProblem, synthetic_problems
-from nested_reft_ds.evaluate import (
-    EvalSums,
-    GenerationSettings,
-    chunk_seed,
-    cluster_answers,
-    evaluate_problems,
-    generation_chunks,
-    maj_at_k,
-    majority_vote,
-    pass_at_k,
-    reported_ks,
-)
+from nested_reft_ds.eval_metrics import EvalSums, cluster_answers, maj_at_k, majority_vote, pass_at_k, reported_ks
+from nested_reft_ds.recipes.evaluate import GenerationSettings, chunk_seed, evaluate_problems, generation_chunks
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"benchmark data not found at {DATA_DIR}")

@@ -35,7 +35,7 @@ def _arguments(model: Path, rigged: Path, out: Path) -> list[str]:
 def _rigged_benchmark(model_dir: Path, path: Path) -> None:
     """Synthetic problems whose reference is, for every other problem, an answer the model actually samples."""
     from nested_reft_ds.data import synthetic_problems
-    from nested_reft_ds.evaluate import GenerationSettings, evaluate_problems
+    from nested_reft_ds.recipes.evaluate import GenerationSettings, evaluate_problems
     from nested_reft_ds.model import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_dir)
@@ -54,7 +54,7 @@ def _rigged_benchmark(model_dir: Path, path: Path) -> None:
 def runs(tiny_models, tmp_path_factory):
     if not DATA_DIR.is_dir():
         pytest.skip(f"benchmark data not found at {DATA_DIR}")
-    from nested_reft_ds import evaluate
+    from nested_reft_ds.recipes import evaluate
 
     root = tmp_path_factory.mktemp("eval_dp")
     model, rigged = tiny_models["qwen2"], root / "rigged.jsonl"

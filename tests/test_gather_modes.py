@@ -1,7 +1,7 @@
 """Rollout gather modes under ZeRO-3 (once / streamed / auto): unit tests, then one real 2-rank launch.
 
 The launch (tests/distributed/gather_worker.py) records what each rank saw; the distributed tests assert on it.
-Collectives are counted by wrapping torch.distributed (engine.comm_stats), not assumed.
+Collectives are counted by wrapping torch.distributed (recipes/comm_stats.py), not assumed.
 """
 import json
 import os
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nested_reft_ds.engine import comm_stats
+from nested_reft_ds.recipes import comm_stats
 from nested_reft_ds.engine.gather import choose_gather_mode, free_device_memory, lockstep_for
 from nested_reft_ds.engine.hooks import hooks_suspended
 

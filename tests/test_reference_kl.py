@@ -26,7 +26,7 @@ KEYS = ("loss", "kl_ref", "reward_mean", "completion_length", "ratio_tok_max", "
 
 def run_recorded(overrides: list[str], resume: str) -> list[dict]:
     """train.run in this process; returns what each RL step reported."""
-    import nested_reft_ds.train as train
+    import nested_reft_ds.recipes.train as train
 
     records, real_step = [], train.rl_step
 

@@ -223,7 +223,7 @@ def test_score_batch_scores_and_statistics():
     assert result.answers[3] is None and result.num_no_answer == 1
     assert result.worker_comparisons == 1
     metrics = result.log_metrics()
-    assert metrics["reward/accuracy"] == pytest.approx(4 / 6)
+    assert result.sample_accuracy == pytest.approx(4 / 6) and "reward/mean" in metrics
     assert metrics["reward/no_answer"] == 1.0
     assert metrics["reward/timeouts"] == 0.0
     assert score_batch(completions, ["7"] * 6) == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]

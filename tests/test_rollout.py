@@ -5,7 +5,8 @@ import torch
 from nested_reft_ds.model import load_model_and_tokenizer
 from nested_reft_ds.nested import SkipPlan, nested_view
 from nested_reft_ds.rl.logprobs import token_logprobs
-from nested_reft_ds.rollout import generate, position_ids_from_mask, sampling_logprobs
+from nested_reft_ds.rollout import DecodeStats, completion_logprobs, encode_prompts, generate, position_ids_from_mask
+from nested_reft_ds.sampling import keyed_uniforms, sample_tokens, sampling_logprobs
 
 PROMPTS = ["Question: 1+2?", "Q: 33 + 44 - 5 = ?", "Tom has 7 apples."]
 
@@ -43,9 +44,8 @@ def test_sampled_logprobs_are_the_sampling_distribution_and_stop_at_eos(tiny_mod
         model.model.norm.weight.mul_(0.1)
     enc = tok(PROMPTS * 4, padding=True, return_tensors="pt")
     plan = SkipPlan(6, (1, 4))
-    generator = torch.Generator().manual_seed(0)
     rollout = generate(model, enc.input_ids, enc.attention_mask, plan, max_new_tokens=16, temperature=1.3,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=generator)
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=0)
     torch.testing.assert_close(rollout.behavior_logprobs, rescored(model, rollout, plan, 1.3), atol=1e-4, rtol=0)
     lengths = rollout.completion_mask.sum(1)
     for row, length in enumerate(lengths.tolist()):
@@ -99,3 +99,87 @@ def test_a_model_marked_for_lockstep_decodes_in_lockstep_whatever_the_caller_pas
     assert torch.equal(stepped.sequences, alone.sequences), "the padding steps are trimmed"
     assert torch.equal(stepped.completion_mask, alone.completion_mask)
     assert torch.equal(stepped.behavior_logprobs, alone.behavior_logprobs)
+
+
+def test_shared_prompt_encoding_and_completion_logprobs_match_the_full_forward(tiny_models):
+    model, tok = load_model_and_tokenizer(tiny_models["qwen2"])
+    model.eval()
+    ids, mask = encode_prompts(tok, PROMPTS, "cpu")
+    lengths = [len(tok(p, add_special_tokens=False).input_ids) for p in PROMPTS]
+    assert mask.sum(dim=1).tolist() == lengths and bool(mask[:, -1].all())  # left padded, no added tokens
+    plan = SkipPlan(6)
+    rollout = generate(model, ids, mask, plan, max_new_tokens=12, temperature=0.8, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, seed=0)
+    reference = rescored(model, rollout, plan, 0.8)
+    rows = slice(1, 3)
+    with torch.no_grad():
+        trimmed = completion_logprobs(model, rollout, rows, 0.8) * rollout.completion_mask[rows]
+    torch.testing.assert_close(trimmed, reference[rows], atol=1e-5, rtol=0)
+    # with grad: the same values, and they backpropagate into the weights
+    logprobs = completion_logprobs(model, rollout, slice(0, 3), 0.8)
+    (logprobs * rollout.completion_mask).sum().backward()
+    assert model.lm_head.weight.grad is not None or model.model.embed_tokens.weight.grad is not None
+
+
+def test_keyed_uniforms_are_uniform_and_a_pure_function_of_their_key():
+    keys = torch.arange(200_000)
+    u = keyed_uniforms(7, keys, 3)
+    assert u.dtype == torch.float64 and 0 <= float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.std()) - 12 ** -0.5) < 0.005
+    histogram = torch.histc(u.float(), bins=20, min=0, max=1) / len(u)
+    assert float((histogram - 0.05).abs().max()) < 0.003
+    # Different position, seed or key: uncorrelated draws; the same key: the same draw, in any batch.
+    for other in (keyed_uniforms(7, keys, 4), keyed_uniforms(8, keys, 3), keyed_uniforms(7, keys + 1, 3)):
+        assert abs(float(torch.corrcoef(torch.stack([u, other]))[0, 1])) < 0.01
+    assert torch.equal(keyed_uniforms(7, keys[[5, 150_003, 9]], 3), u[[5, 150_003, 9]])
+    big = torch.tensor([2**40 + 1, 2**40 + 2, 2**62])  # the high word of a key counts too
+    assert len(set(keyed_uniforms(7, big, 0).tolist())) == 3
+    with pytest.raises(ValueError, match=">= 0"):
+        keyed_uniforms(-1, keys[:2], 0)
+
+
+def test_inverse_cdf_sampling_follows_the_distribution_and_never_picks_a_dropped_token():
+    logprobs = sampling_logprobs(torch.tensor([[0.0, 1.0, 5.0, 2.0, -1.0]]), 1.0, 0.9).expand(100_000, 5)
+    tokens = sample_tokens(logprobs, keyed_uniforms(0, torch.arange(100_000), 0))
+    frequencies = torch.bincount(tokens, minlength=5).double() / len(tokens)
+    torch.testing.assert_close(frequencies, logprobs[0].double().exp(), atol=0.005, rtol=0)
+    assert frequencies[logprobs[0] == float("-inf")].sum() == 0
+    # u at its extremes still lands on a token of positive probability
+    edge = sample_tokens(logprobs[:2], torch.tensor([0.0, 1.0 - 2**-53], dtype=torch.float64))
+    assert all(logprobs[0, t] > float("-inf") for t in edge.tolist())
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_compaction_shared_prefill_and_batch_composition_do_not_change_a_sampled_token(tiny_models, top_p):
+    model, tok = load_model_and_tokenizer(tiny_models["qwen2"])
+    model.eval()
+    group = 4
+    ids, mask = encode_prompts(tok, [p for p in PROMPTS for _ in range(group)], "cpu")
+    plan = SkipPlan(6, (2,))
+    stops = list(range(10))  # ten stop tokens of 98: completions end at many different lengths
+    kwargs = dict(max_new_tokens=20, temperature=1.2, top_p=top_p, eos_token_id=stops, pad_token_id=tok.pad_token_id,
+                  seed=11)
+    plain_stats, fast_stats = DecodeStats(), DecodeStats()
+    plain = generate(model, ids, mask, plan, compact_below=0.0, stats=plain_stats, **kwargs)
+    fast = generate(model, ids, mask, plan, compact_below=0.9, group_size=group, stats=fast_stats, **kwargs)
+    lengths = plain.completion_mask.sum(dim=1)
+    assert len(set(lengths.tolist())) >= 3, "rows must end at different lengths for compaction to act"
+    assert torch.equal(fast.sequences, plain.sequences) and torch.equal(fast.completion_mask, plain.completion_mask)
+    torch.testing.assert_close(fast.behavior_logprobs, plain.behavior_logprobs, atol=1e-5, rtol=0)
+    assert fast_stats.compactions >= 1 and fast_stats.row_steps < plain_stats.row_steps
+    assert fast_stats.prefill_rows == len(PROMPTS) and plain_stats.prefill_rows == len(ids)
+    assert plain_stats.alive_row_steps == fast_stats.alive_row_steps == int(lengths.sum()) - len(ids)
+    # A row keeps its tokens in another batch (reordered, half of it) as long as it keeps its key.
+    order = torch.tensor([9, 2, 5, 0, 11, 7])
+    subset = generate(model, ids[order], mask[order], plan, row_keys=order, **kwargs)
+    width = subset.completions.shape[1]
+    assert torch.equal(subset.completions, plain.completions[order, :width])
+    assert int(plain.completion_mask[order].sum(dim=1).max()) == width
+
+
+def test_shared_prefill_refuses_groups_that_are_not_one_prompt(tiny_models):
+    model, tok = load_model_and_tokenizer(tiny_models["qwen2"])
+    ids, mask = encode_prompts(tok, PROMPTS[:2], "cpu")
+    with pytest.raises(ValueError, match="not the same prompt"):
+        generate(model, ids, mask, SkipPlan(6), max_new_tokens=2, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id, group_size=2)

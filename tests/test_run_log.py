@@ -27,7 +27,7 @@ def crashed_then_resumed(out, resume_at, first_sft, first_rl, second_sft, second
     for step in first_rl:
         first.log(step, {"loss": 1.0})
         if step % 2 == 0:
-            first.log(step, {"accuracy": 1.0}, phase="eval")
+            first.log(step, {"heldout_accuracy": 1.0}, phase="eval")
     for writer in first.writers.values():
         writer.flush()  # what a crash leaves on disk: everything already written, no close
     second = RunLog(out, True, tensorboard=True, progress_bar=False, resume_at=resume_at)
@@ -36,7 +36,7 @@ def crashed_then_resumed(out, resume_at, first_sft, first_rl, second_sft, second
     for step in second_rl:
         second.log(step, {"loss": 2.0})
         if step % 2 == 0:
-            second.log(step, {"accuracy": 2.0}, phase="eval")
+            second.log(step, {"heldout_accuracy": 2.0}, phase="eval")
     second.close()
     first.close()
 
@@ -44,12 +44,13 @@ def crashed_then_resumed(out, resume_at, first_sft, first_rl, second_sft, second
 def test_resume_in_rl_keeps_each_step_once_in_jsonl_and_tensorboard(tmp_path):
     # Checkpoint at rl_step 4 (warm-up of 3 steps done); the crash came after rl step 6 was logged.
     crashed_then_resumed(tmp_path, (3, 4), range(3), range(7), [], range(4, 8))
-    logged = [(r["phase"], r["step"], r.get("loss", r.get("sft_loss", r.get("accuracy")))) for r in records(tmp_path)]
+    logged = [(r["phase"], r["step"], r.get("loss", r.get("sft_loss", r.get("heldout_accuracy"))))
+              for r in records(tmp_path)]
     assert logged == ([("sft", s, 1.0) for s in range(3)]
                       + [x for s in range(4) for x in [("rl", s, 1.0)] + ([("eval", s, 1.0)] if s % 2 == 0 else [])]
                       + [x for s in range(4, 8) for x in [("rl", s, 2.0)] + ([("eval", s, 2.0)] if s % 2 == 0 else [])])
     assert scalars(tmp_path, "rl", "loss") == [(s, 1.0) for s in range(4)] + [(s, 2.0) for s in range(4, 8)]
-    assert scalars(tmp_path, "eval", "accuracy") == [(0, 1.0), (2, 1.0), (4, 2.0), (6, 2.0)]
+    assert scalars(tmp_path, "eval", "heldout_accuracy") == [(0, 1.0), (2, 1.0), (4, 2.0), (6, 2.0)]
     assert scalars(tmp_path, "sft", "sft_loss") == [(s, 1.0) for s in range(3)]
 
 

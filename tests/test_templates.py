@@ -65,7 +65,7 @@ def test_evaluation_prompts_use_the_chat_template_and_survive_save_and_load(chat
     import shutil
 
     from nested_reft_ds.data import synthetic_problems
-    from nested_reft_ds.evaluate import GenerationSettings, evaluate_problems
+    from nested_reft_ds.recipes.evaluate import GenerationSettings, evaluate_problems
     from nested_reft_ds.model import load_model_and_tokenizer
 
     checkpoint = tmp_path / "chat_model"
@@ -82,3 +82,15 @@ def test_evaluation_prompts_use_the_chat_template_and_survive_save_and_load(chat
                                                                                max_new_tokens=2,
                                                                                prompt_template="plain"))
     assert plain[0]["prompt"] == format_prompt(problems[0].question)
+
+
+def test_config_accepts_custom_template_strings_and_names_a_bad_one():
+    from nested_reft_ds.config import ConfigError, load_config
+
+    cfg = load_config(None, ["data.prompt_template=Q: {question} ({instruction}) A:"])
+    assert format_prompt("1+1", None, cfg.data.prompt_template) == f"Q: 1+1 ({INSTRUCTION}) A:"
+    # Text that YAML would read as a mapping stays the string the user wrote.
+    question_only = load_config(None, ["data.prompt_template=Question: {question}"])
+    assert question_only.data.prompt_template == "Question: {question}"
+    with pytest.raises(ConfigError, match=r"data\.prompt_template.*'no placeholder'"):
+        load_config(None, ["data.prompt_template=no placeholder"])

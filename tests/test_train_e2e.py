@@ -38,11 +38,12 @@ def test_default_recipe_trains_a_usable_nested_behaviour_model(default_run):
     reward_first = sum(r["reward_mean"] for r in rl[:quarter]) / quarter
     reward_last = sum(r["reward_mean"] for r in rl[-quarter:]) / quarter
     print(f"mean reward, first quarter of RL steps {reward_first:.3f} -> last quarter {reward_last:.3f}; "
-          f"held-out greedy accuracy {evals[0]['accuracy']:.3f} -> {evals[-1]['accuracy']:.3f}")
-    assert "summary: accuracy_before" in proc.stdout + proc.stderr and "reward_second_half" in proc.stdout + proc.stderr
+          f"held-out greedy accuracy {evals[0]['heldout_accuracy']:.3f} -> {evals[-1]['heldout_accuracy']:.3f}")
+    output = proc.stdout + proc.stderr
+    assert "summary: heldout_accuracy_before" in output and "reward_second_half" in output
     # The warm-up teaches the task (a random init scores 0) and LayerDrop makes the nested model a usable
     # behaviour policy: without it, skipping 2 of 6 layers gave KL(behaviour||target) ~1.0 and reward ~0.08.
-    assert evals[0]["accuracy"] > 0.6 and reward_first > 0.4
+    assert evals[0]["heldout_accuracy"] > 0.6 and reward_first > 0.4
     assert sum(r["kl_behavior_k3"] for r in rl) / len(rl) < 0.1
     assert sum(r["ess"] for r in rl) / len(rl) > 0.9
     sft = records(out, "sft")
@@ -51,14 +52,14 @@ def test_default_recipe_trains_a_usable_nested_behaviour_model(default_run):
     # solutions), and the verifier's reward is what teaches the policy to drop it. Measured: +0.078 from the
     # first to the last quarter (per-step batch noise ~0.05, so a quarter's mean is good to ~0.01).
     assert reward_last > reward_first + 0.03
-    assert evals[-1]["accuracy"] >= evals[0]["accuracy"]
+    assert evals[-1]["heldout_accuracy"] >= evals[0]["heldout_accuracy"]
 
 
 def test_default_recipe_writes_logs_checkpoints_and_metrics(default_run):
     out, proc = default_run
     rl = records(out, "rl")
     assert [r["step"] for r in rl] == list(range(len(rl)))
-    for key in ("reward_mean", "accuracy", "loss", "ratio_tok_mean", "ratio_tok_max", "ess", "kl_behavior_k3",
+    for key in ("reward_mean", "sample_accuracy", "loss", "ratio_tok_mean", "ratio_tok_max", "ess", "kl_behavior_k3",
                 "clip_frac", "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout_s",
                 "time_reward_s", "time_train_s", "skipped_layers"):
         assert key in rl[0], key

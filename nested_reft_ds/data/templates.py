@@ -11,9 +11,14 @@ NAMED_TEMPLATES = ("auto", "plain", "chat")
 _PLACEHOLDER = re.compile(r"\{(question|instruction)\}")
 
 
+def is_template(template: str) -> bool:
+    """A named template, or a custom template string with a `{question}` placeholder."""
+    return template in NAMED_TEMPLATES or "{question}" in template
+
+
 def check_template(template: str) -> str:
-    """`template` if it is a named template or a custom one with a `{question}` placeholder, else ValueError."""
-    if template not in NAMED_TEMPLATES and "{question}" not in template:
+    """`template` if `is_template(template)`, else ConfigError."""
+    if not is_template(template):
         raise ConfigError(f"prompt template {template!r} is neither one of {', '.join(NAMED_TEMPLATES)} nor a "
                          "template string with a {question} placeholder")
     return template

@@ -1,4 +1,5 @@
 """All DeepSpeed and torch.distributed code of the package lives here."""
+from .internals import check_versions  # noqa: F401  (first: checks the pinned versions at import)
 from .checkpoint import consolidated_state_dict, export_hf_model, latest_tag, load_checkpoint, save_checkpoint
 from .distributed import (all_reduce_sum, barrier, check_same_plan, cpu_threads_per_rank, device, init_distributed,
                           reduce_diagnostics, reduce_metrics, shutdown_distributed)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from .distributed import barrier
+from .internals import has_zero_optimizer_shards, load_model_states, model_states_files
 from ..config import ConfigError
 from ..fingerprint import check_compatible, read_fingerprint, write_fingerprint
 
@@ -164,13 +165,13 @@ def consolidated_state_dict(save_dir: str | Path, tag: str | None = None) -> dic
     if tag is None:
         raise ConfigError(f"no committed checkpoint in {str(save_dir)!r} (no 'latest' file)")
     checkpoint = Path(save_dir) / tag
-    if any(checkpoint.glob("zero_pp_rank_*optim_states.pt")):  # ZeRO 1-3: weights live in optimizer shards
+    if has_zero_optimizer_shards(checkpoint):  # ZeRO 1-3: weights live in optimizer shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
-    model_states = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
+    model_states = model_states_files(checkpoint)
     if not model_states:
         raise ConfigError(f"{str(checkpoint)!r} holds no DeepSpeed model states")
-    state = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
+    state = load_model_states(model_states[0])["module"]
     return {key: value.float() for key, value in state.items()}
 
 
@@ -190,8 +191,8 @@ def export_hf_model(save_dir: str | Path, output_dir: str | Path, tag: str | Non
     if tag is None or not (save_dir / tag).is_dir():
         raise ConfigError(f"no committed checkpoint {tag or ''!s} in {str(save_dir)!r}")
     if base_model is None:
-        model_states = sorted((save_dir / tag).glob("mp_rank_*_model_states.pt"))
-        saved = torch.load(model_states[0], map_location="cpu", weights_only=False) if model_states else {}
+        model_states = model_states_files(save_dir / tag)
+        saved = load_model_states(model_states[0]) if model_states else {}
         recorded = saved.get("config", {}).get("model", {}).get("path")
         base_model = recorded or save_dir.parent / "base_model"
     base_model = Path(base_model)

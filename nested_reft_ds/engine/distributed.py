@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from ..nested import SkipPlan
 from ..rl.diagnostics import DiagnosticParts, finalize
+from .internals import reset_cached_world_group
 
 
 def _free_port() -> int:
@@ -150,7 +151,6 @@ def shutdown_distributed() -> None:
     """Destroy the process group (if any) so launchers see a clean exit on every rank."""
     if dist.is_initialized():
         dist.destroy_process_group()
-        # DeepSpeed caches a clone of the world group (private `groups._WORLD_GROUP`, 0.19.x) and would hand the
-        # destroyed one to the engines of a process group created later in this process.
-        from deepspeed.utils import groups
-        groups._WORLD_GROUP = None
+        # DeepSpeed caches a clone of the world group and would hand the destroyed one to the engines of a
+        # process group created later in this process.
+        reset_cached_world_group()

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from ..config import ConfigError
+from .internals import default_store
 
 ABORT_KEY = "nested_reft/abort"
 USER_ERROR_EXIT = 2
@@ -35,9 +36,8 @@ POLL_SECONDS = 1.0
 
 
 def _store():
-    """The default process group's c10d store (private: `distributed_c10d._get_default_store`, torch 2.x)."""
-    from torch.distributed import distributed_c10d
-    return distributed_c10d._get_default_store()
+    """The default process group's c10d store (`internals.default_store`)."""
+    return default_store()
 
 
 def _emit(text: str) -> None:

@@ -23,12 +23,13 @@ from typing import Iterator
 import psutil
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from ..nested import SkipPlan, decoder_layers
 from .distributed import check_same_plan, device
 from .hooks import engine_root_hook_handles, hooks_suspended, zero3_coordinator, zero3_hook_handles
+from .internals import (ZeroParamStatus, clean_inflight, full_numel, gather_params, inflight_registry, param_status,
+                        partition_of, release_params)
 from .streamed import lockstep_done, lockstep_for, streamed_decoding
 
 __all__ = ["AUTO_MEMORY_FRACTION", "MODES", "choose_gather_mode", "free_device_memory", "gather_bytes",
@@ -51,7 +52,8 @@ def kept_parameters(model: nn.Module, plan: SkipPlan) -> list[nn.Parameter]:
 
 def gather_bytes(params: list[nn.Parameter]) -> int:
     """Bytes an all-gather of `params` materialises: the full size of each one that is still partitioned."""
-    return sum(p.ds_numel * p.ds_tensor.element_size() for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE)
+    return sum(full_numel(p) * partition_of(p).element_size() for p in params
+               if param_status(p) == ZeroParamStatus.NOT_AVAILABLE)
 
 
 def free_device_memory(dev: torch.device) -> int:
@@ -88,20 +90,20 @@ def _auto_mode(model: nn.Module, plan: SkipPlan, fraction: float) -> str:
 @contextmanager
 def _gathered_once(engine, plan: SkipPlan) -> Iterator[nn.Module]:
     model = engine.module
-    if len(model.ds_inflight_param_registry):
+    if len(inflight_registry(model)):
         # Prefetches still in flight: settle them now, as the next forward's reset_step would.
-        zero3_coordinator(engine).get_param_coordinator()._clean_inflight_param_registry()
+        clean_inflight(zero3_coordinator(engine).get_param_coordinator())
     # Only what is partitioned now is gathered and later released: persistent parameters (and any the
     # trace keeps resident) stay in the state the next training step expects.
-    to_gather = [p for p in kept_parameters(model, plan) if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    to_gather = [p for p in kept_parameters(model, plan) if param_status(p) == ZeroParamStatus.NOT_AVAILABLE]
     with hooks_suspended(zero3_hook_handles(engine) + engine_root_hook_handles(engine)):
         if to_gather:
-            to_gather[0].all_gather_coalesced(to_gather).wait()
+            gather_params(to_gather)
         try:
             yield model
         finally:
             if to_gather:
-                to_gather[0].partition(param_list=to_gather, has_been_updated=False)
+                release_params(to_gather)
 
 
 @contextmanager

@@ -13,26 +13,25 @@ from typing import Iterable, Iterator
 
 from torch.utils.hooks import RemovableHandle
 
+from .internals import engine_root_hooks, hook_dicts, hook_key, zero3_module_hook_handles, zero3_offload
+
 
 def zero3_coordinator(engine):
     """The object that owns the ZeRO-3 module hooks: the optimizer's parameter offload for a training engine,
     the optimizer itself for an inference-only ZeRO-3 engine."""
-    optimizer = engine.optimizer
-    return getattr(optimizer, "parameter_offload", None) or optimizer
+    return zero3_offload(engine)
 
 
 def zero3_hook_handles(engine) -> list[RemovableHandle]:
     """ZeRO-3's per-module fetch/release hooks and its root hook that resets the fetch step on every forward."""
-    coordinator = zero3_coordinator(engine)
-    return [*coordinator.forward_hooks, *coordinator.backward_hooks, coordinator.fwd_pre_hook]
+    return zero3_module_hook_handles(zero3_coordinator(engine))
 
 
 def engine_root_hook_handles(engine) -> list[RemovableHandle]:
     """The engine's forward prologue/epilogue on the root module. The prologue walks every module and marks it
     "in forward", which makes any touched partitioned parameter all-gather silently; with it off, touching
     one fails loudly instead (and engine timers/throughput counters see only training forwards)."""
-    handles = (getattr(engine, "module_forward_pre_hook", None), getattr(engine, "module_forward_post_hook", None))
-    return [handle for handle in handles if handle is not None]
+    return engine_root_hooks(engine)
 
 
 @contextmanager
@@ -40,12 +39,11 @@ def hooks_suspended(handles: Iterable[RemovableHandle]) -> Iterator[None]:
     """Remove the hooks behind `handles` for the block; afterwards each is back under its own key at its old
     position in its dict (hooks added or removed by others meanwhile keep their changes)."""
     handles = list(handles)
-    removed = {handle.id for handle in handles}
+    removed = {hook_key(handle) for handle in handles}
     snapshots: dict[int, tuple[dict, list]] = {}
     for handle in handles:
-        for ref in (handle.hooks_dict_ref, *handle.extra_dict_ref):
-            hooks = ref()
-            if hooks is not None and id(hooks) not in snapshots:
+        for hooks in hook_dicts(handle):
+            if id(hooks) not in snapshots:
                 snapshots[id(hooks)] = (hooks, list(hooks.items()))
     for handle in handles:
         handle.remove()

@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from ..config import ConfigError
 from .distributed import device
+from .internals import ZeroParamStatus, is_zero3_param, param_status, partition_of
 from .setup import build_inference_engine, load_model_for_engine
 
 REFERENCE_DIR = "reference"
@@ -58,7 +58,7 @@ def _shard_file(rank: int, world: int) -> str:
 
 def _named_partitions(module: nn.Module) -> dict[str, torch.Tensor]:
     """name -> this rank's ZeRO-3 partition (`ds_tensor`) of every parameter (tied parameters once)."""
-    return {name: param.ds_tensor for name, param in module.named_parameters()}
+    return {name: partition_of(param) for name, param in module.named_parameters()}
 
 
 def has_saved_reference(tag_dir: str | Path) -> bool:
@@ -73,7 +73,7 @@ def save_reference(reference: nn.Module, tag_dir: str | Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rank, world = dist.get_rank(), dist.get_world_size()
     module = getattr(reference, "module", reference)
-    if hasattr(next(module.parameters()), "ds_tensor"):
+    if is_zero3_param(next(module.parameters())):
         tensors = {name: t.detach().cpu().clone() for name, t in _named_partitions(module).items()}
         torch.save({"world_size": world, "rank": rank, "tensors": tensors}, out / _shard_file(rank, world))
     elif rank == 0:
@@ -104,12 +104,12 @@ def _fill_partitions(model: nn.Module, partitions: dict[str, torch.Tensor]) -> N
     if own.keys() != partitions.keys():
         raise ConfigError(f"reference parameters differ from the policy's: {sorted(own.keys() ^ partitions.keys())[:5]}")
     for name, param in model.named_parameters():
-        assert param.ds_status == ZeroParamStatus.NOT_AVAILABLE, f"{name} must be partitioned while it is filled"
-        source = partitions[name]
-        if source.shape != param.ds_tensor.shape or source.dtype != param.ds_tensor.dtype:
+        assert param_status(param) == ZeroParamStatus.NOT_AVAILABLE, f"{name} must be partitioned while it is filled"
+        source, own_partition = partitions[name], partition_of(param)
+        if source.shape != own_partition.shape or source.dtype != own_partition.dtype:
             raise ConfigError(f"reference partition of {name!r} is {tuple(source.shape)} {source.dtype}, expected "
-                             f"{tuple(param.ds_tensor.shape)} {param.ds_tensor.dtype} (same world size and dtype)")
-        param.ds_tensor.data.copy_(source)
+                             f"{tuple(own_partition.shape)} {own_partition.dtype} (same world size and dtype)")
+        own_partition.data.copy_(source)
 
 
 def build_reference(model_dir: str | Path, ds_config: dict[str, Any], attn_implementation: str, *,

@@ -10,11 +10,10 @@ import deepspeed
 import torch
 
 from transformers import AutoConfig
-from transformers.initialization import no_init_weights
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..config import ConfigError
 from ..model import load_tokenizer, load_model_and_tokenizer, select_attn_implementation
+from .internals import build_from_config, causal_lm_class, init_buffers, no_init_weights
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +45,13 @@ def load_model_for_engine(path: str | Path, ds_config: dict[str, Any], attn_impl
     model_config = AutoConfig.from_pretrained(path)
     # Resolve (import) the model class first: zero.Init patches torch.Tensor.__new__, which breaks
     # transformers' lazy module imports if they happen inside it.
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
+    model_class = causal_lm_class(model_config)
     # Random init is skipped: every weight is overwritten below (and init indexes into empty partitions).
     # No explicit dtype: DeepSpeed 0.19.8 turns dtype=float32 into bf16 on its CPU accelerator; without one the
     # parameter dtype follows the config's bf16/fp16 flags.
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = model_class._from_config(model_config, dtype=dtype,
-                                         attn_implementation=select_attn_implementation(attn_implementation))
+        model = build_from_config(model_class, model_config, dtype=dtype,
+                                  attn_implementation=select_attn_implementation(attn_implementation))
         model.tie_weights()  # a tied LM head must share the embedding's (partitioned) parameter
     tensors = _checkpoint_tensors(path)
     rank0 = torch.distributed.get_rank() == 0
@@ -73,7 +72,7 @@ def load_model_for_engine(path: str | Path, ds_config: dict[str, Any], attn_impl
     # skipped; buffer-only modules hold no partitioned parameters, so initialising them here is safe.
     for module in model.modules():
         if next(module.parameters(recurse=False), None) is None and next(module.buffers(recurse=False), None) is not None:
-            model._init_weights(module)
+            init_buffers(model, module)
     tied = {"lm_head.weight"} if model_config.tie_word_embeddings else set()
     if set(missing) - tied:
         raise ConfigError(f"checkpoint {str(path)!r} lacks weights for {sorted(set(missing) - tied)[:5]}")

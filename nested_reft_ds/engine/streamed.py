@@ -21,18 +21,14 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.zero import parameter_offload
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 from torch import nn
 
 from ..rollout import lockstep_rule, mark_lockstep
 from .distributed import device
 from .hooks import engine_root_hook_handles, hooks_suspended, zero3_coordinator
-
-_COORDINATOR = "_PartitionedParameterCoordinator__"
-# A module id no module has: while in a parameter's `ds_active_sub_modules`, DeepSpeed never releases it.
-_PINNED = -1
+from .internals import (PINNED_SUBMODULE, PartitionedParameterCoordinator, ZeroParamStatus, active_submodules,
+                        clean_inflight, coordinator_like, forward_module_stack, param_status, release_params,
+                        set_param_coordinator, set_params_to_release, uncached_params_to_release)
 
 
 def lockstep_done(local_done: bool) -> bool:
@@ -49,33 +45,13 @@ def lockstep_for(model: nn.Module):
     return lockstep_rule(model)
 
 
-def _uncached_params_to_release():
-    """DeepSpeed's `__params_to_release` without its class-wide `lru_cache` (under `instrument_w_nvtx`)."""
-    fn = getattr(PartitionedParameterCoordinator, _COORDINATOR + "params_to_release")
-    while not hasattr(fn, "cache_clear"):
-        fn = next(cell.cell_contents for cell in fn.__closure__ or () if callable(cell.cell_contents))
-    return fn.__wrapped__
-
-
 def decode_coordinator(training: PartitionedParameterCoordinator) -> PartitionedParameterCoordinator:
     """A fresh coordinator with the training one's settings, sharing its in-flight registry and stream."""
-    setting = lambda name: getattr(training, _COORDINATOR + name)  # noqa: E731
-    decode = PartitionedParameterCoordinator(
-        prefetch_bucket_sz=setting("prefetch_bucket_sz"),
-        max_reuse_distance_in_numel=setting("max_reuse_dist_in_numel"),
-        max_available_parameters_in_numel=setting("max_n_available_params"),
-        allgather_stream=setting("allgather_stream"),
-        inflight_param_registry=setting("inflight_param_registry"),
-        prefetch_nvme=setting("prefetch_nvme"),
-        zero_quantized_weights=training.zero_quantized_weights,
-        zero_quantized_nontrainable_weights=training.zero_quantized_nontrainable_weights,
-        fast_sharding_for_leaf_module=training.fast_sharding_for_leaf_module,
-        log_trace_cache_warnings=setting("log_trace_cache_warnings"),
-    )
+    decode = coordinator_like(training)
     # The class-wide cache is keyed by (coordinator, module, step): it would keep every per-rollout coordinator
     # (and its trace) alive for the whole run. A per-instance cache is freed with the coordinator.
-    setattr(decode, _COORDINATOR + "params_to_release",
-            functools.lru_cache(maxsize=None)(types.MethodType(_uncached_params_to_release(), decode)))
+    set_params_to_release(decode, functools.lru_cache(maxsize=None)(types.MethodType(uncached_params_to_release(),
+                                                                                     decode)))
     return decode
 
 
@@ -93,30 +69,30 @@ def streamed_decoding(engine) -> Iterator[nn.Module]:
     offload = zero3_coordinator(engine)
     training = offload.get_param_coordinator()
     params = list(model.parameters())
-    entry_status = [p.ds_status for p in params]
-    entry_active = [set(p.ds_active_sub_modules) for p in params]
-    stack_depth = len(parameter_offload.FWD_MODULE_STACK)
+    entry_status = [param_status(p) for p in params]
+    entry_active = [set(active_submodules(p)) for p in params]
+    stack_depth = len(forward_module_stack())
     decode = decode_coordinator(training)
     try:
         # Parameters resident now (persistent ones, any the training trace keeps) stay resident: a coordinator
         # still recording its trace releases everything after use, persistent parameters included.
         for param, status in zip(params, entry_status):
             if status == ZeroParamStatus.AVAILABLE:
-                param.ds_active_sub_modules.add(_PINNED)
-        offload.param_coordinator = decode
+                active_submodules(param).add(PINNED_SUBMODULE)
+        set_param_coordinator(offload, decode)
         mark_lockstep(model, lockstep_done)
         with hooks_suspended(engine_root_hook_handles(engine)):
             yield model
     finally:
         mark_lockstep(model, None)
-        offload.param_coordinator = training
-        decode._clean_inflight_param_registry()
+        set_param_coordinator(offload, training)
+        clean_inflight(decode)
         # An exception inside a forward skips post-forward hooks: undo their bookkeeping and release.
-        del parameter_offload.FWD_MODULE_STACK[stack_depth:]
+        del forward_module_stack()[stack_depth:]
         for param, active in zip(params, entry_active):
-            param.ds_active_sub_modules.clear()
-            param.ds_active_sub_modules.update(active)
+            active_submodules(param).clear()
+            active_submodules(param).update(active)
         leftovers = [p for p, status in zip(params, entry_status)
-                     if status == ZeroParamStatus.NOT_AVAILABLE and p.ds_status == ZeroParamStatus.AVAILABLE]
+                     if status == ZeroParamStatus.NOT_AVAILABLE and param_status(p) == ZeroParamStatus.AVAILABLE]
         if leftovers:
-            leftovers[0].partition(param_list=leftovers, has_been_updated=False)
+            release_params(leftovers)

@@ -120,6 +120,11 @@ class BatchScores:
         return sum(o is outcome for o in self.outcomes)
 
     @property
+    def sample_accuracy(self) -> float:
+        """Fraction of the scored completions whose answer is correct."""
+        return sum(self.correct) / max(len(self.correct), 1)
+
+    @property
     def num_no_answer(self) -> int:
         return sum(a is None for a in self.answers)
 
@@ -127,7 +132,6 @@ class BatchScores:
         n = max(len(self.scores), 1)
         return {
             f"{prefix}mean": sum(self.scores) / n,
-            f"{prefix}accuracy": sum(self.correct) / n,
             f"{prefix}well_formed": sum(self.well_formed) / n,
             f"{prefix}no_answer": float(self.num_no_answer),
             f"{prefix}timeouts": float(self.count(Outcome.TIMEOUT)),

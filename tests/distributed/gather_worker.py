@@ -2,7 +2,7 @@
 
 Run by tests/test_gather_modes.py as `deepspeed --num_gpus 2 tests/distributed/gather_worker.py --out DIR`; each
 rank writes DIR/rank<r>.json and the tests assert on it. Real engines, real ZeRO-3 over gloo; collectives are
-counted by wrapping torch.distributed before DeepSpeed starts (engine.comm_stats), parameter fetches by
+counted by wrapping torch.distributed before DeepSpeed starts (recipes/comm_stats.py), parameter fetches by
 wrapping each parameter's gather entry points, and parameter states are sampled before every module forward.
 
 Engines: A (ZeRO-3, never rolls out) and B (ZeRO-3, same weights, same training batches, rolls out in every
@@ -17,7 +17,7 @@ import logging
 import time
 from pathlib import Path
 
-from nested_reft_ds.engine import comm_stats
+from nested_reft_ds.recipes import comm_stats
 
 comm_stats.install()  # before DeepSpeed's comm layer caches torch.distributed's functions
 

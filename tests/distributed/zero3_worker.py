@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-import nested_reft_ds.train as train
-from nested_reft_ds import evaluate
+import nested_reft_ds.recipes.train as train
+from nested_reft_ds.recipes import evaluate
 from nested_reft_ds import engine as ds
 from nested_reft_ds.config import load_config
 from nested_reft_ds.engine.gather import zero3_coordinator

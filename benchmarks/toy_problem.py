@@ -13,9 +13,8 @@ import itertools
 
 import torch
 
-from ..config import AlgorithmConfig
-from .logprobs import token_logprobs
-from .losses import policy_loss
+from nested_reft_ds.config import AlgorithmConfig
+from nested_reft_ds.rl import policy_loss, token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,7 +109,7 @@ def installed() -> bool:
 def record() -> Iterator[CommRecorder]:
     """Count this rank's collectives inside the block (recorders nest: each sees every call)."""
     if not installed():
-        raise RuntimeError("call nested_reft_ds.engine.comm_stats.install() before deepspeed.init_distributed")
+        raise RuntimeError("call nested_reft_ds.recipes.comm_stats.install() before deepspeed.init_distributed")
     recorder = CommRecorder()
     _active.append(recorder)
     try:

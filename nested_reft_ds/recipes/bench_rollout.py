@@ -5,7 +5,7 @@ gather mode x skip ratio, measured in one 2-rank run, with the ratios R1-R3 and 
 
 launches itself on 2 ranks with the deepspeed launcher (gloo on CPU, nccl on CUDA) and prints, per (mode, skip
 ratio), what one rollout costs on each rank. Collectives are counted by wrapping torch.distributed
-(engine.comm_stats), not assumed. Modes:
+(recipes/comm_stats.py), not assumed. Modes:
 
 - naive:    `rollout.generate(engine.module, ...)` with ZeRO-3's hooks on and DeepSpeed's own coordinator, i.e.
             what calling the model directly does: every decode step re-gathers every layer it runs (lockstep).
@@ -28,7 +28,7 @@ recorded for their plan by an untimed 2-token rollout just before. Columns, per 
 - peak MB:     peak memory the rollout added: on CUDA max_memory_allocated above the allocation at its start; on
                CPU the process RSS above its start (free heap returned to the OS first), sampled as above.
 
-Ratios (targets from issue 4):
+Ratios and their targets:
 - R1 = (tok/s at skip s ÷ tok/s at the first ratio) ÷ ideal, ideal = layers run at the first ratio ÷ layers run
   at skip s = 1/(1-s): the nested speed-up as a fraction of proportional-to-layers. Target ≥ 0.9 (gather-once).
 - R2 = gather-once tok/s ÷ `engine.module.generate` (hf) tok/s at the same skip ratio. Target ≥ 5.
@@ -68,7 +68,8 @@ PROMPT_LENGTH = 16
 # The untimed first run of each row: enough to record DeepSpeed's trace and reach the row's peak gathered bytes.
 WARMUP_TOKENS = 2
 R1_TARGET, R2_TARGET, R3_TARGET = 0.9, 5.0, 1.0
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# The directory holding the package: launched ranks import the same copy as this process (a source checkout too).
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
 
 def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -105,7 +106,7 @@ def launch(args: argparse.Namespace) -> int:
     workdir = tempfile.mkdtemp(prefix="bench_rollout_")
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(WORLD_SIZE), "--master_port",
                str(port), "--module", __spec__.name, *_forwarded(args), "--workdir", workdir]
-    path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                TOKENIZERS_PARALLELISM="false")
     try:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "RANK" not in os.environ:
         return launch(args)
-    from .engine import comm_stats
+    from . import comm_stats
 
     comm_stats.install()  # before DeepSpeed's comm layer caches torch.distributed's functions
     return run(args)
@@ -139,9 +140,9 @@ def _release_free_heap() -> None:
 def memory_probe(module: torch.nn.Module) -> Iterator[dict[str, int]]:
     """Peak bytes materialised of the parameters partitioned at entry ("gathered") and peak memory added
     ("memory") inside the block, sampled before and after every decoder layer and the LM head."""
-    from .engine.gather import gather_bytes
-    from .engine.distributed import device
-    from .nested import decoder_layers
+    from ..engine.gather import gather_bytes
+    from ..engine.distributed import device
+    from ..nested import decoder_layers
 
     params = [p for p in module.parameters() if gather_bytes([p])]  # partitioned now
     partitioned = gather_bytes(params)
@@ -185,32 +186,34 @@ def machine(module: torch.nn.Module) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import engine as ds
-    from .config import load_config
-    from .engine import comm_stats
-    from .engine.gather import gather_bytes, kept_parameters, lockstep_done, skip_aware_gather
-    from .model import select_attn_implementation
-    from .nested import decoder_layers, nested_view, sample_skip_plan
-    from .rollout import generate
+    from .. import engine as backend
+    from ..config import load_config
+    from . import comm_stats
+    from ..engine import internals
+    from ..engine.gather import gather_bytes, kept_parameters, lockstep_done, skip_aware_gather
+    from ..model import select_attn_implementation
+    from ..nested import decoder_layers, nested_view, sample_skip_plan
+    from ..rollout import generate
 
-    rank, world = ds.init_distributed()
+    rank, world = backend.init_distributed()
     load_at_start, began = os.getloadavg()[0], time.perf_counter()
     out = Path(args.workdir) / "model"
     if rank == 0:
         model_path(args, out)
-    ds.barrier()
+    backend.barrier()
     cfg = load_config(None, [f"rollout.prompts_per_step={world}", f"rollout.group_size={args.batch_size}",
-                             f"train.micro_batch_size={args.batch_size}"])
-    ds_config = ds.fill_ds_config(ds.load_ds_config(PACKAGE_ROOT / "ds_configs" / "zero3.json", cfg), cfg, world)
-    model, _ = ds.load_model_for_engine(args.model or out, ds_config, select_attn_implementation("auto"))
-    engine = ds.build_engine(model, ds_config)
+                             f"train.micro_batch_size={args.batch_size}", "train.zero_stage=3"])
+    # The built-in ZeRO-3 config (no file outside the package: this runs from a plain `pip install` too).
+    ds_config = backend.fill_ds_config(backend.load_ds_config(None, cfg), cfg, world)
+    model, _ = backend.load_model_for_engine(args.model or out, ds_config, select_attn_implementation("auto"))
+    engine = backend.build_engine(model, ds_config)
     engine.eval()
     module = engine.module
     parent, attr = decoder_layers(module)
     num_layers = len(getattr(parent, attr))
     generator = torch.Generator().manual_seed(rank)
     ids = torch.randint(2, module.config.vocab_size, (args.batch_size, PROMPT_LENGTH), generator=generator)
-    ids = ids.to(ds.device())
+    ids = ids.to(backend.device())
     mask = torch.ones_like(ids)
     pad = module.config.pad_token_id if module.config.pad_token_id is not None else 0
     ratios, modes = args.ratios, args.modes.split(",")
@@ -242,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         kept = kept_parameters(module, plans[ratio])
         layers = gather_bytes([p for p in kept if id(p) in layer_ids])
         outside = gather_bytes([p for p in kept if id(p) not in layer_ids])
-        total = sum(p.ds_numel * p.ds_tensor.element_size() for p in kept)
+        total = sum(internals.full_numel(p) * internals.partition_of(p).element_size() for p in kept)
         return {"layers": layers, "outside": outside, "resident": total - layers - outside}
 
     times = {case: [] for case in cases}
@@ -261,12 +264,12 @@ def run(args: argparse.Namespace) -> int:
                 traced = case[1]
             if repeat and case[0] == "once":
                 expected[case[1]] = needed(case[1])
-            ds.barrier()
+            backend.barrier()
             start = time.perf_counter()
             with memory_probe(module) if repeat == 0 else nullcontext() as peak, comm_stats.record() as comm:
                 gathered_at = rollout(*case, new_tokens=args.new_tokens if repeat else min(WARMUP_TOKENS,
                                                                                           args.new_tokens))
-            ds.barrier()
+            backend.barrier()
             elapsed = time.perf_counter() - start
             if repeat:
                 times[case].append(elapsed)
@@ -291,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
         for before, comm in trace:
             print(f"training step after {before:<24}: {comm.all_gather_calls:>4} all-gathers, "
                   f"{comm.all_gather_bytes / 2**20:7.1f} MB gathered, {comm.total_calls:>4} collectives")
-    ds.shutdown_distributed()
+    backend.shutdown_distributed()
     return 0
 
 

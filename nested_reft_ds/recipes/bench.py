@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .data import synthetic_problems
-from .data.templates import format_prompt
-from .model import build_tiny_model, load_model_and_tokenizer
-from .nested import SkipPlan, parse_skip_ratios, sample_skip_plan
-from .rollout import generate
+from ..config import ModelConfig
+from ..data import synthetic_problems
+from ..data.templates import format_prompt
+from ..model import build_tiny_model, load_model_and_tokenizer
+from ..nested import SkipPlan, parse_skip_ratios, sample_skip_plan
+from ..rollout import encode_prompts, generate
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, layers: int, hidden_size: int, batch_size: int,
@@ -89,8 +89,7 @@ def run_bench(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_tokenizer(path, dtype=dtype)
     model.to(args.device).eval()
     problems = synthetic_problems(args.batch_size, seed=0)
-    enc = tokenizer([format_prompt(p.question, tokenizer) for p in problems], padding=True, return_tensors="pt")
-    ids, mask = enc.input_ids.to(args.device), enc.attention_mask.to(args.device)
+    ids, mask = encode_prompts(tokenizer, [format_prompt(p.question, tokenizer) for p in problems], args.device)
     num_layers = model.config.num_hidden_layers
     ratios = args.ratios
     decode = fixed_length(args.new_tokens, tokenizer.pad_token_id)
@@ -101,7 +100,7 @@ def run_bench(args: argparse.Namespace) -> int:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            generate(model, ids, mask, plan, generator=torch.Generator(args.device).manual_seed(repeat), **decode)
+            generate(model, ids, mask, plan, seed=repeat, **decode)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             if repeat:  # repeat 0 warms up

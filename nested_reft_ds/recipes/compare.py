@@ -39,7 +39,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .config import ConfigError, ExperimentConfig, load_config
+from ..config import ConfigError, ExperimentConfig, load_config
 
 # ------------------------------------------------------------------------------------------------ the grid
 
@@ -133,7 +133,7 @@ def rl_wall_times(records: list[dict]) -> dict[int, float]:
 def eval_curve(records: list[dict]) -> tuple[list[int], list[float], list[float]]:
     """(steps, RL wall seconds, accuracy) of a run's held-out evaluations, in step order."""
     wall = rl_wall_times(records)
-    evals = sorted((r["step"], r["accuracy"]) for r in records if r["phase"] == "eval")
+    evals = sorted((r["step"], r["heldout_accuracy"]) for r in records if r["phase"] == "eval")
     return [s for s, _ in evals], [wall[s] for s, _ in evals], [a for _, a in evals]
 
 

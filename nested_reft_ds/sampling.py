@@ -1,0 +1,68 @@
+"""Token sampling whose randomness belongs to the token, not to the batch.
+
+Every sampled token reads one uniform number derived from (seed, row key, position) by a counter-based hash, and
+turns it into a token by inverting the CDF of the row's sampling distribution. A row therefore samples the same
+tokens whatever else is in its batch: dropping finished rows mid-decode (compaction), sharing one prompt prefill
+between a group's samples, re-sharding the batch over another number of ranks, or resuming, change nothing.
+One shared `torch.Generator` stream would hand each row different numbers as soon as the batch changes shape.
+"""
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_MULTIPLIER = 0x45D9F3B  # < 2**27: a 32-bit value times it fits in int64, so the hash never overflows
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective avalanche mix of 32-bit values held in int64 (xor-shift-multiply, two rounds)."""
+    x = x ^ (x >> 16)
+    x = (x * _MULTIPLIER) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * _MULTIPLIER) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _absorb(state: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
+    """Fold a non-negative 64-bit value into a 32-bit hash state, low word then high word."""
+    value = torch.as_tensor(value, dtype=torch.int64, device=state.device)
+    state = _mix32(state ^ (value & _MASK32))
+    return _mix32(((state + 0x9E3779B9) & _MASK32) ^ ((value >> 32) & _MASK32))
+
+
+def keyed_uniforms(seed: int, row_keys: torch.Tensor, position: int) -> torch.Tensor:
+    """One uniform number in [0, 1) per row [B] (float64), a pure function of (seed, row key, position).
+
+    `seed` and `row_keys` (int64, >= 0) name the draw; `position` is the index of the token in the completion."""
+    if seed < 0 or position < 0 or bool((row_keys < 0).any()):
+        raise ValueError(f"seed, row keys and position must be >= 0, got {seed}, min key {int(row_keys.min())}, "
+                         f"{position}")
+    state = torch.zeros_like(row_keys, dtype=torch.int64)
+    state = _absorb(_absorb(_absorb(state, seed), row_keys), position)
+    high = _mix32((state + 0x7F4A7C15) & _MASK32)  # a second, independent word from the same state
+    return (high.double() + state.double() / 2.0**32) / 2.0**32
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probabilities of the distribution actually sampled from: softmax(logits / T) restricted to the top-p
+    nucleus and renormalised. logits [B, V] -> [B, V] float32 (-inf outside the nucleus)."""
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return logprobs
+    sorted_logprobs, order = logprobs.sort(dim=-1, descending=True)
+    # Drop a token when the mass strictly before it already reaches top_p (the top token always stays).
+    mass_before = sorted_logprobs.exp().cumsum(-1) - sorted_logprobs.exp()
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return torch.log_softmax(logprobs.masked_fill(drop, float("-inf")), dim=-1)
+
+
+def sample_tokens(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Tokens [B] drawn from the rows of `logprobs` [B, V] by inverse CDF at `uniforms` [B].
+
+    The CDF is accumulated in float64 and the target kept strictly below its total, so a token of probability
+    zero is never selected: it adds nothing to the CDF, and the search takes the first index strictly above."""
+    cdf = logprobs.double().exp().cumsum(dim=-1)  # [B, V]
+    total = cdf[:, -1]
+    target = torch.minimum(uniforms.to(cdf.device) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
