@@ -25,6 +25,8 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
                "rollout tokens/s: nested vs full model, one process"),
     "rollout": ("recipes.bench_rollout", "add_rollout_arguments", "launch",
                 "ZeRO-3 rollout per gather mode x skip ratio on 2 ranks: tokens/s, bytes, collectives, memory, R1-R3"),
+    "step": ("recipes.bench_step", "add_step_arguments", "run_step_bench",
+             "the whole RL step on a long-tailed workload: phase times, padding, memory, each saving's speed-up"),
 }
 
 

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from .nested import SkipPlan, nested_view
-from .rl.logprobs import token_logprobs
+from .rl.logprobs import head_logprobs, token_logprobs
 from .sampling import keyed_uniforms, sample_tokens, sampling_logprobs
 
 
@@ -91,17 +91,29 @@ def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device | str
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
-def completion_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
+def completion_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float, *,
+                        chunked_head: bool = True) -> torch.Tensor:
     """Log-probs [B, T] of the completion tokens of `rollout` under `model`, at `temperature`.
 
-    Differentiable when called with grad. Only the logits at positions P-1 .. P+T-1 (those that predict a
-    completion token) are computed, so no [B, P+T, V] tensor is materialised for the prompt, and they are
-    scored a chunk of positions at a time (`token_logprobs`). Select and trim rows first (`Rollout.select`)."""
+    Differentiable when called with grad. Only positions P-1 .. P+T-2 (those that predict a completion token)
+    reach the output head. With `chunked_head` the model returns its final hidden states and the head runs a
+    chunk of positions at a time (`head_logprobs`): no [B, T, V] logits exist at once, in forward or backward.
+    That calls the output head outside the model's forward, so callers whose parameters are partitioned (ZeRO-3)
+    pass False and get the head's logits for the completion positions in one piece. Select and trim rows first
+    (`Rollout.select`)."""
     mask = rollout.attention_mask
     new_tokens = rollout.completions.shape[1]
-    logits = model(input_ids=rollout.sequences, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                   use_cache=False, logits_to_keep=new_tokens + 1).logits  # [B, T + 1, V]
-    return token_logprobs(logits[:, :-1], rollout.completions, temperature)
+    inputs = dict(input_ids=rollout.sequences, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                  use_cache=False)
+    if not chunked_head:
+        logits = model(**inputs, logits_to_keep=new_tokens + 1).logits  # [B, T + 1, V]
+        return token_logprobs(logits[:, :-1], rollout.completions, temperature)
+    # An empty index keeps no logits; the last hidden state is the final norm's output (what the head reads).
+    out = model(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long, device=mask.device),
+                output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, -(new_tokens + 1):-1]  # [B, T, H]
+    head = getattr(model, "module", model).get_output_embeddings()  # a DeepSpeed engine wraps the model
+    return head_logprobs(head, hidden, rollout.completions, temperature)
 
 
 @dataclass

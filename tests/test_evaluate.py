@@ -125,7 +125,7 @@ class _FakeTokenizer:
 
 
 def _fake_generate(calls):
-    def fake(model, tokenizer, prompts, settings, plan, device, measure_kl, seed, decoding=None):
+    def fake(model, tokenizer, prompts, settings, plan, device, measure_kl, seed, decoding=None, group_size=1):
         calls.append((prompts, seed))
         questions = [prompt.split("\n")[0].removeprefix("Question: ") for prompt in prompts]
         assert all(questions[i] == questions[i - i % 4] for i in range(len(questions)))  # problem-major, 4 each

@@ -111,14 +111,22 @@ def test_shared_prompt_encoding_and_completion_logprobs_match_the_full_forward(t
     rollout = generate(model, ids, mask, plan, max_new_tokens=12, temperature=0.8, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, seed=0)
     reference = rescored(model, rollout, plan, 0.8)
-    rows = slice(1, 3)
+    rows = torch.tensor([1, 2])
     with torch.no_grad():
-        trimmed = completion_logprobs(model, rollout, rows, 0.8) * rollout.completion_mask[rows]
-    torch.testing.assert_close(trimmed, reference[rows], atol=1e-5, rtol=0)
-    # with grad: the same values, and they backpropagate into the weights
-    logprobs = completion_logprobs(model, rollout, slice(0, 3), 0.8)
-    (logprobs * rollout.completion_mask).sum().backward()
-    assert model.lm_head.weight.grad is not None or model.model.embed_tokens.weight.grad is not None
+        trimmed = rollout.select(rows)
+        logprobs = completion_logprobs(model, trimmed, 0.8) * trimmed.completion_mask
+    width = trimmed.completions.shape[1]
+    torch.testing.assert_close(logprobs, reference[rows, :width], atol=1e-5, rtol=0)
+    assert not reference[rows, width:].any()
+    # with grad: the chunked head and the one-piece head give the same values and the same gradients
+    grads = []
+    for chunked_head in (True, False):
+        model.zero_grad()
+        logprobs = completion_logprobs(model, rollout, 0.8, chunked_head=chunked_head)
+        torch.testing.assert_close(logprobs.detach() * rollout.completion_mask, reference, atol=1e-5, rtol=0)
+        (logprobs * rollout.completion_mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
 def test_keyed_uniforms_are_uniform_and_a_pure_function_of_their_key():

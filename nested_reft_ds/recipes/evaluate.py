@@ -84,7 +84,7 @@ class _Generated:
     kl_tokens: int = 0
 
 
-def _target_logprobs(model, rollout, temperature: float, forwards: int) -> torch.Tensor:
+def _target_logprobs(model, rollout, temperature: float, forwards: int, chunked_head: bool) -> torch.Tensor:
     """Log-probs [B, T] of the sampled completion tokens under the full `model`, at the sampling temperature, in
     exactly `forwards` forward passes (so the [rows, T, V] logits stay small, and so that ranks whose forwards are
     collective run the same number whatever their row count: a pass left without rows scores row 0, discarded)."""
@@ -93,7 +93,7 @@ def _target_logprobs(model, rollout, temperature: float, forwards: int) -> torch
     chunks = []
     for start in range(0, per_forward * forwards, per_forward):
         rows = torch.arange(start, min(start + per_forward, num_rows)) if start < num_rows else torch.zeros(1).long()
-        logprobs = completion_logprobs(model, rollout.select(rows), temperature)  # [rows, T'], T' <= T
+        logprobs = completion_logprobs(model, rollout.select(rows), temperature, chunked_head=chunked_head)
         if start < num_rows:
             chunks.append(torch.nn.functional.pad(logprobs, (0, new_tokens - logprobs.shape[1])))
     return torch.cat(chunks)
@@ -162,7 +162,8 @@ def _generate_completions(model, tokenizer, prompts: list[str], settings: Genera
         if measure_kl:
             with torch.no_grad(), decoding(full_plan) as scorer:
                 rows = settings.batch_size if balanced else rollout.sequences.shape[0]
-                target = _target_logprobs(scorer, rollout, settings.temperature, -(-rows // SCORING_ROWS))  # [b, T]
+                target = _target_logprobs(scorer, rollout, settings.temperature, -(-rows // SCORING_ROWS),
+                                          chunked_head=not balanced)  # [b, T]; a sharded model keeps its head
             mask = rollout.completion_mask.float()
             out.kl_sum += float(((rollout.behavior_logprobs - target) * mask).sum())
             out.kl_tokens += int(mask.sum())

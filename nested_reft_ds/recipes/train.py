@@ -49,7 +49,7 @@ from ..model import build_tiny_model, select_attn_implementation
 from ..nested import SkipPlan, SkipScheduler, nested_view, sample_skip_plan
 from ..reward import score_batch_with_stats
 from ..rl import compute_advantages, merge, policy_loss_parts
-from ..rollout import Rollout, completion_logprobs, encode_prompts, generate, lockstep_rule
+from ..rollout import DecodeStats, Rollout, completion_logprobs, encode_prompts, generate, lockstep_rule
 from ..run_log import RunLog
 
 log = logging.getLogger("nested_reft_ds")
@@ -113,6 +113,13 @@ def micro_batches(lengths: torch.Tensor, micro: int, group_size: int, bucket_by_
     return [rows[start:start + micro] for start in range(0, num_rows, micro)]
 
 
+def unpartitioned(model) -> bool:
+    """Whether `model`'s parameters are whole on every rank (a plain module, or a DeepSpeed engine at ZeRO 0-2),
+    so its output head may run outside its forward (`completion_logprobs(chunked_head=True)`)."""
+    stage = getattr(model, "zero_optimization_stage", None)
+    return stage is None or stage() < 3
+
+
 def score(completions: list[str], references: list[str], cfg: ExperimentConfig):
     """Verifier scores (+ counts of timeouts / parse failures) under the experiment's reward settings."""
     return score_batch_with_stats(completions, references, timeout=cfg.reward.timeout, rel_tol=cfg.reward.rel_tol,
@@ -151,7 +158,7 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
     for rows in micro_batches(batch.attention_mask.sum(dim=1), micro, 1, cfg.train.bucket_by_length):
         micro_batch = batch.select(rows)
         with nested_view(engine.module, plan):
-            logprobs = completion_logprobs(engine, micro_batch, 1.0)
+            logprobs = completion_logprobs(engine, micro_batch, 1.0, chunked_head=unpartitioned(engine))
         loss = -(logprobs * micro_batch.completion_mask).sum() / num_global_tokens
         engine.backward(loss * backend.loss_scale_for_engine(engine))
         engine.step()
@@ -181,13 +188,14 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
     step_seed, row_keys = sampling_keys(cfg.train.seed, step, rank * len(batch) * G, len(batch) * G, backend.device())
     engine.eval()
+    decode = DecodeStats()
     with backend.skip_aware_gather(engine, plan, mode=cfg.rollout.gather,
                                    memory_fraction=cfg.rollout.gather_memory_fraction) as model:
         rollout = generate(model, prompt_ids, prompt_mask, plan, max_new_tokens=cfg.rollout.max_new_tokens,
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            seed=step_seed, row_keys=row_keys, group_size=G if cfg.rollout.shared_prefill else 1,
-                           compact_below=cfg.rollout.compact_below)
+                           compact_below=cfg.rollout.compact_below, stats=decode)
         lockstep = lockstep_rule(model) is not None  # streamed: decoding ran collectives
     t_rollout = timer()
 
@@ -213,8 +221,10 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
         ref_logprobs = None
         if reference is not None:  # under ZeRO-3 a collective forward: every rank, every micro-batch
             with torch.no_grad():
-                ref_logprobs = completion_logprobs(reference, micro_batch, cfg.rollout.temperature)  # [b, T']
-        logprobs = completion_logprobs(engine, micro_batch, cfg.rollout.temperature)  # [b, T'] pi_theta
+                ref_logprobs = completion_logprobs(reference, micro_batch, cfg.rollout.temperature,
+                                                   chunked_head=unpartitioned(reference))  # [b, T']
+        logprobs = completion_logprobs(engine, micro_batch, cfg.rollout.temperature,
+                                       chunked_head=unpartitioned(engine))  # [b, T'] pi_theta
         loss, parts = policy_loss_parts(logprobs, logprobs.detach(), micro_batch.behavior_logprobs,
                                         advantages[rows], micro_batch.completion_mask.float(), algo,
                                         num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs,
@@ -243,6 +253,10 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
                  train_tokens_per_s=rollout.attention_mask.sum().item() * world / (t_train - t_reward),
                  # Token positions the training forwards ran vs those holding a real token (padding overhead).
                  train_tokens_computed=tokens_computed, train_tokens_needed=rollout.attention_mask.sum().item(),
+                 # Decode row-steps run vs those of rows still decoding (finished rows carried along), and the
+                 # rows the prefill ran (one per prompt with shared prefill).
+                 decode_row_steps=decode.row_steps, decode_alive_row_steps=decode.alive_row_steps,
+                 prefill_rows=decode.prefill_rows,
                  time_rollout_s=t_rollout - t0, time_reward_s=t_reward - t_rollout, time_train_s=t_train - t_reward,
                  time_step_s=t_train - t0, grad_norm=float(engine.get_global_grad_norm() or 0.0),
                  skip_ratio=plan.ratio, rollout_lockstep=float(lockstep))

@@ -14,6 +14,28 @@ def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
     return picked - torch.logsumexp(scaled, dim=-1)
 
 
+def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, *,
+                  chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """`token_logprobs(head(hidden), tokens)` without the whole [B, T, V] logits: the output head runs a chunk of
+    positions at a time, recomputed in backward (activation checkpointing), so logits, their float32 copies and
+    their gradient exist for one chunk at a time. hidden [B, T, H] (final-norm outputs), tokens [B, T] -> [B, T]."""
+    rows, positions, _ = hidden.shape
+    per_chunk = max(1, chunk_elements // max(rows * head.out_features, 1))
+    keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+
+    def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _token_logprobs(head(h), t, temperature)
+
+    parts = []
+    for start in range(0, positions, per_chunk):
+        piece = slice(start, start + per_chunk)
+        if keep_graph:
+            parts.append(checkpoint(chunk, hidden[:, piece], tokens[:, piece], use_reentrant=False))
+        else:
+            parts.append(chunk(hidden[:, piece], tokens[:, piece]))
+    return torch.cat(parts, dim=1) if parts else hidden.new_zeros(rows, 0, dtype=torch.float32)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, *,
                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """log softmax(logits / temperature) at `tokens`, in float32.

@@ -52,7 +52,7 @@ def eval_arguments(model: Path, output: Path) -> list[str]:
     """5 synthetic problems in chunks of 2 (3 chunks: on 2 ranks one rank balances the last round), sampled, with a
     nested row whose behaviour-target KL is scored by extra full-model forwards."""
     return ["--model", str(model), "--benchmarks", "synthetic", "--limit", "5", "--samples", "2", "--temperature",
-            "1.0", "--max-new-tokens", "20", "--batch-size", "4", "--skip-ratios", "0,0.34", "--output", str(output)]
+            "1.0", "--max-new-tokens", "40", "--batch-size", "4", "--skip-ratios", "0,0.34", "--output", str(output)]
 
 
 def record_rl_steps(records: list) -> None:
@@ -216,7 +216,9 @@ def main() -> None:
             (run_dir / "checkpoints" / "latest").write_text("sft_step30")
         ds.barrier()
         records_a.clear()
-        cfg_mode = load_config(None, TINY + overrides + [f"train.output_dir={run_dir}", "data.eval_problems=5"])
+        # 40 new tokens: at step 0 the ranks' longest completions end at 34 and 39 (at 20 both are cut at 20).
+        cfg_mode = load_config(None, TINY + overrides + [f"train.output_dir={run_dir}", "data.eval_problems=5",
+                                                         "rollout.max_new_tokens=40"])
         result[f"summary_mode_{mode}"] = train.run(cfg_mode, str(kl_config), resume="auto")
         result[f"steps_mode_{mode}"] = list(records_a)
 
