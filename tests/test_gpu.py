@@ -1,0 +1,98 @@
+"""CUDA paths: bf16 and flash-attention-2 decoding and scoring, compaction and the chunked head on the GPU.
+
+`python -m pytest -m gpu tests/test_gpu.py` on a CUDA machine (scripts/gpu_check.sh runs it); skipped on CPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from nested_reft_ds.model import load_model_and_tokenizer
+from nested_reft_ds.nested import SkipPlan, nested_view
+from nested_reft_ds.rl.logprobs import token_logprobs
+from nested_reft_ds.rollout import DecodeStats, Rollout, completion_logprobs, encode_prompts, generate
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+PROMPTS = ["Question: 1+2?", "Q: 33 + 44 - 5 = ?", "Tom has 7 apples.", "x"]
+GROUP = 4
+STOPS = list(range(10))  # ten stop tokens of 98: completions end at many lengths
+PLAN = SkipPlan(6, (2,))
+
+
+def _model(tiny_models, attn: str, dtype=torch.bfloat16):
+    model, tok = load_model_and_tokenizer(tiny_models["qwen2"], attn, dtype=dtype)
+    return model.cuda().eval(), tok
+
+
+def _rollout(model, tok, **kwargs) -> Rollout:
+    ids, mask = encode_prompts(tok, [p for p in PROMPTS for _ in range(GROUP)], "cuda")
+    return generate(model, ids, mask, PLAN, max_new_tokens=24, temperature=1.0, eos_token_id=STOPS,
+                    pad_token_id=tok.pad_token_id, seed=5, **kwargs)
+
+
+def test_bf16_behaviour_logprobs_match_a_rescoring_forward_of_the_nested_model(tiny_models):
+    model, tok = _model(tiny_models, "sdpa")
+    rollout = _rollout(model, tok, group_size=GROUP)
+    with torch.no_grad(), nested_view(model, PLAN):
+        rescored = completion_logprobs(model, rollout, 1.0)
+    assert rescored.dtype == torch.float32
+    mask = rollout.completion_mask.bool()
+    # bf16 logits: the cached decode and the one-pass forward round differently, by a few hundredths of a nat.
+    torch.testing.assert_close(rescored[mask], rollout.behavior_logprobs[mask], atol=0.1, rtol=0)
+
+
+def test_bf16_compaction_and_shared_prefill_keep_every_token(tiny_models):
+    model, tok = _model(tiny_models, "sdpa")
+    plain_stats, fast_stats = DecodeStats(), DecodeStats()
+    plain = _rollout(model, tok, compact_below=0.0, stats=plain_stats)
+    fast = _rollout(model, tok, compact_below=0.9, group_size=GROUP, stats=fast_stats)
+    assert torch.equal(plain.sequences, fast.sequences)
+    torch.testing.assert_close(plain.behavior_logprobs, fast.behavior_logprobs, atol=2e-2, rtol=0)
+    assert fast_stats.row_steps < plain_stats.row_steps
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn")
+def test_flash_attention_2_decodes_and_scores_like_sdpa(tiny_models):
+    sdpa, tok = _model(tiny_models, "sdpa")
+    flash, _ = _model(tiny_models, "flash_attention_2")
+    ids, mask = encode_prompts(tok, PROMPTS, "cuda")  # left padded: flash-attn's varlen path
+    kwargs = dict(max_new_tokens=16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, greedy=True)
+    a = generate(sdpa, ids, mask, SkipPlan(6, (1,)), **kwargs)
+    b = generate(flash, ids, mask, SkipPlan(6, (1,)), **kwargs)
+    agree = (a.completions == b.completions).float().mean().item()
+    assert agree > 0.9, agree  # bf16 kernels differ in rounding; argmax ties may flip late tokens
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logprobs(flash, a, 1.0), completion_logprobs(sdpa, a, 1.0),
+                                   atol=5e-2, rtol=0)
+
+
+def test_chunked_head_needs_a_quarter_of_the_full_logits_memory_at_a_large_vocabulary():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    vocab, rows, prompt, completion = 151_936, 8, 64, 256
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).cuda().bfloat16()
+    sequences = torch.randint(0, vocab, (rows, prompt + completion), device="cuda")
+    rollout = Rollout(sequences, torch.ones(rows, prompt, dtype=torch.long, device="cuda"),
+                      torch.ones(rows, completion, dtype=torch.long, device="cuda"),
+                      torch.zeros(rows, completion, device="cuda"))
+
+    def peak(fn) -> int:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn().sum().backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+
+    def full():
+        logits = model(input_ids=sequences).logits
+        return token_logprobs(logits[:, prompt - 1:-1], rollout.completions, chunk_elements=2**62)
+
+    full_bytes = peak(full)
+    chunked_bytes = peak(lambda: completion_logprobs(model, rollout, 1.0))
+    assert chunked_bytes <= full_bytes / 4, (chunked_bytes, full_bytes)
