@@ -12,10 +12,10 @@ tokens and only the work done differs. No reward is non-zero on a random model, 
 
 Variants (rollout.compact_below, rollout.shared_prefill, train.bucket_by_length):
   none     0,   off, off   every finished row decodes to the end; every sample prefills its prompt; micro-batches
-                           are consecutive rows padded to the batch's longest row
+                           are consecutive rows (each still trimmed to its own longest row)
   compact  0.5, off, off   finished rows leave the decode batch once at most half of it is still decoding
   prefill  0,   on,  off   each prompt is prefilled once for its G samples
-  bucket   0,   off, on    micro-batches of similar-length prompt groups, each trimmed to its longest row
+  bucket   0,   off, on    micro-batches of similar-length rows (whole groups under self_normalize)
   all      0.5, on,  on
 Logits are computed only at completion positions in every variant (see --vocab for that saving).
 

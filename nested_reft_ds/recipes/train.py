@@ -214,7 +214,9 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
     num_global_tokens, num_global_seqs = backend.all_reduce_sum([rollout.num_completion_tokens, len(texts)])
     engine.train()
     local_share_of_loss, micro_parts, tokens_computed = 0.0, [], 0
-    for rows in micro_batches(rollout.attention_mask.sum(dim=1), engine.train_micro_batch_size_per_gpu(), G,
+    # A group-normalised correction needs each prompt group in one micro-batch; otherwise rows bucket singly.
+    unit = G if algo.self_normalize else 1
+    for rows in micro_batches(rollout.attention_mask.sum(dim=1), engine.train_micro_batch_size_per_gpu(), unit,
                               cfg.train.bucket_by_length):
         micro_batch = rollout.select(rows)  # [b, P' + T'], trimmed to its own longest row
         tokens_computed += micro_batch.sequences.numel()

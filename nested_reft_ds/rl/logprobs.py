@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-# Elements of the float32 [rows, positions, V] temporaries one chunk may hold: 2**26 is 256 MiB.
-CHUNK_ELEMENTS = 2**26
+# Elements of the float32 [rows, positions, V] temporaries one chunk may hold: 2**24 is 64 MiB.
+CHUNK_ELEMENTS = 2**24
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
