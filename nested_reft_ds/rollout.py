@@ -203,7 +203,6 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
             else:
                 stats.steps += 1
                 stats.row_steps += rows.numel()
-                stats.alive_row_steps += int((~finished[rows]).sum())
             step_logprobs = sampling_logprobs(last_logits, temperature, top_p)  # [b, V]
             if greedy:
                 token = step_logprobs.argmax(-1)
@@ -240,5 +239,6 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     # In lockstep a rank keeps stepping after its own rows have ended: keep only the columns some row used, so
     # the rollout is the same tensor whether or not decoding was lockstep.
     width = max(int(completion_mask.sum(dim=1).max()), 1) if batch_size else steps_taken
+    stats.alive_row_steps += int(completion_mask[:, 1:].sum())  # every decode step's alive rows, after the prefill
     return Rollout(sequences=torch.cat([input_ids, tokens[:, :width]], dim=1), prompt_mask=prompt_mask,
                    completion_mask=completion_mask[:, :width], behavior_logprobs=behavior_logprobs[:, :width])
