@@ -69,6 +69,9 @@ class DataConfig:
     max_operand: int = 20
     min_steps: int = 1
     max_steps: int = 2
+    # None: the step count is uniform in [min_steps, max_steps]; q in [0, 1): min_steps plus a geometric count
+    # (each further step with probability q) capped at max_steps, a long-tailed chain length.
+    step_continue_probability: float | None = None
     # Imperfect demonstrator: this fraction of the synthetic worked solutions (SFT targets only; reference
     # answers stay true) computes the last step off by one. SFT then imitates the mistake at that rate and RL,
     # rewarded against the true answer, has a verifiable error to remove, as ReFT does beyond SFT.
@@ -87,6 +90,8 @@ class DataConfig:
                  f"an integer >= data.min_operand={self.min_operand} >= 0")
         _require(1 <= self.min_steps <= self.max_steps, "data.max_steps", self.max_steps,
                  f"an integer >= data.min_steps={self.min_steps} >= 1")
+        _require(self.step_continue_probability is None or 0.0 <= self.step_continue_probability < 1.0,
+                 "data.step_continue_probability", self.step_continue_probability, "null or a float in [0, 1)")
         _require(0.0 <= self.solution_error_rate <= 1.0, "data.solution_error_rate", self.solution_error_rate,
                  "a float in [0, 1]")
         from .data.templates import NAMED_TEMPLATES, is_template  # data imports config: import at use

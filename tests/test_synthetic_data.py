@@ -55,3 +55,20 @@ def test_batches_are_pure_cover_each_epoch_and_split_across_ranks():
     flat = [i for b in batches for i in b]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
     assert local_share([0, 1, 2, 3], 0, 2) + local_share([0, 1, 2, 3], 1, 2) == [0, 1, 2, 3]
+
+
+def test_long_tailed_chains_follow_the_geometric_step_count():
+    knobs = dict(min_operand=1, max_operand=99, min_steps=2, max_steps=20)
+    problems = synthetic_problems(4000, seed=2, step_continue_probability=0.7, **knobs)
+    steps = [len(re.findall(r"gets|gives away", p.question)) for p in problems]
+    assert min(steps) == 2 and max(steps) <= 20
+    # min_steps + Geometric(0.7) capped at 20: mean 2 + 0.7 / 0.3 (less the cap's share), P(steps >= 10) = 0.7**8
+    assert abs(sum(steps) / len(steps) - (2 + 0.7 / 0.3)) < 0.15
+    assert abs(sum(s >= 10 for s in steps) / len(steps) - 0.7**8) < 0.015
+    assert score_batch([p.solution for p in problems], [p.answer for p in problems]) == [1.0] * len(problems)
+    uniform = synthetic_problems(4000, seed=2, **knobs)
+    assert len({len(re.findall(r"gets|gives away", p.question)) for p in uniform}) == 19
+    with pytest.raises(ValueError, match="step_continue_probability"):
+        synthetic_problems(5, 0, step_continue_probability=1.0)
+    with pytest.raises(ValueError, match="data.step_continue_probability"):
+        DataConfig(step_continue_probability=-0.1)

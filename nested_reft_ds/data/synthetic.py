@@ -16,17 +16,24 @@ ITEMS = ("apples", "pens", "cards", "coins", "books", "shells")
 
 
 def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_operand: int = 20,
-                       min_steps: int = 1, max_steps: int = 2, solution_error_rate: float = 0.0) -> list[MathProblem]:
+                       min_steps: int = 1, max_steps: int = 2, step_continue_probability: float | None = None,
+                       solution_error_rate: float = 0.0) -> list[MathProblem]:
     """`count` problems drawn from a generator seeded by `seed` (same seed, same problems, on any machine).
 
     Difficulty: operands in [min_operand, max_operand], between min_steps and max_steps additions or
-    subtractions; a subtraction never takes the count below zero. `solution_error_rate`: the fraction of worked
+    subtractions; a subtraction never takes the count below zero. The number of steps is uniform in that range,
+    or, with `step_continue_probability` q, min_steps plus a geometric count (each further step with probability q)
+    capped at max_steps: long-tailed chains, most short and a few long, the length profile of math solutions.
+    `solution_error_rate`: the fraction of worked
     solutions whose last step is off by one ("7+5=13. \\boxed{13}"), an imperfect demonstrator for the SFT
     warm-up; `answer` is always the true one. The problems themselves do not depend on it.
     """
     if count < 1 or not 0 <= min_operand <= max_operand or not 1 <= min_steps <= max_steps:
         raise ConfigError(f"invalid synthetic task: count={count}, operands=[{min_operand}, {max_operand}], "
                          f"steps=[{min_steps}, {max_steps}]")
+    if step_continue_probability is not None and not 0.0 <= step_continue_probability < 1.0:
+        raise ConfigError(f"invalid synthetic task: step_continue_probability={step_continue_probability} "
+                         "(expected [0, 1))")
     if not 0.0 <= solution_error_rate <= 1.0:
         raise ConfigError(f"invalid synthetic task: solution_error_rate={solution_error_rate} (expected [0, 1])")
     rng = random.Random(f"nested-reft-synthetic:{seed}")
@@ -36,7 +43,7 @@ def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_opera
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
         total = rng.randint(min_operand, max_operand)
         sentences, work = [f"{name} has {total} {item}."], []
-        for _ in range(rng.randint(min_steps, max_steps)):
+        for _ in range(_num_steps(rng, min_steps, max_steps, step_continue_probability)):
             amount = rng.randint(min_operand, max_operand)
             if rng.random() < 0.5 or amount > total:
                 sentences.append(f"{name} gets {amount} more.")
@@ -54,3 +61,12 @@ def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_opera
         problems.append(MathProblem(question=" ".join(sentences), answer=str(total), source="synthetic",
                                     solution=" ".join(work) + f" \\boxed{{{shown}}}"))
     return problems
+
+
+def _num_steps(rng: random.Random, min_steps: int, max_steps: int, continue_probability: float | None) -> int:
+    if continue_probability is None:
+        return rng.randint(min_steps, max_steps)
+    steps = min_steps
+    while steps < max_steps and rng.random() < continue_probability:
+        steps += 1
+    return steps
