@@ -226,6 +226,10 @@ class TrainConfig:
     # Exact: micro-batches take rows of similar length (whole prompt groups when the micro-batch holds whole
     # groups) and each is trimmed to its own longest row, so training computes little padding.
     bucket_by_length: bool = True
+    # Exact: score each prompt's samples in one packed sequence [prompt, c_1 .. c_G] with a block attention mask,
+    # so the prompt is encoded once: "always", "never", or "auto": in the micro-batches where that computes fewer
+    # FLOPs. Needs SDPA or eager attention (flash-attention-2 takes no custom mask; "auto" then never packs).
+    shared_prompt_forward: Literal["auto", "always", "never"] = "auto"
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -305,6 +309,10 @@ class ExperimentConfig:
             _require(micro % group == 0 or micro >= self.rollout.prompts_per_step * group, "train.micro_batch_size",
                      micro, f"a multiple of rollout.group_size={group} when algorithm.self_normalize=true (each "
                      "prompt group must sit in one micro-batch)")
+        _require(not (self.train.shared_prompt_forward == "always"
+                      and self.model.attn_implementation == "flash_attention_2"), "train.shared_prompt_forward",
+                 self.train.shared_prompt_forward, "'auto' or 'never' with model.attn_implementation="
+                 "'flash_attention_2' (flash-attention-2 takes no block attention mask)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

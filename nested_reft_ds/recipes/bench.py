@@ -10,12 +10,17 @@ The helpers below (arguments, embedded model, fixed-length decoding, ideal speed
 from __future__ import annotations
 
 import argparse
+import ctypes
 import platform
 import statistics
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+import psutil
 import torch
 
 from ..config import ModelConfig
@@ -117,3 +122,42 @@ def run_bench(args: argparse.Namespace) -> int:
               f"{speedup / ideal_speedup(full, plan):>8.2f}")
     print("of ideal = speed-up / (layers run at the first ratio / layers run); 1.00 = time proportional to layers")
     return 0
+
+
+def release_free_heap() -> None:
+    """Hand glibc's free heap back to the OS, so that RSS grows with what the next code really allocates."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
+    """Peak bytes added inside the block: CUDA max_memory_allocated, else process RSS sampled every 2 ms."""
+    peak = {"bytes": 0}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield peak
+        torch.cuda.synchronize(device)
+        peak["bytes"] = torch.cuda.max_memory_allocated(device) - start
+        return
+    release_free_heap()
+    process, stop = psutil.Process(), threading.Event()
+    start = process.memory_info().rss
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak["bytes"] = max(peak["bytes"], process.memory_info().rss - start)
+            stop.wait(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+        peak["bytes"] = max(peak["bytes"], process.memory_info().rss - start)

@@ -42,7 +42,6 @@ ZeRO-3's prefetch trace valid (calling the model directly invalidates it, so the
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.metadata
 import os
 import shutil
@@ -59,7 +58,7 @@ from typing import Iterator
 import psutil
 import torch
 
-from .bench import add_model_arguments, cpu_name, fixed_length, ideal_speedup, model_path
+from .bench import add_model_arguments, cpu_name, fixed_length, ideal_speedup, model_path, peak_memory
 
 MODES = ("naive", "hf", "once", "streamed")
 HOOKS_ON = ("naive", "hf")  # modes that call engine.module with ZeRO-3's hooks and its training coordinator
@@ -128,49 +127,32 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
-def _release_free_heap() -> None:
-    """Hand glibc's free heap back to the OS, so that RSS grows with what the next code really allocates."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 @contextmanager
 def memory_probe(module: torch.nn.Module) -> Iterator[dict[str, int]]:
-    """Peak bytes materialised of the parameters partitioned at entry ("gathered") and peak memory added
-    ("memory") inside the block, sampled before and after every decoder layer and the LM head."""
+    """Peak bytes materialised of the parameters partitioned at entry ("gathered", sampled before and after every
+    decoder layer and the LM head) and peak memory added inside the block ("memory", `bench.peak_memory`)."""
     from ..engine.gather import gather_bytes
     from ..engine.distributed import device
     from ..nested import decoder_layers
 
     params = [p for p in module.parameters() if gather_bytes([p])]  # partitioned now
     partitioned = gather_bytes(params)
-    dev, process = device(), psutil.Process()
+    dev = device()
     peak = {"gathered": 0, "memory": 0}
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        start = torch.cuda.memory_allocated(dev)
-    else:
-        _release_free_heap()
-        start = process.memory_info().rss
 
     def sample(*_) -> None:
         peak["gathered"] = max(peak["gathered"], partitioned - gather_bytes(params))
-        if dev.type != "cuda":
-            peak["memory"] = max(peak["memory"], process.memory_info().rss - start)
 
     parent, attr = decoder_layers(module)
     watched = (*getattr(parent, attr), module.get_output_embeddings())
     probes = [hook(sample) for m in watched for hook in (m.register_forward_pre_hook, m.register_forward_hook)]
     try:
-        yield peak
+        with peak_memory(dev) as added:
+            yield peak
     finally:
         for probe in probes:
             probe.remove()
-        if dev.type == "cuda":
-            peak["memory"] = torch.cuda.max_memory_allocated(dev) - start
+    peak["memory"] = added["bytes"]
 
 
 def machine(module: torch.nn.Module) -> str:

@@ -10,13 +10,14 @@ long tail (mean about 90 tokens at V = 98, a few reaching the cap), the shape RL
 warmed checkpoint instead. Sampling is keyed per token, so every variant of a repeat decodes exactly the same
 tokens and only the work done differs. No reward is non-zero on a random model, so no step changes the weights.
 
-Variants (rollout.compact_below, rollout.shared_prefill, train.bucket_by_length):
-  none     0,   off, off   every finished row decodes to the end; every sample prefills its prompt; micro-batches
-                           are consecutive rows (each still trimmed to its own longest row)
-  compact  0.5, off, off   finished rows leave the decode batch once at most half of it is still decoding
-  prefill  0,   on,  off   each prompt is prefilled once for its G samples
-  bucket   0,   off, on    micro-batches of similar-length rows (whole groups under self_normalize)
-  all      0.5, on,  on
+Variants (rollout.compact_below, rollout.shared_prefill, train.bucket_by_length, train.shared_prompt_forward):
+  none     0,   off, off, never   every finished row decodes to the end; every sample prefills its prompt;
+                                  micro-batches are consecutive rows (each still trimmed to its own longest row)
+  compact  0.5, off, off, never   finished rows leave the decode batch once at most half of it is still decoding
+  prefill  0,   on,  off, never   each prompt is prefilled once for its G samples
+  bucket   0,   off, on,  never   micro-batches of similar-length rows, bucketed singly
+  packed   0,   off, off, always  training scores each prompt group as one packed sequence (prompt encoded once)
+  all      0.5, on,  on,  auto    packed where that computes fewer FLOPs (then rows bucket by whole groups)
 Logits are computed only at completion positions in every variant (see --vocab for that saving).
 
 Columns: phase times (median over repeats); decode row-steps run / row-steps of rows still decoding; training
@@ -32,23 +33,20 @@ import argparse
 import dataclasses
 import statistics
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-import psutil
 import torch
 
-from .bench import cpu_name, skip_ratios_argument
+from .bench import cpu_name, peak_memory, skip_ratios_argument
 
 VARIANTS = {
-    "none": dict(compact_below=0.0, shared_prefill=False, bucket_by_length=False),
-    "compact": dict(compact_below=0.5, shared_prefill=False, bucket_by_length=False),
-    "prefill": dict(compact_below=0.0, shared_prefill=True, bucket_by_length=False),
-    "bucket": dict(compact_below=0.0, shared_prefill=False, bucket_by_length=True),
-    "all": dict(compact_below=0.5, shared_prefill=True, bucket_by_length=True),
+    "none": dict(compact_below=0.0, shared_prefill=False, bucket_by_length=False, shared_prompt_forward="never"),
+    "compact": dict(compact_below=0.5, shared_prefill=False, bucket_by_length=False, shared_prompt_forward="never"),
+    "prefill": dict(compact_below=0.0, shared_prefill=True, bucket_by_length=False, shared_prompt_forward="never"),
+    "bucket": dict(compact_below=0.0, shared_prefill=False, bucket_by_length=True, shared_prompt_forward="never"),
+    "packed": dict(compact_below=0.0, shared_prefill=False, bucket_by_length=False, shared_prompt_forward="always"),
+    "all": dict(compact_below=0.5, shared_prefill=True, bucket_by_length=True, shared_prompt_forward="auto"),
 }
 
 
@@ -67,39 +65,6 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="vocabulary of the log-prob memory row (0: skip that row)")
     parser.add_argument("--workdir", help="where the embedded model is written (default: a temporary directory)")
     return parser
-
-
-@contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
-    """Peak bytes added inside the block: CUDA max_memory_allocated, else process RSS sampled every 2 ms."""
-    from .bench_rollout import _release_free_heap
-
-    peak = {"bytes": 0}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        yield peak
-        torch.cuda.synchronize(device)
-        peak["bytes"] = torch.cuda.max_memory_allocated(device) - start
-        return
-    _release_free_heap()
-    process, stop = psutil.Process(), threading.Event()
-    start = process.memory_info().rss
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak["bytes"] = max(peak["bytes"], process.memory_info().rss - start)
-            stop.wait(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield peak
-    finally:
-        stop.set()
-        sampler.join()
-        peak["bytes"] = max(peak["bytes"], process.memory_info().rss - start)
 
 
 def step_config(args: argparse.Namespace, workdir: Path):
@@ -124,7 +89,8 @@ def variant_config(cfg, name: str, ratio: float):
         cfg, skip=dataclasses.replace(cfg.skip, ratio=ratio),
         rollout=dataclasses.replace(cfg.rollout, compact_below=knobs["compact_below"],
                                     shared_prefill=knobs["shared_prefill"]),
-        train=dataclasses.replace(cfg.train, bucket_by_length=knobs["bucket_by_length"]))
+        train=dataclasses.replace(cfg.train, bucket_by_length=knobs["bucket_by_length"],
+                                  shared_prompt_forward=knobs["shared_prompt_forward"]))
 
 
 def logprob_memory(vocab: int, rows: int, prompt: int, completion: int, device: torch.device) -> dict[str, int]:

@@ -50,6 +50,7 @@ from ..nested import SkipPlan, SkipScheduler, nested_view, sample_skip_plan
 from ..reward import score_batch_with_stats
 from ..rl import compute_advantages, merge, policy_loss_parts
 from ..rollout import DecodeStats, Rollout, completion_logprobs, encode_prompts, generate, lockstep_rule
+from ..shared_prompt import packed_shape, packing_pays, shared_prompt_logprobs, supports_block_mask
 from ..run_log import RunLog
 
 log = logging.getLogger("nested_reft_ds")
@@ -95,22 +96,44 @@ def teacher_forced(tokenizer, problems: list[MathProblem], template: str, device
                    behavior_logprobs=torch.zeros(completions.shape, device=device))
 
 
-def micro_batches(lengths: torch.Tensor, micro: int, group_size: int, bucket_by_length: bool) -> list[torch.Tensor]:
-    """Row indices of each micro-batch of `micro` rows, given each row's length [N] (prompt + completion tokens).
+def micro_batches(prompt_lengths: torch.Tensor, completion_lengths: torch.Tensor, micro: int, group_size: int,
+                  bucket_by_length: bool) -> list[torch.Tensor]:
+    """Row indices of each micro-batch of `micro` rows, given each row's prompt and completion lengths [N].
 
     Without bucketing: consecutive rows. With it: units of rows (whole prompt groups of `group_size`, when a
-    micro-batch holds whole groups, as a group-normalised correction needs; else single rows) sorted by their
-    longest row, so each micro-batch, trimmed to its own longest row (`Rollout.select`), computes little padding.
-    The loss is a sum of per-token terms with global normalisers, so the order of rows changes nothing but float
-    summation order. Ties keep row order (a stable sort): the layout is a pure function of the lengths."""
-    num_rows = lengths.numel()
-    rows = torch.arange(num_rows, device=lengths.device)
-    if bucket_by_length:
-        unit = group_size if micro % group_size == 0 and num_rows % group_size == 0 else 1
-        longest = lengths.view(-1, unit).max(dim=1).values
-        order = torch.sort(longest, descending=True, stable=True).indices
-        rows = (order[:, None] * unit + torch.arange(unit, device=lengths.device)).reshape(-1)
-    return [rows[start:start + micro] for start in range(0, num_rows, micro)]
+    micro-batch holds whole groups, as a group-normalised correction or the shared-prompt forward needs; else
+    single rows) are ordered so that the micro-batches, each trimmed to its longest prompt plus its longest
+    completion (`Rollout.select`), compute the fewest positions. A trimmed width has two parts, so no one sort key
+    is best for every batch: the order as given and the units sorted (longest first, stable) by longest row, by
+    longest completion then prompt, and by longest prompt then completion are costed, and the cheapest is kept
+    (ties: the earlier). The loss is a sum of per-token terms with global normalisers, so the order of rows changes
+    nothing but float summation order; the layout is a pure function of the lengths."""
+    num_rows = prompt_lengths.numel()
+    device = prompt_lengths.device
+    rows = torch.arange(num_rows, device=device)
+    if not bucket_by_length:
+        return [rows[start:start + micro] for start in range(0, num_rows, micro)]
+    unit = group_size if micro % group_size == 0 and num_rows % group_size == 0 else 1
+    prompt_unit = prompt_lengths.view(-1, unit).max(dim=1).values
+    completion_unit = completion_lengths.view(-1, unit).max(dim=1).values
+    total_unit = (prompt_lengths + completion_lengths).view(-1, unit).max(dim=1).values
+
+    def by(primary: torch.Tensor, secondary: torch.Tensor | None = None) -> torch.Tensor:
+        order = torch.arange(primary.numel(), device=device)
+        for key in ([secondary] if secondary is not None else []) + [primary]:  # least significant key first
+            order = order[torch.sort(key[order], descending=True, stable=True).indices]
+        return order
+
+    def cost(order: torch.Tensor) -> int:
+        candidate = (order[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
+        return sum(len(piece) * int(prompt_lengths[piece].max() + completion_lengths[piece].max())
+                   for piece in candidate.split(micro))
+
+    candidates = [torch.arange(prompt_unit.numel(), device=device), by(total_unit),
+                  by(completion_unit, prompt_unit), by(prompt_unit, completion_unit)]
+    best = min(candidates, key=cost)  # min keeps the first of equal costs
+    rows = (best[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
+    return list(rows.split(micro))
 
 
 def unpartitioned(model) -> bool:
@@ -118,6 +141,21 @@ def unpartitioned(model) -> bool:
     so its output head may run outside its forward (`completion_logprobs(chunked_head=True)`)."""
     stage = getattr(model, "zero_optimization_stage", None)
     return stage is None or stage() < 3
+
+
+def packs_prompts(model, micro_batch: Rollout, group_ids: torch.Tensor, mode: str) -> bool:
+    """Whether `micro_batch` is scored with the shared-prompt forward under train.shared_prompt_forward=`mode`."""
+    if mode == "never" or (mode == "auto" and not supports_block_mask(model)):
+        return False
+    return mode == "always" or packing_pays(getattr(model, "module", model).config, micro_batch, group_ids)
+
+
+def scored_logprobs(model, micro_batch: Rollout, group_ids: torch.Tensor, temperature: float,
+                    packed: bool) -> torch.Tensor:
+    """Completion log-probs [b, T] of `micro_batch` under `model`, packed per prompt or in the plain layout."""
+    if packed:
+        return shared_prompt_logprobs(model, micro_batch, group_ids, temperature, chunked_head=unpartitioned(model))
+    return completion_logprobs(model, micro_batch, temperature, chunked_head=unpartitioned(model))
 
 
 def score(completions: list[str], references: list[str], cfg: ExperimentConfig):
@@ -155,7 +193,8 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
             else SkipPlan(num_layers))
     engine.train()
     local_share_of_loss = 0.0
-    for rows in micro_batches(batch.attention_mask.sum(dim=1), micro, 1, cfg.train.bucket_by_length):
+    for rows in micro_batches(batch.prompt_mask.sum(dim=1), batch.completion_mask.sum(dim=1), micro, 1,
+                              cfg.train.bucket_by_length):
         micro_batch = batch.select(rows)
         with nested_view(engine.module, plan):
             logprobs = completion_logprobs(engine, micro_batch, 1.0, chunked_head=unpartitioned(engine))
@@ -213,20 +252,25 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
     # backward/step per micro-batch.
     num_global_tokens, num_global_seqs = backend.all_reduce_sum([rollout.num_completion_tokens, len(texts)])
     engine.train()
-    local_share_of_loss, micro_parts, tokens_computed = 0.0, [], 0
-    # A group-normalised correction needs each prompt group in one micro-batch; otherwise rows bucket singly.
-    unit = G if algo.self_normalize else 1
-    for rows in micro_batches(rollout.attention_mask.sum(dim=1), engine.train_micro_batch_size_per_gpu(), unit,
-                              cfg.train.bucket_by_length):
+    local_share_of_loss, micro_parts, tokens_computed, packed_micro_batches = 0.0, [], 0, 0
+    group_ids = torch.arange(len(texts), device=backend.device()) // G  # each row's prompt
+    # A group-normalised correction needs each prompt group in one micro-batch, and the shared-prompt forward
+    # encodes a prompt once per micro-batch it appears in; otherwise rows bucket singly.
+    unit = G if algo.self_normalize or cfg.train.shared_prompt_forward != "never" else 1
+    for rows in micro_batches(rollout.prompt_mask.sum(dim=1), rollout.completion_mask.sum(dim=1),
+                              engine.train_micro_batch_size_per_gpu(), unit, cfg.train.bucket_by_length):
         micro_batch = rollout.select(rows)  # [b, P' + T'], trimmed to its own longest row
-        tokens_computed += micro_batch.sequences.numel()
+        packed = packs_prompts(engine, micro_batch, group_ids[rows], cfg.train.shared_prompt_forward)
+        sequences, width = packed_shape(micro_batch, group_ids[rows]) if packed else micro_batch.sequences.shape
+        tokens_computed += sequences * width
+        packed_micro_batches += packed
         ref_logprobs = None
         if reference is not None:  # under ZeRO-3 a collective forward: every rank, every micro-batch
             with torch.no_grad():
-                ref_logprobs = completion_logprobs(reference, micro_batch, cfg.rollout.temperature,
-                                                   chunked_head=unpartitioned(reference))  # [b, T']
-        logprobs = completion_logprobs(engine, micro_batch, cfg.rollout.temperature,
-                                       chunked_head=unpartitioned(engine))  # [b, T'] pi_theta
+                ref_logprobs = scored_logprobs(reference, micro_batch, group_ids[rows], cfg.rollout.temperature,
+                                               packed)  # [b, T']
+        logprobs = scored_logprobs(engine, micro_batch, group_ids[rows], cfg.rollout.temperature,
+                                   packed)  # [b, T'] pi_theta
         loss, parts = policy_loss_parts(logprobs, logprobs.detach(), micro_batch.behavior_logprobs,
                                         advantages[rows], micro_batch.completion_mask.float(), algo,
                                         num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs,
@@ -255,6 +299,7 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
                  train_tokens_per_s=rollout.attention_mask.sum().item() * world / (t_train - t_reward),
                  # Token positions the training forwards ran vs those holding a real token (padding overhead).
                  train_tokens_computed=tokens_computed, train_tokens_needed=rollout.attention_mask.sum().item(),
+                 train_packed_micro_batches=packed_micro_batches,
                  # Decode row-steps run vs those of rows still decoding (finished rows carried along), and the
                  # rows the prefill ran (one per prompt with shared prefill).
                  decode_row_steps=decode.row_steps, decode_alive_row_steps=decode.alive_row_steps,

@@ -42,7 +42,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=6", "model.num_heads=2", "mode
 
 
 # What each recorded RL step keeps: the estimator's diagnostics, and kl_ref when a reference exists.
-RECORDED = ("skipped_layers", "loss", "longest_completion_min", "longest_completion_max", "rollout_lockstep", "reward_mean", "completion_length", "grad_norm", "pg_loss", "ess",
+RECORDED = ("skipped_layers", "loss", "train_packed_micro_batches", "longest_completion_min", "longest_completion_max", "rollout_lockstep", "reward_mean", "completion_length", "grad_norm", "pg_loss", "ess",
             "ess_seq_raw", "ess_tok_raw", "frac_truncated", "frac_masked", "kl_behavior_k1", "kl_behavior_k3",
             "clip_frac", "weight_mean", "nonfinite_count", "kl_ref",
             *(f"ratio_{unit}_{stat}" for unit in ("tok", "seq") for stat in ("mean", "min", "max", "p10", "p50", "p90")))
@@ -206,9 +206,12 @@ def main() -> None:
     # 8. The RL phase of run 1 again from its SFT checkpoint, once per rollout mode: gather-once, streamed (ZeRO-3
     # hooks on, lockstep decoding) and auto forced to stream, with every parameter partitioned (run 6's config,
     # persistence threshold 0: this tiny model would otherwise stay resident whole). 5 held-out problems give the ranks unequal eval
-    # shards (3 and 2), so streamed greedy eval must pad; each run writes its rl_step3 checkpoint.
+    # shards (3 and 2), so streamed greedy eval must pad; each run writes its rl_step3 checkpoint. Then gather-once
+    # again with the plain training layout: the runs above score each prompt group packed (the shared-prompt forward
+    # pays at these lengths), through the model's own head (ZeRO-3).
     for mode, overrides in (("once", ["rollout.gather=once"]), ("streamed", ["rollout.gather=streamed"]),
-                            ("auto", ["rollout.gather=auto", "rollout.gather_memory_fraction=1e-12"])):
+                            ("auto", ["rollout.gather=auto", "rollout.gather_memory_fraction=1e-12"]),
+                            ("plain_layout", ["rollout.gather=once", "train.shared_prompt_forward=never"])):
         run_dir = out / f"mode_{mode}"
         if rank == 0:
             shutil.copytree(out / "run_a" / "base_model", run_dir / "base_model")
