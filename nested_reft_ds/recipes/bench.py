@@ -27,7 +27,7 @@ from ..config import ModelConfig
 from ..data import synthetic_problems
 from ..data.templates import format_prompt
 from ..model import build_tiny_model, load_model_and_tokenizer
-from ..nested import SkipPlan, parse_skip_ratios, sample_skip_plan
+from ..nested import SkipPlan, decoder_layers, parse_skip_ratios, sample_skip_plan
 from ..rollout import encode_prompts, generate
 
 
@@ -88,6 +88,37 @@ def ideal_speedup(full: SkipPlan, plan: SkipPlan) -> float:
     return len(full.kept) / len(plan.kept)
 
 
+def decode_bytes_per_step(model: torch.nn.Module, plan: SkipPlan, rows: int, context: int) -> int:
+    """Bytes one decode step must read from memory: the parameters of the decoder layers `plan` keeps and of the
+    output head (once per step, whatever the batch), and the KV cache of `rows` rows at `context` tokens. A
+    lower bound on traffic (activations and the embedding rows are left out); decode is bandwidth-bound when this
+    over the step time approaches the device's memory bandwidth."""
+    parent, attr = decoder_layers(model)
+    layers = getattr(parent, attr)
+    weights = sum(p.numel() * p.element_size() for i in plan.kept for p in layers[i].parameters())
+    head = model.get_output_embeddings().weight
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_per_token = 2 * config.num_key_value_heads * head_dim * head.element_size() * len(plan.kept)
+    return weights + head.numel() * head.element_size() + rows * context * kv_per_token
+
+
+def copy_bandwidth(device: str, nbytes: int = 2**30, repeats: int = 5) -> float:
+    """Bytes/s of a device-to-device tensor copy (read + write) of `nbytes`: the memory bandwidth decode can
+    reach on this device, measured rather than taken from a data sheet."""
+    source = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # warm up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * nbytes * repeats / (time.perf_counter() - start)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     path = model_path(args, tempfile.mkdtemp())
@@ -111,16 +142,23 @@ def run_bench(args: argparse.Namespace) -> int:
             if repeat:  # repeat 0 warms up
                 samples[ratio].append(args.batch_size * args.new_tokens / (time.perf_counter() - start))
     base = statistics.median(samples[ratios[0]])
+    bandwidth = copy_bandwidth(args.device)
+    context = ids.shape[1] + args.new_tokens // 2  # mean KV length over the decode
     print(f"model {path} | {num_layers} layers | batch {args.batch_size} x {args.new_tokens} new tokens | "
-          f"{args.device} {args.dtype} | median of {args.repeats}")
-    print(f"{'skip ratio':>10} {'layers run':>10} {'tokens/s':>10} {'speed-up':>9} {'of ideal':>8}")
+          f"{args.device} {args.dtype} | median of {args.repeats} | copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    print(f"{'skip ratio':>10} {'layers run':>10} {'tokens/s':>10} {'speed-up':>9} {'of ideal':>8} "
+          f"{'read GB/s':>9} {'of copy BW':>10}")
     full = sample_skip_plan(num_layers, ratios[0], 0, 0)
     for ratio in ratios:
         plan = sample_skip_plan(num_layers, ratio, 0, 0)
-        speedup = statistics.median(samples[ratio]) / base
-        print(f"{ratio:>10.2f} {len(plan.kept):>10d} {base * speedup:>10.0f} {speedup:>8.2f}x "
-              f"{speedup / ideal_speedup(full, plan):>8.2f}")
+        tokens_per_s = statistics.median(samples[ratio])
+        speedup = tokens_per_s / base
+        read = decode_bytes_per_step(model, plan, args.batch_size, context) * tokens_per_s / args.batch_size
+        print(f"{ratio:>10.2f} {len(plan.kept):>10d} {tokens_per_s:>10.0f} {speedup:>8.2f}x "
+              f"{speedup / ideal_speedup(full, plan):>8.2f} {read / 1e9:>9.1f} {read / bandwidth:>10.2f}")
     print("of ideal = speed-up / (layers run at the first ratio / layers run); 1.00 = time proportional to layers")
+    print("read GB/s = (kept layers' and head's parameters + KV cache at the mean context) per decode step x steps/s; "
+          "of copy BW = that / the measured device-to-device copy bandwidth (1.00: decode is bandwidth-bound)")
     return 0
 
 

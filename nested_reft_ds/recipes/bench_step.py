@@ -64,6 +64,8 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--vocab", type=int, default=151_936,
                         help="vocabulary of the log-prob memory row (0: skip that row)")
     parser.add_argument("--workdir", help="where the embedded model is written (default: a temporary directory)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value for every row, e.g. --set train.precision=bf16 (repeatable)")
     return parser
 
 
@@ -80,7 +82,7 @@ def step_config(args: argparse.Namespace, workdir: Path):
                  "skip.schedule=fixed", "algorithm.kl_coef=0"]
     if args.model:
         overrides.append(f"model.path={args.model}")
-    return load_config(None, overrides)
+    return load_config(None, overrides + list(args.overrides))
 
 
 def variant_config(cfg, name: str, ratio: float):

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU check on one H100/H200, in under 8 minutes: the CUDA tests, the whole RL step at a Qwen2-0.5B-class shape
+# (24 layers x 896 hidden, 14 heads, 2 KV heads, MLP 4864; built from its config with the embedded tokenizer, no
+# hub) in bf16, and decode tokens/s with the bytes it reads as a fraction of the measured copy bandwidth.
+#
+#   pip install -e .  (a CUDA build of torch; flash-attn optional)   then   scripts/gpu_check.sh [OUT_DIR]
+#
+# Each part's table is written to OUT_DIR (default gpu_check/) and echoed.
+set -euo pipefail
+out=${1:-gpu_check}
+mkdir -p "$out"
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device')"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+
+echo "== CUDA tests (bf16, flash-attention-2 when installed, compaction, chunked head, shared-prompt forward)"
+python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt"
+
+model="$out/qwen2_0.5b_class"
+python - "$model" <<'PY'
+import sys
+from nested_reft_ds.config import ModelConfig
+from nested_reft_ds.model import build_tiny_model
+build_tiny_model(ModelConfig(arch="qwen2", num_layers=24, hidden_size=896, num_heads=14, num_kv_heads=2,
+                             intermediate_size=4864), sys.argv[1], seed=0)
+PY
+
+echo "== decode: tokens/s and bytes read per second vs copy bandwidth (bf16, 64 rows x 256 tokens)"
+nested-reft bench --model "$model" --batch-size 64 --new-tokens 256 --repeats 2 --dtype bfloat16 --device cuda \
+  2>&1 | tee "$out/decode.txt"
+
+echo "== the whole RL step: each saving alone and all together, skip 0 / 0.25 / 0.5 (bf16, 16 prompts x G=8)"
+nested-reft bench step --model "$model" --prompts 16 --group-size 8 --max-new-tokens 256 --micro-batch-size 32 \
+  --repeats 1 --set train.precision=bf16 --set model.attn_implementation=auto 2>&1 | tee "$out/bench_step.txt"
