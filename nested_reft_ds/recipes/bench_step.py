@@ -3,12 +3,13 @@ alone and all together, at several skip ratios, measured in one run (one process
 
     nested-reft bench step --layers 24 --hidden-size 128 --prompts 4 --group-size 8 --max-new-tokens 256
 
-Workload: long-chain synthetic problems (2-6 steps, operands up to 999) through the plain template, G samples per
-prompt, sampled at temperature 1 until EOS or `--max-new-tokens`. The default model is the embedded one at random
-initialisation: it emits EOS with probability about 1/V per token, so completion lengths are geometric with a
-long tail (mean about 90 tokens at V = 98, a few reaching the cap), the shape RL on math sees; `--model` takes a
-warmed checkpoint instead. Sampling is keyed per token, so every variant of a repeat decodes exactly the same
-tokens and only the work done differs. No reward is non-zero on a random model, so no step changes the weights.
+Workload: the long-chain synthetic task of configs/compare_long.yaml (2-20 steps, a geometric count, operands up
+to 30) through the plain template, G samples per prompt, sampled at temperature 1 until EOS or `--max-new-tokens`.
+The default model is the embedded one at random initialisation: it emits EOS with probability about 1/V per
+token, so completion lengths are geometric with a long tail (mean about 90 tokens at V = 98, a few reaching the
+cap); `--model` takes a warmed checkpoint instead, whose completions follow its worked-solution format. Sampling
+is keyed per token and the optimizer steps at lr 0 (the whole step runs, the weights stay), so every variant of
+a repeat decodes exactly the same tokens and only the work done differs.
 
 Variants (rollout.compact_below, rollout.shared_prefill, train.bucket_by_length, train.shared_prompt_forward):
   none     0,   off, off, never   every finished row decodes to the end; every sample prefills its prompt;
@@ -74,8 +75,8 @@ def step_config(args: argparse.Namespace, workdir: Path):
 
     overrides = [f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden_size}",
                  f"model.intermediate_size={3 * args.hidden_size}", "data.source=synthetic", "data.num_problems=512",
-                 "data.eval_problems=0", "data.min_steps=2", "data.max_steps=6", "data.min_operand=10",
-                 "data.max_operand=999", "data.prompt_template=plain", f"rollout.prompts_per_step={args.prompts}",
+                 "data.eval_problems=0", "data.min_steps=2", "data.max_steps=20", "data.step_continue_probability=0.6",
+                 "data.min_operand=1", "data.max_operand=30", "data.prompt_template=plain", f"rollout.prompts_per_step={args.prompts}",
                  f"rollout.group_size={args.group_size}", f"rollout.max_new_tokens={args.max_new_tokens}",
                  "rollout.temperature=1.0", f"train.micro_batch_size={args.micro_batch_size}", "train.steps=1",
                  "train.sft_steps=0", "train.zero_stage=0", "train.precision=fp32", f"train.output_dir={workdir}",
@@ -151,6 +152,7 @@ def run_step_bench(args: argparse.Namespace) -> int:
     model_dir = prepare_model_dir(cfg, workdir, rank)
     model, tokenizer = backend.load_model_for_engine(model_dir, ds_config, cfg.model.attn_implementation)
     engine = backend.build_engine(model, ds_config)
+    backend.set_learning_rate(engine, 0.0)  # every variant must decode with the same weights
     device = backend.device()
     num_layers = model.config.num_hidden_layers
     cases = [(ratio, name) for ratio in args.ratios for name in names]
