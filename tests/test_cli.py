@@ -71,8 +71,23 @@ def test_bench_prints_a_row_per_ratio_with_speedups(kind):
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith(("0.00", "0.50"))]
     assert [row[0] for row in rows] == ["0.00", "0.50"]
     assert [row[1] for row in rows] == ["4", "2"], "layers run: all 4, then 2 with half skipped"
-    assert rows[0][3:] == ["1.00x", "1.00"] and float(rows[1][3].rstrip("x")) > 0
+    assert rows[0][3:5] == ["1.00x", "1.00"] and float(rows[1][3].rstrip("x")) > 0
     assert float(rows[1][4]) == pytest.approx(float(rows[1][3].rstrip("x")) / 2, abs=0.01), "of ideal: ideal is 2x"
+    assert all(float(row[5]) > 0 and 0 < float(row[6]) for row in rows), "bytes read per second and its fraction"
+    assert "copy bandwidth" in proc.stdout
+
+
+def test_decode_bytes_per_step_counts_kept_layers_head_and_kv_cache(tiny_models):
+    from nested_reft_ds.model import load_model_and_tokenizer
+    from nested_reft_ds.nested import SkipPlan
+    from nested_reft_ds.recipes.bench import decode_bytes_per_step
+
+    model, _ = load_model_and_tokenizer(tiny_models["qwen2"])  # 6 layers, hidden 64, 2 KV heads of 16, fp32
+    layer = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
+    head = model.get_output_embeddings().weight.numel() * 4
+    kv_per_token_layer = 2 * 2 * 16 * 4
+    assert decode_bytes_per_step(model, SkipPlan(6), 1, 0) == 6 * layer + head
+    assert decode_bytes_per_step(model, SkipPlan(6, (1, 4)), 3, 10) == 4 * layer + head + 3 * 10 * 4 * kv_per_token_layer
 
 
 def test_bench_rollout_rejects_unknown_modes():

@@ -12,6 +12,7 @@ from nested_reft_ds.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "compare_tiny.yaml")
+LONG_CONFIG = str(REPO / "configs" / "compare_long.yaml")
 
 
 def fake_run(step_s: float, rollout_s: float, rollout_tps: float, evals: dict[int, float], steps: int = 4):
@@ -145,10 +146,22 @@ def test_base_config_is_deep_enough():
     assert load_config(CONFIG).model.num_layers >= 12
 
 
+def test_long_chain_recipe_is_rollout_heavy_by_construction():
+    from nested_reft_ds.config import load_config
+    from nested_reft_ds.data import problems_from_config
+
+    cfg = load_config(LONG_CONFIG)
+    assert cfg.model.num_layers >= 16 and cfg.rollout.max_new_tokens >= 256 and cfg.rollout.group_size == 8
+    assert 0 < cfg.data.solution_error_rate < 1  # an imperfect demonstrator
+    train, _ = problems_from_config(cfg.data, cfg.train.seed)
+    lengths = sorted(len(p.solution) for p in train)  # characters = tokens of the embedded tokenizer
+    assert lengths[0] >= 20 and lengths[len(lengths) // 2] < 60 and lengths[-1] > 150  # long-tailed, under 256
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
-def run_compare(*args):
-    return subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "compare", "--config", CONFIG, *args],
+def run_compare(*args, config: str = CONFIG):
+    return subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "compare", "--config", config, *args],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
@@ -210,3 +223,11 @@ def test_bad_option_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert compare.main(["--out", str(tmp_path), "--report-only"]) == 2
     assert "runs.jsonl' does not exist" in capsys.readouterr().err
     assert not list(tmp_path.iterdir()), "nothing half-started"
+
+
+def test_long_chain_recipe_quick_grid_runs_every_arm(tmp_path):
+    proc = run_compare("--quick", "--out", str(tmp_path), config=LONG_CONFIG)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert {r["arm"] for r in records} == set(ARMS) | {compare.SFT_ARM}
+    assert list(json.loads((tmp_path / "summary.json").read_text())["arms"]) == list(ARMS)

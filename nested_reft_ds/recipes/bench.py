@@ -155,7 +155,7 @@ def run_bench(args: argparse.Namespace) -> int:
         speedup = tokens_per_s / base
         read = decode_bytes_per_step(model, plan, args.batch_size, context) * tokens_per_s / args.batch_size
         print(f"{ratio:>10.2f} {len(plan.kept):>10d} {tokens_per_s:>10.0f} {speedup:>8.2f}x "
-              f"{speedup / ideal_speedup(full, plan):>8.2f} {read / 1e9:>9.1f} {read / bandwidth:>10.2f}")
+              f"{speedup / ideal_speedup(full, plan):>8.2f} {read / 1e9:>9.3g} {read / bandwidth:>10.3g}")
     print("of ideal = speed-up / (layers run at the first ratio / layers run); 1.00 = time proportional to layers")
     print("read GB/s = (kept layers' and head's parameters + KV cache at the mean context) per decode step x steps/s; "
           "of copy BW = that / the measured device-to-device copy bandwidth (1.00: decode is bandwidth-bound)")
