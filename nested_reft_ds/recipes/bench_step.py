@@ -3,8 +3,8 @@ alone and all together, at several skip ratios, measured in one run (one process
 
     nested-reft bench step --layers 24 --hidden-size 128 --prompts 4 --group-size 8 --max-new-tokens 256
 
-Workload: the long-chain synthetic task of configs/compare_long.yaml (2-20 steps, a geometric count, operands up
-to 30) through the plain template, G samples per prompt, sampled at temperature 1 until EOS or `--max-new-tokens`.
+Workload: long-chain synthetic problems (2-20 steps, a geometric count with continue probability 0.6, operands
+up to 30) through the plain template, G samples per prompt, sampled at temperature 1 until EOS or `--max-new-tokens`.
 The default model is the embedded one at random initialisation: it emits EOS with probability about 1/V per
 token, so completion lengths are geometric with a long tail (mean about 90 tokens at V = 98, a few reaching the
 cap); `--model` takes a warmed checkpoint instead, whose completions follow its worked-solution format. Sampling
