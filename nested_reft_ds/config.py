@@ -115,7 +115,7 @@ class RolloutConfig:
     # Exact decode savings (sampling noise is keyed per token, so neither changes a sampled token): finished rows
     # leave the batch once the rows still decoding are at most `compact_below` of it (0: never), and each prompt
     # is prefilled once for its group_size samples (`shared_prefill`).
-    compact_below: float = 0.5
+    compact_below: float = 0.75
     shared_prefill: bool = True
 
     def __post_init__(self) -> None:

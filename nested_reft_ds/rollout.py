@@ -131,7 +131,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int], pad_token_id: int, greedy: bool = False,
              seed: int = 0, row_keys: torch.Tensor | None = None, group_size: int = 1,
-             compact_below: float = 0.5, use_cache: bool = True,
+             compact_below: float = 0.75, use_cache: bool = True,
              all_ranks_done: Callable[[bool], bool] | None = None,
              stats: DecodeStats | None = None) -> Rollout:
     """Sample one completion per row of the left-padded `input_ids` [B, P] from `model` viewed through `plan`.

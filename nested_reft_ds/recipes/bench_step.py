@@ -14,11 +14,11 @@ a repeat decodes exactly the same tokens and only the work done differs.
 Variants (rollout.compact_below, rollout.shared_prefill, train.bucket_by_length, train.shared_prompt_forward):
   none     0,   off, off, never   every finished row decodes to the end; every sample prefills its prompt;
                                   micro-batches are consecutive rows (each still trimmed to its own longest row)
-  compact  0.5, off, off, never   finished rows leave the decode batch once at most half of it is still decoding
+  compact  0.75, off, off, never  finished rows leave the decode batch once at most 3/4 of it is still decoding
   prefill  0,   on,  off, never   each prompt is prefilled once for its G samples
   bucket   0,   off, on,  never   micro-batches of similar-length rows, bucketed singly
   packed   0,   off, off, always  training scores each prompt group as one packed sequence (prompt encoded once)
-  all      0.5, on,  on,  auto    packed where that computes fewer FLOPs (then rows bucket by whole groups)
+  all      0.75, on, on,  auto    packed where that computes fewer FLOPs (then rows bucket by whole groups)
 Logits are computed only at completion positions in every variant (see --vocab for that saving).
 
 Columns: phase times (median over repeats); decode row-steps run / row-steps of rows still decoding; training
@@ -43,11 +43,11 @@ from .bench import cpu_name, peak_memory, skip_ratios_argument
 
 VARIANTS = {
     "none": dict(compact_below=0.0, shared_prefill=False, bucket_by_length=False, shared_prompt_forward="never"),
-    "compact": dict(compact_below=0.5, shared_prefill=False, bucket_by_length=False, shared_prompt_forward="never"),
+    "compact": dict(compact_below=0.75, shared_prefill=False, bucket_by_length=False, shared_prompt_forward="never"),
     "prefill": dict(compact_below=0.0, shared_prefill=True, bucket_by_length=False, shared_prompt_forward="never"),
     "bucket": dict(compact_below=0.0, shared_prefill=False, bucket_by_length=True, shared_prompt_forward="never"),
     "packed": dict(compact_below=0.0, shared_prefill=False, bucket_by_length=False, shared_prompt_forward="always"),
-    "all": dict(compact_below=0.5, shared_prefill=True, bucket_by_length=True, shared_prompt_forward="auto"),
+    "all": dict(compact_below=0.75, shared_prefill=True, bucket_by_length=True, shared_prompt_forward="auto"),
 }
 
 
@@ -168,7 +168,7 @@ def run_step_bench(args: argparse.Namespace) -> int:
             if repeat:
                 records[(ratio, name)].append(metrics)
                 peaks[(ratio, name)].append(peak["bytes"])
-    print_table(args, cfg, cases, records, peaks, num_layers, time.perf_counter() - began)
+    print_table(args, cfg, cases, records, peaks, num_layers, model.config.hidden_size, time.perf_counter() - began)
     if args.vocab:
         rows, prompt = args.micro_batch_size, 64
         memory = logprob_memory(args.vocab, rows, prompt, args.max_new_tokens, device)
@@ -186,9 +186,9 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def print_table(args, cfg, cases, records, peaks, num_layers: int, seconds: float) -> None:
+def print_table(args, cfg, cases, records, peaks, num_layers: int, hidden_size: int, seconds: float) -> None:
     lengths = [m["completion_length"] for runs in records.values() for m in runs]
-    print(f"{num_layers} layers x {cfg.model.hidden_size} hidden | {args.prompts} prompts x G={args.group_size}, "
+    print(f"{num_layers} layers x {hidden_size} hidden | {args.prompts} prompts x G={args.group_size}, "
           f"max_new_tokens {args.max_new_tokens}, mean completion {_median(lengths):.0f} tokens | micro-batch "
           f"{args.micro_batch_size} | {cpu_name()}, {torch.get_num_threads()} threads | median of {args.repeats} | "
           f"{seconds:.0f} s")
