@@ -223,8 +223,9 @@ class TrainConfig:
     steps: int = 30  # RL steps (0: stop after the SFT warm-up)
     # Sequences per forward/backward on each rank; gradient accumulation follows from the rollout size.
     micro_batch_size: int = 32
-    # Exact: micro-batches take rows of similar length (whole prompt groups when the micro-batch holds whole
-    # groups) and each is trimmed to its own longest row, so training computes little padding.
+    # Exact: micro-batches take rows of similar length and each is trimmed to its own longest row, so training
+    # computes little padding. Rows move in whole prompt groups (when a micro-batch holds whole groups) under
+    # algorithm.self_normalize or a shared_prompt_forward other than "never", else singly.
     bucket_by_length: bool = True
     # Exact: score each prompt's samples in one packed sequence [prompt, c_1 .. c_G] with a block attention mask,
     # so the prompt is encoded once: "always", "never", or "auto": in the micro-batches where that computes fewer
