@@ -202,22 +202,22 @@ def test_every_rollout_mode_trains_through_train_run_with_unequal_rank_lengths(r
         for mode in ("streamed", "auto"):
             assert result[f"summary_mode_{mode}"] == result["summary_mode_once"]
     weights = {mode: consolidated_state_dict(out / f"mode_{mode}" / "checkpoints", "rl_step3")
-               for mode in ("once", "streamed", "auto", "plain_layout")}
+               for mode in ("once", "streamed", "auto", "savings_off")}
     for mode in ("streamed", "auto"):
         assert weights[mode].keys() == weights["once"].keys()
         for key, value in weights["once"].items():
             assert torch.equal(weights[mode][key], value), f"{mode}: {key}"
-    # The shared-prompt forward (packed prompt groups, block mask) against the plain layout, through train.run on
-    # ZeRO-3: the same steps up to float summation order.
+    # The exact savings (compaction, shared prefill, bucketing, the packed shared-prompt forward) against none of
+    # them, through train.run on ZeRO-3: the same steps up to float summation order.
     for result in results:
-        packed, plain = result["steps_mode_once"], result["steps_mode_plain_layout"]
+        packed, plain = result["steps_mode_once"], result["steps_mode_savings_off"]
         assert all(s["train_packed_micro_batches"] > 0 for s in packed)
         assert all(s["train_packed_micro_batches"] == 0 for s in plain)
         for expected, got in zip(plain, packed):
             assert got["skipped_layers"] == expected["skipped_layers"]
             for key in ("loss", "ess", "kl_behavior_k3", "grad_norm"):
                 assert got[key] == pytest.approx(expected[key], abs=1e-5), key
-    for key, value in weights["plain_layout"].items():
+    for key, value in weights["savings_off"].items():
         torch.testing.assert_close(weights["once"][key], value, atol=1e-5, rtol=1e-4)
 
 

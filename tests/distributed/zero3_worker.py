@@ -207,11 +207,14 @@ def main() -> None:
     # hooks on, lockstep decoding) and auto forced to stream, with every parameter partitioned (run 6's config,
     # persistence threshold 0: this tiny model would otherwise stay resident whole). 5 held-out problems give the ranks unequal eval
     # shards (3 and 2), so streamed greedy eval must pad; each run writes its rl_step3 checkpoint. Then gather-once
-    # again with the plain training layout: the runs above score each prompt group packed (the shared-prompt forward
-    # pays at these lengths), through the model's own head (ZeRO-3).
+    # again with every exact saving off (no decode compaction, no shared prefill, consecutive micro-batches, the
+    # plain training layout): the runs above score each prompt group packed (the shared-prompt forward pays at
+    # these lengths), through the model's own head (ZeRO-3).
     for mode, overrides in (("once", ["rollout.gather=once"]), ("streamed", ["rollout.gather=streamed"]),
                             ("auto", ["rollout.gather=auto", "rollout.gather_memory_fraction=1e-12"]),
-                            ("plain_layout", ["rollout.gather=once", "train.shared_prompt_forward=never"])):
+                            ("savings_off", ["rollout.gather=once", "train.shared_prompt_forward=never",
+                                             "rollout.compact_below=0", "rollout.shared_prefill=false",
+                                             "train.bucket_by_length=false"])):
         run_dir = out / f"mode_{mode}"
         if rank == 0:
             shutil.copytree(out / "run_a" / "base_model", run_dir / "base_model")
