@@ -113,13 +113,12 @@ def _model_attention_mask(model: torch.nn.Module, allowed: torch.Tensor, dtype: 
                      "block masks are not supported there); set train.shared_prompt_forward=never")
 
 
-def shared_prompt_logprobs(model: torch.nn.Module, rollout: Rollout, group_ids: torch.Tensor, temperature: float, *,
+def shared_prompt_logprobs(model: torch.nn.Module, rollout: Rollout, packed: PackedGroups, temperature: float, *,
                            chunked_head: bool = True) -> torch.Tensor:
-    """`completion_logprobs(model, rollout, temperature)` [B, T] computed over `pack_groups(rollout, group_ids)`.
+    """`completion_logprobs(model, rollout, temperature)` [B, T] computed over `packed` (`pack_groups(rollout, ...)`).
 
     With `chunked_head` the head runs over the gathered final hidden states a chunk at a time (parameters must be
     whole); without it the model's head computes the logits of every position some token is predicted from."""
-    packed = pack_groups(rollout, group_ids)
     param = next(getattr(model, "module", model).parameters())
     mask = _model_attention_mask(model, block_attention_mask(packed.segments), param.dtype)
     inputs = dict(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False)

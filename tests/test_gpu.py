@@ -99,13 +99,13 @@ def test_chunked_head_needs_a_quarter_of_the_full_logits_memory_at_a_large_vocab
 
 
 def test_bf16_shared_prompt_forward_scores_like_the_plain_layout(tiny_models):
-    from nested_reft_ds.shared_prompt import shared_prompt_logprobs
+    from nested_reft_ds.shared_prompt import pack_groups, shared_prompt_logprobs
 
     model, tok = _model(tiny_models, "sdpa")
     rollout = _rollout(model, tok, group_size=GROUP)
     group_ids = torch.arange(rollout.sequences.shape[0], device="cuda") // GROUP
     with torch.no_grad():
-        packed = shared_prompt_logprobs(model, rollout, group_ids, 1.0)
+        packed = shared_prompt_logprobs(model, rollout, pack_groups(rollout, group_ids), 1.0)
         plain = completion_logprobs(model, rollout, 1.0)
     mask = rollout.completion_mask.bool()
     torch.testing.assert_close(packed[mask], plain[mask], atol=5e-2, rtol=0)  # bf16: summation order differs

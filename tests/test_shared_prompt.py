@@ -72,7 +72,8 @@ def _train(model, rollout: Rollout, batches, packed: bool, cfg: AlgorithmConfig,
     for rows in batches:
         batch = rollout.select(rows)
         if packed:
-            logprobs = shared_prompt_logprobs(model, batch, group_ids[rows], 1.0, chunked_head=chunked_head)
+            logprobs = shared_prompt_logprobs(model, batch, pack_groups(batch, group_ids[rows]), 1.0,
+                                              chunked_head=chunked_head)
         else:
             logprobs = completion_logprobs(model, batch, 1.0, chunked_head=chunked_head)
         loss, part = policy_loss_parts(logprobs, logprobs.detach(), batch.behavior_logprobs, advantages[rows],
@@ -127,7 +128,7 @@ def test_flash_attention_refuses_the_block_mask(sampled, tiny_models):
     model, _ = load_model_and_tokenizer(tiny_models["qwen2"])
     model.config._attn_implementation = "flash_attention_2"  # only read by the mask builder before any kernel
     with pytest.raises(ValueError, match="shared_prompt_forward=never"):
-        shared_prompt_logprobs(model, rollout, torch.arange(16) // GROUP, 1.0)
+        shared_prompt_logprobs(model, rollout, pack_groups(rollout, torch.arange(16) // GROUP), 1.0)
     with pytest.raises(ConfigError, match="train.shared_prompt_forward"):
         load_config(None, ["train.shared_prompt_forward=always", "model.attn_implementation=flash_attention_2"])
     cfg = load_config(None, ["train.shared_prompt_forward=auto", "model.attn_implementation=flash_attention_2"])

@@ -50,7 +50,7 @@ from ..nested import SkipPlan, SkipScheduler, nested_view, sample_skip_plan
 from ..reward import score_batch_with_stats
 from ..rl import compute_advantages, merge, policy_loss_parts
 from ..rollout import DecodeStats, Rollout, completion_logprobs, encode_prompts, generate, lockstep_rule
-from ..shared_prompt import packed_shape, packing_pays, shared_prompt_logprobs, supports_block_mask
+from ..shared_prompt import PackedGroups, pack_groups, packing_pays, shared_prompt_logprobs, supports_block_mask
 from ..run_log import RunLog
 
 log = logging.getLogger("nested_reft_ds")
@@ -143,18 +143,20 @@ def unpartitioned(model) -> bool:
     return stage is None or stage() < 3
 
 
-def packs_prompts(model, micro_batch: Rollout, group_ids: torch.Tensor, mode: str) -> bool:
-    """Whether `micro_batch` is scored with the shared-prompt forward under train.shared_prompt_forward=`mode`."""
+def packed_layout(model, micro_batch: Rollout, group_ids: torch.Tensor, mode: str) -> PackedGroups | None:
+    """`micro_batch` packed one sequence per prompt when train.shared_prompt_forward=`mode` scores it so, else None
+    (the plain layout)."""
     if mode == "never" or (mode == "auto" and not supports_block_mask(model)):
-        return False
-    return mode == "always" or packing_pays(getattr(model, "module", model).config, micro_batch, group_ids)
+        return None
+    if mode == "auto" and not packing_pays(getattr(model, "module", model).config, micro_batch, group_ids):
+        return None
+    return pack_groups(micro_batch, group_ids)
 
 
-def scored_logprobs(model, micro_batch: Rollout, group_ids: torch.Tensor, temperature: float,
-                    packed: bool) -> torch.Tensor:
-    """Completion log-probs [b, T] of `micro_batch` under `model`, packed per prompt or in the plain layout."""
-    if packed:
-        return shared_prompt_logprobs(model, micro_batch, group_ids, temperature, chunked_head=unpartitioned(model))
+def scored_logprobs(model, micro_batch: Rollout, packed: PackedGroups | None, temperature: float) -> torch.Tensor:
+    """Completion log-probs [b, T] of `micro_batch` under `model`: over its packed layout, or the plain one (None)."""
+    if packed is not None:
+        return shared_prompt_logprobs(model, micro_batch, packed, temperature, chunked_head=unpartitioned(model))
     return completion_logprobs(model, micro_batch, temperature, chunked_head=unpartitioned(model))
 
 
@@ -260,17 +262,14 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
     for rows in micro_batches(rollout.prompt_mask.sum(dim=1), rollout.completion_mask.sum(dim=1),
                               engine.train_micro_batch_size_per_gpu(), unit, cfg.train.bucket_by_length):
         micro_batch = rollout.select(rows)  # [b, P' + T'], trimmed to its own longest row
-        packed = packs_prompts(engine, micro_batch, group_ids[rows], cfg.train.shared_prompt_forward)
-        sequences, width = packed_shape(micro_batch, group_ids[rows]) if packed else micro_batch.sequences.shape
-        tokens_computed += sequences * width
-        packed_micro_batches += packed
+        packed = packed_layout(engine, micro_batch, group_ids[rows], cfg.train.shared_prompt_forward)
+        tokens_computed += micro_batch.sequences.numel() if packed is None else packed.num_positions
+        packed_micro_batches += packed is not None
         ref_logprobs = None
         if reference is not None:  # under ZeRO-3 a collective forward: every rank, every micro-batch
             with torch.no_grad():
-                ref_logprobs = scored_logprobs(reference, micro_batch, group_ids[rows], cfg.rollout.temperature,
-                                               packed)  # [b, T']
-        logprobs = scored_logprobs(engine, micro_batch, group_ids[rows], cfg.rollout.temperature,
-                                   packed)  # [b, T'] pi_theta
+                ref_logprobs = scored_logprobs(reference, micro_batch, packed, cfg.rollout.temperature)  # [b, T']
+        logprobs = scored_logprobs(engine, micro_batch, packed, cfg.rollout.temperature)  # [b, T'] pi_theta
         loss, parts = policy_loss_parts(logprobs, logprobs.detach(), micro_batch.behavior_logprobs,
                                         advantages[rows], micro_batch.completion_mask.float(), algo,
                                         num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs,
