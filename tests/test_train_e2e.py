@@ -49,7 +49,7 @@ def test_default_recipe_trains_a_usable_nested_behaviour_model(default_run):
     sft = records(out, "sft")
     assert {r["sft_skipped"] for r in sft[1::2]} == {2} and {r["sft_skipped"] for r in sft[0::2]} == {0}
     # RL raises the mean reward: the warm-up imitates the demonstrator's off-by-one mistake (30% of its
-    # solutions), and the verifier's reward is what teaches the policy to drop it. Measured: +0.056 (earlier code +0.087) from the
+    # solutions), and the verifier's reward is what teaches the policy to drop it. Measured: +0.056 from the
     # first to the last quarter (per-step batch noise ~0.05, so a quarter's mean is good to ~0.01).
     assert reward_last > reward_first + 0.03
     assert evals[-1]["heldout_accuracy"] >= evals[0]["heldout_accuracy"]
