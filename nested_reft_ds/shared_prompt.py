@@ -51,7 +51,7 @@ def pack_groups(rollout: Rollout, group_ids: torch.Tensor) -> PackedGroups:
         members.setdefault(group, []).append(row)
     prompt_lengths = rollout.prompt_mask.sum(dim=1).tolist()
     completion_lengths = rollout.completion_mask.sum(dim=1).tolist()
-    width = max(prompt_lengths[rows[0]] + sum(completion_lengths[r] for r in rows) for rows in members.values())
+    _, width = packed_shape(rollout, group_ids)
     device, prompt_width = rollout.sequences.device, rollout.prompt_length
     input_ids = torch.zeros((len(members), width), dtype=torch.long, device=device)
     position_ids = torch.zeros_like(input_ids)

@@ -288,12 +288,12 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
     # and ranks, i.e. world x (the rank-mean of the local sums) after reduce_metrics.
     local = {"loss": local_share_of_loss * world}
     generated_tokens = rollout.num_completion_tokens
+    longest_completion = rollout.completion_mask.sum(dim=1).max().item()
     local.update({key.replace("/", "_"): value for key, value in scored.log_metrics().items()})
     local.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                  sample_accuracy=scored.sample_accuracy, completion_length=generated_tokens / len(texts),
                  # This rank's longest completion; min and max over ranks show how unequal the ranks' rollouts are.
-                 longest_completion_min=rollout.completion_mask.sum(dim=1).max().item(),
-                 longest_completion_max=rollout.completion_mask.sum(dim=1).max().item(),
+                 longest_completion_min=longest_completion, longest_completion_max=longest_completion,
                  rollout_tokens_per_s=generated_tokens * world / (t_rollout - t0),
                  train_tokens_per_s=rollout.attention_mask.sum().item() * world / (t_train - t_reward),
                  # Token positions the training forwards ran vs those holding a real token (padding overhead).
