@@ -72,3 +72,26 @@ def test_long_tailed_chains_follow_the_geometric_step_count():
         synthetic_problems(5, 0, step_continue_probability=1.0)
     with pytest.raises(ValueError, match="data.step_continue_probability"):
         DataConfig(step_continue_probability=-0.1)
+
+
+def test_step_labels_pair_each_sentence_with_its_solution_line():
+    knobs = dict(min_operand=1, max_operand=9, min_steps=2, max_steps=16, step_continue_probability=0.75,
+                 solution_error_rate=0.6)
+    plain = synthetic_problems(500, seed=4, **knobs)
+    labelled = synthetic_problems(500, seed=4, step_labels=True, **knobs)
+    assert [p.answer for p in labelled] == [p.answer for p in plain], "labels change the text, not the problems"
+    for p, q in zip(labelled, plain):
+        assert re.sub(r"\([a-z]\) ", "", p.question) == q.question
+        assert re.sub(r"\([a-z]\) ", "", p.solution) == q.solution  # the demonstrator's mistakes too
+        letters = re.findall(r"\(([a-z])\)", p.question)
+        assert letters == list("abcdefghijklmnopqrstuvwxyz"[:len(letters)])
+        assert re.findall(r"\(([a-z])\)", p.solution) == letters
+        # the operand a solution line uses is the one its label marks in the question
+        for letter, operand in re.findall(r"\(([a-z])\) \d+[+-](\d+)=", p.solution):
+            assert re.search(rf"\({letter}\) \w+ (?:gets|gives away) {operand}\b", p.question)
+    with pytest.raises(ValueError, match="max_steps"):
+        synthetic_problems(5, 0, max_steps=27, step_labels=True)
+    with pytest.raises(ValueError, match="data.max_steps"):
+        DataConfig(max_steps=30, step_labels=True)
+    train, _ = problems_from_config(DataConfig(num_problems=5, eval_problems=0, step_labels=True), seed=0)
+    assert all(p.question.count("(a)") == 1 for p in train)

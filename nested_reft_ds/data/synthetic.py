@@ -7,17 +7,19 @@ answered by a number. Each problem carries a worked solution in the format the r
 from __future__ import annotations
 
 import random
+import string
 
 from ..config import ConfigError
 from .problem import MathProblem
 
 NAMES = ("Ann", "Ben", "Cat", "Dan", "Eve", "Tom", "Sam", "Lia")
 ITEMS = ("apples", "pens", "cards", "coins", "books", "shells")
+STEP_LABELS = string.ascii_lowercase
 
 
 def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_operand: int = 20,
                        min_steps: int = 1, max_steps: int = 2, step_continue_probability: float | None = None,
-                       solution_error_rate: float = 0.0) -> list[MathProblem]:
+                       solution_error_rate: float = 0.0, step_labels: bool = False) -> list[MathProblem]:
     """`count` problems drawn from a generator seeded by `seed` (same seed, same problems, on any machine).
 
     Difficulty: operands in [min_operand, max_operand], between min_steps and max_steps additions or
@@ -27,6 +29,10 @@ def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_opera
     `solution_error_rate`: the fraction of worked
     solutions whose last step is off by one ("7+5=13. \\boxed{13}"), an imperfect demonstrator for the SFT
     warm-up; `answer` is always the true one. The problems themselves do not depend on it.
+    `step_labels`: each step's sentence and its line of the worked solution carry the same letter ("(b) Ann gets 5
+    more." / "(b) 7+5=12."), so finding the next step's operand is a lookup by label instead of counting sentences,
+    which a small model trained from scratch does not learn on long chains (measured: 63 of 64 held-out long
+    chains went wrong at the operand after 1,500 SFT steps without labels).
     """
     if count < 1 or not 0 <= min_operand <= max_operand or not 1 <= min_steps <= max_steps:
         raise ConfigError(f"invalid synthetic task: count={count}, operands=[{min_operand}, {max_operand}], "
@@ -34,6 +40,8 @@ def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_opera
     if step_continue_probability is not None and not 0.0 <= step_continue_probability < 1.0:
         raise ConfigError(f"invalid synthetic task: step_continue_probability={step_continue_probability} "
                          "(expected [0, 1))")
+    if step_labels and max_steps > len(STEP_LABELS):
+        raise ConfigError(f"invalid synthetic task: step_labels needs max_steps <= {len(STEP_LABELS)}, got {max_steps}")
     if not 0.0 <= solution_error_rate <= 1.0:
         raise ConfigError(f"invalid synthetic task: solution_error_rate={solution_error_rate} (expected [0, 1])")
     rng = random.Random(f"nested-reft-synthetic:{seed}")
@@ -43,15 +51,16 @@ def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_opera
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
         total = rng.randint(min_operand, max_operand)
         sentences, work = [f"{name} has {total} {item}."], []
-        for _ in range(_num_steps(rng, min_steps, max_steps, step_continue_probability)):
+        for index in range(_num_steps(rng, min_steps, max_steps, step_continue_probability)):
+            label = f"({STEP_LABELS[index]}) " if step_labels else ""
             amount = rng.randint(min_operand, max_operand)
             if rng.random() < 0.5 or amount > total:
-                sentences.append(f"{name} gets {amount} more.")
-                work.append(f"{total}+{amount}={total + amount}.")
+                sentences.append(f"{label}{name} gets {amount} more.")
+                work.append(f"{label}{total}+{amount}={total + amount}.")
                 total += amount
             else:
-                sentences.append(f"{name} gives away {amount}.")
-                work.append(f"{total}-{amount}={total - amount}.")
+                sentences.append(f"{label}{name} gives away {amount}.")
+                work.append(f"{label}{total}-{amount}={total - amount}.")
                 total -= amount
         sentences.append(f"How many {item} does {name} have?")
         shown = total
