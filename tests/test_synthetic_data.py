@@ -95,3 +95,19 @@ def test_step_labels_pair_each_sentence_with_its_solution_line():
         DataConfig(max_steps=30, step_labels=True)
     train, _ = problems_from_config(DataConfig(num_problems=5, eval_problems=0, step_labels=True), seed=0)
     assert all(p.question.count("(a)") == 1 for p in train)
+
+
+def test_chain_error_classes():
+    from chain_errors import first_error  # benchmarks/chain_errors.py
+
+    question = "Ann has 7 pens. (a) Ann gets 5 more. (b) Ann gives away 3. How many pens does Ann have?"
+    assert first_error(question, "(a) 7+5=12. (b) 12-3=9. \\boxed{9}") == "correct"
+    assert first_error(question, "(a) 7+5=12. (b) 12-3=10. \\boxed{10}") == "off_by_one_last"
+    assert first_error(question, "(a) 7+5=13. (b) 13-3=10. \\boxed{10}") == "arith"
+    assert first_error(question, "(a) 7+5=12. (b) 12-4=8. \\boxed{8}") == "operand"
+    assert first_error(question, "(a) 7+5=12. (b) 12+3=15. \\boxed{15}") == "operand"
+    assert first_error(question, "(a) 7+5=12. (b) 11-3=8. \\boxed{8}") == "carry"
+    assert first_error(question, "(a) 7+5=12. \\boxed{12}") == "format"
+    for problem in synthetic_problems(200, seed=1, max_steps=8, solution_error_rate=0.5, step_labels=True):
+        expected = "correct" if score_batch([problem.solution], [problem.answer]) == [1.0] else "off_by_one_last"
+        assert first_error(problem.question, problem.solution) == expected
