@@ -54,6 +54,8 @@ def test_run_metrics_are_ratios_of_sums():
     assert metrics["step_tokens_per_s"] == pytest.approx(tokens / (4 + 3 * 2.0))
     assert metrics["rl_wall_s"] == pytest.approx(10.0) and metrics["rl_steps"] == 4
     assert (metrics["initial_accuracy"], metrics["final_accuracy"]) == (0.1, 0.5)
+    assert metrics["rollout_share"] == pytest.approx(6.0 / 10.0)
+    assert compare.run_metrics(fake_run(2.0, 1.0, 100.0, {0: 0.1, 2: 0.7, 4: 0.5}))["best_accuracy"] == 0.7
     assert metrics["run_cpu_s"] is None, "no runner record"
     assert compare.run_metrics(records + [{"phase": "job", "step": None, "wall_s": 20.0, "cpu_s": 12.5}])[
         "run_cpu_s"] == 12.5

@@ -96,10 +96,12 @@ class CompareConfig:
 DEFINITIONS = """\
 - RL wall time: the sum of the RL steps' `time_step_s` (rollout + reward + train). Held-out evaluation,
   checkpointing and start-up are excluded: they are identical across arms and not part of the method.
-- final acc: held-out greedy accuracy of the full model at the last RL step.
+- final acc: held-out greedy accuracy of the full model at the last RL step; best acc: the highest over the
+  run's evaluations (including the one before RL).
 - acc @ equal time: per seed, T* = the shortest RL wall time among that seed's arms (the fastest arm's whole
   run); each run's eval accuracy, as a function of its RL wall time, is linearly interpolated at T*. The
   fastest arm reports its final accuracy; slower arms report where they were when it had finished.
+- rollout share: time in rollout / RL wall time, over the whole run.
 - rollout tok/s: completion tokens generated / time in rollout, over the whole run (a ratio of sums).
 - step tok/s: completion tokens generated / RL wall time (end-to-end throughput of the RL loop).
 - speed-up: step tok/s of the arm / step tok/s of the baseline, per seed (paired), then mean ± std.
@@ -150,7 +152,8 @@ def run_metrics(records: list[dict]) -> dict[str, float]:
     step_s = sum(r["time_step_s"] for r in rl)
     tokens = sum(r["rollout_tokens_per_s"] * r["time_rollout_s"] for r in rl)  # completion tokens generated
     return {
-        "final_accuracy": accuracy[-1], "initial_accuracy": accuracy[0], "rl_steps": len(rl),
+        "final_accuracy": accuracy[-1], "best_accuracy": max(accuracy), "initial_accuracy": accuracy[0],
+        "rl_steps": len(rl), "rollout_share": rollout_s / step_s,
         "rl_wall_s": step_s, "rollout_tokens_per_s": tokens / rollout_s, "step_tokens_per_s": tokens / step_s,
         "time_per_step_s": step_s / len(rl),
         "time_rollout_s": rollout_s, "time_reward_s": sum(r["time_reward_s"] for r in rl),
@@ -199,7 +202,8 @@ def fmt(stat: dict[str, float | None], digits: int, suffix: str = "") -> str:
     return text if stat["std"] is None else f"{text} ± {stat['std']:.{digits}f}{suffix}"
 
 
-TABLE_COLUMNS = (("final acc", "final_accuracy", 3, ""), ("acc @ equal time", "accuracy_at_equal_time", 3, ""),
+TABLE_COLUMNS = (("final acc", "final_accuracy", 3, ""), ("best acc", "best_accuracy", 3, ""),
+                 ("acc @ equal time", "accuracy_at_equal_time", 3, ""), ("rollout share", "rollout_share", 2, ""),
                  ("rollout tok/s", "rollout_tokens_per_s", 0, ""), ("step tok/s", "step_tokens_per_s", 0, ""),
                  ("speed-up", "speedup", 2, "x"), ("RL wall s", "rl_wall_s", 1, ""), ("run CPU s", "run_cpu_s", 1, ""),
                  ("skip ratio", "skip_ratio", 2, ""), ("ESS", "ess", 3, ""), ("KL(β‖π)", "kl_behavior_k3", 4, ""))
