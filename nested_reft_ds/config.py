@@ -76,7 +76,7 @@ class DataConfig:
     # answers stay true) computes the last step off by one. SFT then imitates the mistake at that rate and RL,
     # rewarded against the true answer, has a verifiable error to remove, as ReFT does beyond SFT.
     solution_error_rate: float = 0.0
-    # Synthetic steps labelled (a), (b), ... in the question and the worked solution alike (max_steps <= 26).
+    # Synthetic steps lettered (a), (b), ... in the question and the worked solution alike (one letter per step).
     step_labels: bool = False
     # "auto": the tokenizer's chat template when it has one, else the plain template; "plain", "chat", or a custom
     # template string with a {question} (and optionally {instruction}) placeholder.
@@ -94,8 +94,9 @@ class DataConfig:
                  f"an integer >= data.min_steps={self.min_steps} >= 1")
         _require(self.step_continue_probability is None or 0.0 <= self.step_continue_probability < 1.0,
                  "data.step_continue_probability", self.step_continue_probability, "null or a float in [0, 1)")
-        _require(not self.step_labels or self.max_steps <= 26, "data.max_steps", self.max_steps,
-                 "an integer <= 26 when data.step_labels is true (one letter per step)")
+        from .data.synthetic import STEP_LABELS  # data imports config: import at use
+        _require(not self.step_labels or self.max_steps <= len(STEP_LABELS), "data.max_steps", self.max_steps,
+                 f"an integer <= {len(STEP_LABELS)} when data.step_labels is true (one letter per step)")
         _require(0.0 <= self.solution_error_rate <= 1.0, "data.solution_error_rate", self.solution_error_rate,
                  "a float in [0, 1]")
         from .data.templates import NAMED_TEMPLATES, is_template  # data imports config: import at use
