@@ -148,3 +148,34 @@ def test_checkpoints_cover_the_warm_up_and_old_ones_are_pruned(runs):
     assert tags(base / "reference") == ["rl_step2", "rl_step4", "rl_step6", "sft_step2", "sft_step4"]
     assert tags(base / "crashed") == ["rl_step4", "rl_step6"], "keep_checkpoints=2, the uncommitted one removed"
     assert (base / "crashed" / "checkpoints" / "latest").read_text() == "rl_step6"
+
+
+class GatedStore(torch.distributed.Store):
+    """A real HashStore whose `check` waits at a gate, to hold the watchdog inside a store call."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.distributed.HashStore()
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def check(self, keys):
+        self.entered.set()
+        self.gate.wait(30)
+        return self.inner.check(keys)
+
+
+def test_stopping_the_watchdog_waits_until_it_has_left_its_store_call(monkeypatch):
+    # A watchdog left inside a C++ store call at interpreter exit aborts a successful run with -6.
+    from nested_reft_ds.engine import failstop
+    monkeypatch.setattr(failstop, "POLL_SECONDS", 0.01)
+    store = GatedStore()
+    watchdog = failstop._Watchdog(store, rank=1)
+    watchdog.start()
+    assert store.entered.wait(10)
+    stopper = threading.Thread(target=watchdog.stop)
+    stopper.start()
+    stopper.join(0.3)
+    assert stopper.is_alive(), "stop() returned while the watchdog was still inside store.check"
+    store.gate.set()
+    stopper.join(10)
+    assert not stopper.is_alive() and not watchdog.is_alive()

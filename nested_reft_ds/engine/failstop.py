@@ -33,6 +33,7 @@ ABORT_KEY = "nested_reft/abort"
 USER_ERROR_EXIT = 2
 FAILURE_EXIT = 1
 POLL_SECONDS = 1.0
+STOP_SECONDS = 10.0  # how long stopping waits for a store call in flight (one poll on a live store: milliseconds)
 
 
 def _store():
@@ -76,6 +77,16 @@ class _Watchdog(threading.Thread):
                 if kind != "config":
                     _emit(f"[rank {self.rank}] stopping: rank {failed_rank} failed (its traceback is above)")
                 os._exit(USER_ERROR_EXIT if kind == "config" else FAILURE_EXIT)
+
+    def stop(self) -> None:
+        """Stop polling and wait until the thread has left any store call in flight.
+
+        A daemon thread still inside a C++ store call when the interpreter finalises is ended by `pthread_exit`,
+        whose unwinding through the binding's noexcept frame aborts the process ("terminate called without an
+        active exception", exit -6) after a run that otherwise succeeded."""
+        self.stopped.set()
+        if self is not threading.current_thread():
+            self.join(STOP_SECONDS)
 
 
 def _publish(store, rank: int, kind: str) -> bool:
@@ -150,5 +161,5 @@ def stop_watchdog() -> None:
     rank 0 may tear down the store, which a still-running watchdog would take for a crash."""
     global _watchdog
     if _watchdog is not None:
-        _watchdog.stopped.set()
+        _watchdog.stop()
         _watchdog = None
