@@ -78,6 +78,8 @@ class DataConfig:
     solution_error_rate: float = 0.0
     # Synthetic steps lettered (a), (b), ... in the question and the worked solution alike (one letter per step).
     step_labels: bool = False
+    # Synthetic worked solutions repeat each step's sentence before its arithmetic (`synthetic_problems`).
+    restate_steps: bool = False
     # "auto": the tokenizer's chat template when it has one, else the plain template; "plain", "chat", or a custom
     # template string with a {question} (and optionally {instruction}) placeholder.
     prompt_template: str = "auto"

@@ -63,7 +63,8 @@ _EMBEDDED_FROM_HF = {"model_type": "arch", "hidden_size": "hidden_size", "num_hi
 # Data keys that select the training problems (and their SFT targets) for every source.
 DATA_FIELDS = ("source", "path", "split", "question_field", "answer_field", "answer_format", "num_problems",
                "min_operand", "max_operand", "min_steps", "max_steps", "step_continue_probability",
-               "solution_error_rate", "step_labels", "prompt_template")
+               "solution_error_rate", "step_labels", "restate_steps",
+               "prompt_template")
 
 
 def _sha(obj: Any) -> str:

@@ -97,6 +97,27 @@ def test_step_labels_pair_each_sentence_with_its_solution_line():
     assert all(p.question.count("(a)") == 1 for p in train)
 
 
+def test_restated_solutions_repeat_each_step_before_its_arithmetic():
+    knobs = dict(min_operand=1, max_operand=9, min_steps=2, max_steps=7, step_continue_probability=0.6,
+                 solution_error_rate=0.6)
+    for labels in (False, True):
+        terse = synthetic_problems(300, seed=3, step_labels=labels, **knobs)
+        restated = synthetic_problems(300, seed=3, step_labels=labels, restate_steps=True, **knobs)
+        assert [(p.question, p.answer) for p in restated] == [(p.question, p.answer) for p in terse]
+        for p, q in zip(restated, terse):
+            sentences = re.findall(r"[^.?]+[.?]", p.question)
+            steps = [s.strip()[:-1] for s in sentences[1:-1]]
+            assert p.solution.startswith(sentences[0] + " "), "opens with the starting count, verbatim"
+            lines = re.findall(r" ((?:\([a-z]\) )?\w+ (?:gets \d+ more|gives away \d+)): (\d+[+-]\d+=\d+\.)",
+                               p.solution)
+            assert [step for step, _ in lines] == steps, "each line repeats its step's sentence"
+            # the same arithmetic, the demonstrator's off-by-one mistakes included
+            assert [arithmetic for _, arithmetic in lines] == re.findall(r"\d+[+-]\d+=\d+\.", q.solution)
+            assert p.solution.endswith(q.solution[q.solution.index("\\boxed"):]), "same final answer shown"
+    train, _ = problems_from_config(DataConfig(num_problems=5, eval_problems=0, restate_steps=True), seed=0)
+    assert all(p.solution.startswith(p.question.split(".")[0] + ".") for p in train)
+
+
 def test_chain_error_classes():
     from chain_errors import first_error  # benchmarks/chain_errors.py
 
@@ -108,6 +129,11 @@ def test_chain_error_classes():
     assert first_error(question, "(a) 7+5=12. (b) 12+3=15. \\boxed{15}") == "operand"
     assert first_error(question, "(a) 7+5=12. (b) 11-3=8. \\boxed{8}") == "carry"
     assert first_error(question, "(a) 7+5=12. \\boxed{12}") == "format"
-    for problem in synthetic_problems(200, seed=1, max_steps=8, solution_error_rate=0.5, step_labels=True):
+    restated = "Ann has 7 pens. (a) Ann gets 5 more: 7+5=12. (b) Ann gives away 3: 12-3=9. \\boxed{9}"
+    assert first_error(question, restated) == "correct"
+    assert first_error(question, restated.replace("5 more: 7+5", "4 more: 7+4")) == "operand"
+    assert first_error(question, restated.replace("7+5", "6+5")) == "carry"
+    for problem in [*synthetic_problems(200, seed=1, max_steps=8, solution_error_rate=0.5, step_labels=True),
+                    *synthetic_problems(200, seed=1, max_steps=8, solution_error_rate=0.5, restate_steps=True)]:
         expected = "correct" if score_batch([problem.solution], [problem.answer]) == [1.0] else "off_by_one_last"
         assert first_error(problem.question, problem.solution) == expected

@@ -18,7 +18,7 @@ def problems_from_config(cfg: DataConfig, seed: int) -> tuple[list[MathProblem],
     if cfg.source == "synthetic":
         knobs = dict(min_operand=cfg.min_operand, max_operand=cfg.max_operand, min_steps=cfg.min_steps,
                      max_steps=cfg.max_steps, step_continue_probability=cfg.step_continue_probability,
-                     step_labels=cfg.step_labels)
+                     step_labels=cfg.step_labels, restate_steps=cfg.restate_steps)
         # Held-out problems are scored against true answers only, so the demonstrator's errors go to training.
         train = synthetic_problems(cfg.num_problems, seed, solution_error_rate=cfg.solution_error_rate, **knobs)
         held_out = synthetic_problems(cfg.eval_problems, seed + 1, **knobs) if cfg.eval_problems else []

@@ -19,7 +19,8 @@ STEP_LABELS = string.ascii_lowercase
 
 def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_operand: int = 20,
                        min_steps: int = 1, max_steps: int = 2, step_continue_probability: float | None = None,
-                       solution_error_rate: float = 0.0, step_labels: bool = False) -> list[MathProblem]:
+                       solution_error_rate: float = 0.0, step_labels: bool = False,
+                       restate_steps: bool = False) -> list[MathProblem]:
     """`count` problems drawn from a generator seeded by `seed` (same seed, same problems, on any machine).
 
     Difficulty: operands in [min_operand, max_operand], between min_steps and max_steps additions or
@@ -32,6 +33,10 @@ def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_opera
     `step_labels`: each step's sentence and its line of the worked solution carry the same letter ("(b) Ann gets 5
     more." / "(b) 7+5=12."), so finding the next step's operand is a lookup by label instead of counting sentences,
     which a small model trained from scratch does not learn on long chains (docs/results/compare_long.md).
+    `restate_steps`: the worked solution opens with the question's first sentence and each of its lines repeats its
+    step's sentence before the arithmetic ("Ann has 7 pens. (b) Ann gets 5 more: 7+5=12."), so every number a line
+    needs is either copied verbatim from the question or a few tokens back in the solution itself. Questions,
+    answers and the demonstrator's mistakes are the same as without.
     """
     if count < 1 or not 0 <= min_operand <= max_operand or not 1 <= min_steps <= max_steps:
         raise ConfigError(f"invalid synthetic task: count={count}, operands=[{min_operand}, {max_operand}], "
@@ -49,18 +54,19 @@ def synthetic_problems(count: int, seed: int, *, min_operand: int = 1, max_opera
     for _ in range(count):
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
         total = rng.randint(min_operand, max_operand)
-        sentences, work = [f"{name} has {total} {item}."], []
+        sentences = [f"{name} has {total} {item}."]
+        work = [sentences[0]] if restate_steps else []
         for index in range(_num_steps(rng, min_steps, max_steps, step_continue_probability)):
             label = f"({STEP_LABELS[index]}) " if step_labels else ""
             amount = rng.randint(min_operand, max_operand)
             if rng.random() < 0.5 or amount > total:
-                sentences.append(f"{label}{name} gets {amount} more.")
-                work.append(f"{label}{total}+{amount}={total + amount}.")
+                step, arithmetic = f"{name} gets {amount} more", f"{total}+{amount}={total + amount}."
                 total += amount
             else:
-                sentences.append(f"{label}{name} gives away {amount}.")
-                work.append(f"{label}{total}-{amount}={total - amount}.")
+                step, arithmetic = f"{name} gives away {amount}", f"{total}-{amount}={total - amount}."
                 total -= amount
+            sentences.append(f"{label}{step}.")
+            work.append(f"{label}{step}: {arithmetic}" if restate_steps else f"{label}{arithmetic}")
         sentences.append(f"How many {item} does {name} have?")
         shown = total
         if mistakes.random() < solution_error_rate:
