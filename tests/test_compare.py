@@ -235,3 +235,23 @@ def test_long_chain_recipe_quick_grid_runs_every_arm(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert {r["arm"] for r in records} == set(ARMS) | {compare.SFT_ARM}
     assert list(json.loads((tmp_path / "summary.json").read_text())["arms"]) == list(ARMS)
+
+
+def test_warmup_only_then_arms_elsewhere_reuse_the_warmup(tmp_path):
+    """--warmup-only makes the seed's warm-up and nothing else; a grid moved to another path reuses it."""
+    made = tmp_path / "made_here"
+    proc = run_compare("--quick", "--arms", BASELINE, "--out", str(made), "--warmup-only")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 run(s) to do" in proc.stdout
+    seed = compare.DEFAULT_SEEDS[0]
+    assert (made / "sft" / f"seed{seed}" / compare.DONE_FILE).is_file()
+    assert not (made / "runs").exists() and not (made / "runs.jsonl").exists(), "no arm, no report"
+
+    moved = tmp_path / "copied_there"
+    made.rename(moved)
+    proc = run_compare("--quick", "--arms", BASELINE, "--out", str(moved))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 run(s) to do, 0 arm run(s) reused" in proc.stdout, "the warm-up is reused, only the arm runs"
+    records = [json.loads(line) for line in (moved / "runs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["arm"] == BASELINE and r["phase"] == "rl"] == [0, 1, 2]
+    assert not [r for r in records if r["arm"] == BASELINE and r["phase"] == "sft"], "the arm resumed after SFT"

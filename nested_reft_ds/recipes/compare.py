@@ -1,7 +1,7 @@
 """`nested-reft compare`: Nested-ReFT vs ReFT, measured — learning curves, wall time and tokens/s per arm and seed.
 
     nested-reft compare --config configs/compare_tiny.yaml --out runs/compare [--seeds 1 2 3] [--arms ...]
-                        [--set section.key=value ...] [--parallel N] [--quick] [--report-only]
+                        [--set section.key=value ...] [--parallel N] [--quick] [--report-only | --warmup-only]
 
 Runs every arm (baseline ReFT at skip ratio 0; Nested-ReFT at skip ratios 0.25 / 0.5 with the corrections
 `none`, `token_tis`, `seq_mis`; the adaptive skip schedule) for every seed with `train.run`, the same recipe as
@@ -14,7 +14,9 @@ Runs every arm (baseline ReFT at skip ratio 0; Nested-ReFT at skip ratios 0.25 /
 
 The SFT warm-up does not depend on the arm, so it runs once per seed (`train.steps=0`) and every arm of that seed
 starts from a copy of its output directory (`--resume auto` picks up its checkpoint). Finished runs are reused
-when their resolved config is unchanged, so an interrupted grid continues where it stopped. Runs execute in N
+when their resolved config is unchanged (the output directory aside, so a grid copied to another machine or path
+is still reused), so an interrupted grid continues where it stopped, and `--warmup-only` can make the warm-ups on
+one machine (a GPU) for the arms to run and be timed on another. Runs execute in N
 worker processes (`--parallel`, default 1: sequential, the setting for timing); each worker imports torch once
 and runs its jobs in-process; with N > 1 every run uses one CPU thread.
 
@@ -354,11 +356,18 @@ def plan_jobs(config: str | None, overrides: list[str], grid: CompareConfig, out
 
 
 def is_done(job: Job, ds_config: str | None) -> bool:
+    """Whether the job's directory holds a finished run of the same resolved config and DeepSpeed JSON. Where the
+    directory lies does not matter: `--out` resolves to an absolute path, which a copied grid does not keep."""
     done = job.out_dir / DONE_FILE
     if not done.is_file():
         return False
     record = json.loads(done.read_text())
-    return record["config"] == job.cfg.to_dict() and record["deepspeed"] == ds_config
+
+    def located_anywhere(config: dict) -> dict:
+        return {**config, "train": {**config["train"], "output_dir": None}}
+
+    return (located_anywhere(record["config"]) == located_anywhere(job.cfg.to_dict())
+            and record["deepspeed"] == ds_config)
 
 
 def prepare_dir(job: Job, sft: Job | None) -> None:
@@ -504,8 +513,12 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: first seed only, 4-layer model, a few SFT/RL steps, two evaluations")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON for every run (default: train.zero_stage)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="only rebuild summary and plots from <out>/runs.jsonl")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--report-only", action="store_true",
+                      help="only rebuild summary and plots from <out>/runs.jsonl")
+    mode.add_argument("--warmup-only", action="store_true",
+                      help="only run each seed's SFT warm-up (reused by a later compare on the same config, "
+                           "also after <out> is copied to another machine)")
     return parser
 
 
@@ -519,6 +532,7 @@ def command_line(args: argparse.Namespace) -> str:
         words += ["--arms", *args.arms]
     words += ["--parallel", str(args.parallel)] if args.parallel != 1 else []
     words += ["--quick"] if args.quick else []
+    words += ["--warmup-only"] if args.warmup_only else []
     words += ["--deepspeed", args.deepspeed] if args.deepspeed else []
     return shlex.join(words)
 
@@ -543,10 +557,13 @@ def compare_main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        execute(sft, arms, grid.parallel, args.deepspeed)
+        execute(sft, [] if args.warmup_only else arms, grid.parallel, args.deepspeed)
     except RuntimeError as err:
         print(f"nested-reft compare: {err}", file=sys.stderr)
         return 1
+    if args.warmup_only:
+        print(f"compare: {time.perf_counter() - start:.0f} s; warm-ups in {out / 'sft'}")
+        return 0
     collect(sft, arms, out)
     report(out, meta)
     print((out / "summary.md").read_text())
