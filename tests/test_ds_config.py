@@ -67,3 +67,16 @@ def test_cpu_threads_are_capped_by_the_ranks_sharing_the_machine(monkeypatch, en
         monkeypatch.setenv(key, value)
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     assert cpu_threads_per_rank(requested) == expected
+
+
+def test_builtin_optimizer_is_torch_adamw_on_a_gpu_host_too(monkeypatch):
+    """A warm-up made on a GPU resumes on a CPU host: both use torch's AdamW and its state layout."""
+    import torch
+
+    cfg = load_config(None, ["train.precision=fp32"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    filled = fill_ds_config(load_ds_config(None, cfg), cfg, 1)
+    assert filled["optimizer"]["type"] == "AdamW" and filled["optimizer"]["params"]["torch_adam"] is True
+    # A user's JSON on a GPU host keeps DeepSpeed's choice (FusedAdam) unless it asks for torch's.
+    user = fill_ds_config(json.loads((DS_CONFIGS / "zero2.json").read_text()), cfg, 1)
+    assert "torch_adam" not in user["optimizer"].get("params", {})

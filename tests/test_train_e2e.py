@@ -64,6 +64,7 @@ def test_default_recipe_writes_logs_checkpoints_and_metrics(default_run):
                 "time_reward_s", "time_train_s", "skipped_layers"):
         assert key in rl[0], key
     assert all(len(r["skipped_layers"]) == 2 for r in rl), "25% of 6 layers, rounded"
+    assert all(r["grad_norm"] > 0 for r in rl if r["pg_loss"] != 0), "ZeRO-0 fp32 steps report their gradient norm"
     assert records(out, "sft") and len(records(out, "eval")) >= 2
     assert list((out / "tensorboard").glob("*/events.out.tfevents.*"))
     assert (out / "checkpoints" / "latest").read_text() == f"rl_step{len(rl)}"

@@ -107,6 +107,27 @@ def set_learning_rate(engine, lr: float) -> None:
         group["lr"] = lr
 
 
+def optimizer_step(engine) -> float | None:
+    """`engine.step()`; at the gradient-accumulation boundary, returns the global gradient norm before clipping.
+
+    DeepSpeed keeps that norm (`get_global_grad_norm`) under ZeRO and mixed precision; with whole fp32 parameters
+    (ZeRO-0) it clips without keeping it, so it is computed here from the gradients, which DeepSpeed's boundary
+    backward has already averaged over the data-parallel ranks.
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    whole_fp32 = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
+    norm = None
+    if boundary and whole_fp32:
+        grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else 0.0
+    engine.step()
+    if not boundary:
+        return None
+    if norm is None:
+        norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
 def loss_scale_for_engine(engine) -> float:
     """Factor that undoes DeepSpeed's averaging, so a loss normalised by global counts gets the exact gradient.
 

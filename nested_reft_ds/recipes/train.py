@@ -254,7 +254,7 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
     # backward/step per micro-batch.
     num_global_tokens, num_global_seqs = backend.all_reduce_sum([rollout.num_completion_tokens, len(texts)])
     engine.train()
-    local_share_of_loss, micro_parts, tokens_computed, packed_micro_batches = 0.0, [], 0, 0
+    local_share_of_loss, micro_parts, tokens_computed, packed_micro_batches, grad_norm = 0.0, [], 0, 0, 0.0
     group_ids = torch.arange(len(texts), device=backend.device()) // G  # each row's prompt
     # A group-normalised correction needs each prompt group in one micro-batch, and the shared-prompt forward
     # encodes a prompt once per micro-batch it appears in; otherwise rows bucket singly.
@@ -276,7 +276,8 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
                                         ref_logprobs=ref_logprobs, group_size=G,
                                         max_completion_length=cfg.rollout.max_new_tokens)
         engine.backward(loss * backend.loss_scale_for_engine(engine))
-        engine.step()
+        boundary_norm = backend.optimizer_step(engine)  # the step's gradient norm, at its last micro-batch
+        grad_norm = grad_norm if boundary_norm is None else boundary_norm
         local_share_of_loss += loss.item()
         micro_parts.append(parts)
     t_train = timer()
@@ -304,7 +305,7 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
                  decode_row_steps=decode.row_steps, decode_alive_row_steps=decode.alive_row_steps,
                  prefill_rows=decode.prefill_rows,
                  time_rollout_s=t_rollout - t0, time_reward_s=t_reward - t_rollout, time_train_s=t_train - t_reward,
-                 time_step_s=t_train - t0, grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                 time_step_s=t_train - t0, grad_norm=grad_norm,
                  skip_ratio=plan.ratio, rollout_lockstep=float(lockstep))
     reduced = {**backend.reduce_metrics(local), **diagnostics}
     skip.observe(plan, ess=reduced["ess"], kl=reduced["kl_behavior_k3"])
