@@ -532,7 +532,6 @@ def command_line(args: argparse.Namespace) -> str:
         words += ["--arms", *args.arms]
     words += ["--parallel", str(args.parallel)] if args.parallel != 1 else []
     words += ["--quick"] if args.quick else []
-    words += ["--warmup-only"] if args.warmup_only else []
     words += ["--deepspeed", args.deepspeed] if args.deepspeed else []
     return shlex.join(words)
 
