@@ -15,9 +15,11 @@ CONFIG = str(REPO / "configs" / "compare_tiny.yaml")
 LONG_CONFIG = str(REPO / "configs" / "compare_long.yaml")
 
 
-def fake_run(step_s: float, rollout_s: float, rollout_tps: float, evals: dict[int, float], steps: int = 4):
+def fake_run(step_s: float, rollout_s: float, rollout_tps: float, evals: dict[int, float], steps: int = 4,
+             completion_length: float = 10.0):
     """Metrics records of a run: `steps` identical RL steps and held-out evaluations {step: accuracy}."""
     rl = [{"phase": "rl", "step": s, "time_step_s": step_s, "time_rollout_s": rollout_s, "time_reward_s": 0.1,
+           "completion_length": completion_length,
            "time_train_s": step_s - rollout_s - 0.1, "rollout_tokens_per_s": rollout_tps, "reward_mean": 0.5,
            "skip_ratio": 0.0, "ess": 1.0, "kl_behavior_k3": 0.0, "frac_truncated": 0.0, "frac_masked": 0.0}
           for s in range(steps)]
@@ -84,9 +86,16 @@ def test_summary_equal_time_accuracy_and_paired_speedup():
     assert nested["speedup"]["per_seed"] == pytest.approx({"1": 4 / 3, "2": 2.0})
     assert nested["speedup"]["mean"] == pytest.approx(5 / 3)
     assert base["speedup"]["mean"] == pytest.approx(1.0) and base["speedup"]["std"] == pytest.approx(0.0)
+    # The same steps in less time: seed 1 wall 8 s vs 6 s, seed 2 4 s vs 2 s.
+    assert nested["wall_speedup"]["per_seed"] == pytest.approx({"1": 4 / 3, "2": 2.0})
+    # Bound: baseline rollout share f = 0.5 on both seeds, rollout 200 vs 100 tok/s -> 1 / (0.5 + 0.5 / 2) = 4/3.
+    assert nested["speedup_bound"]["per_seed"] == pytest.approx({"1": 4 / 3, "2": 4 / 3})
+    assert base["speedup_bound"]["mean"] == pytest.approx(1.0)
     table = compare.markdown_table(summary)
     assert "| skip0.5-token_tis | 0.475 ± 0.035 | 0.475 ± 0.035 |" in table
     assert "1.67x ± 0.47x" in table
+    assert "| skip0.5-token_tis | 0.100 / 0.200 | 0.450 / 0.500 | 0.450 / 0.500 | 1.33 / 2.00 | 1.33 / 2.00 | 1.33 / 1.33 |" \
+        in compare.per_seed_table(summary)
 
 
 def test_moving_mean_is_trailing_with_short_windows_at_the_start():

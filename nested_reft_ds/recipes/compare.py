@@ -107,6 +107,12 @@ DEFINITIONS = """\
 - rollout tok/s: completion tokens generated / time in rollout, over the whole run (a ratio of sums).
 - step tok/s: completion tokens generated / RL wall time (end-to-end throughput of the RL loop).
 - speed-up: step tok/s of the arm / step tok/s of the baseline, per seed (paired), then mean ± std.
+- wall speed-up: RL wall time of the baseline / that of the arm, per seed (paired): the same number of RL steps
+  in less time. Below the speed-up when the arm samples longer completions (more tokens to train on).
+- bound: 1 / ((1 - f) + f / r), per seed, with f the baseline's rollout share and r the arm's rollout tok/s over
+  the baseline's: the end-to-end speed-up if rollout alone got r times faster and nothing else changed. With
+  r = e / (1 - s) it is 1 / ((1 - f) + f (1 - s) / e), e the rollout efficiency at skip ratio s.
+- completion tokens: mean sampled completion length per RL step (behaviour model's samples).
 - run CPU s: CPU seconds of the run's worker process (start-up, RL steps, evaluations, checkpoints; not the
   reward verifier's helper processes). Unlike wall time it does not grow when other jobs share the machine.
 - ESS, KL: run means of the per-step ESS/N of the weights used and KL(beta || pi) per token (k3 estimator).
@@ -160,6 +166,7 @@ def run_metrics(records: list[dict]) -> dict[str, float]:
         "time_per_step_s": step_s / len(rl),
         "time_rollout_s": rollout_s, "time_reward_s": sum(r["time_reward_s"] for r in rl),
         "time_train_s": sum(r["time_train_s"] for r in rl),
+        "completion_length": statistics.fmean(r["completion_length"] for r in rl),
         "reward_mean": statistics.fmean(r["reward_mean"] for r in rl),
         "skip_ratio": statistics.fmean(r["skip_ratio"] for r in rl),
         "ess": statistics.fmean(r["ess"] for r in rl),
@@ -168,6 +175,11 @@ def run_metrics(records: list[dict]) -> dict[str, float]:
         "frac_masked": statistics.fmean(r["frac_masked"] for r in rl),
         "run_cpu_s": next((r["cpu_s"] for r in records if r["phase"] == "job"), None),
     }
+
+
+def amdahl_bound(rollout_share: float, rollout_speedup: float) -> float:
+    """End-to-end speed-up when the rollout share f of a step gets `rollout_speedup` times faster, the rest not."""
+    return 1.0 / ((1.0 - rollout_share) + rollout_share / rollout_speedup)
 
 
 def summarize(runs: dict[tuple[str, int], list[dict]], baseline: str = BASELINE) -> dict[str, Any]:
@@ -183,6 +195,9 @@ def summarize(runs: dict[tuple[str, int], list[dict]], baseline: str = BASELINE)
         metrics["accuracy_at_equal_time"] = interpolate(wall, accuracy, equal_time[seed])
         base = per_run.get((baseline, seed))
         metrics["speedup"] = metrics["step_tokens_per_s"] / base["step_tokens_per_s"] if base else None
+        metrics["wall_speedup"] = base["rl_wall_s"] / metrics["rl_wall_s"] if base else None
+        metrics["speedup_bound"] = amdahl_bound(base["rollout_share"], metrics["rollout_tokens_per_s"]
+                                                / base["rollout_tokens_per_s"]) if base else None
     order = list(ARMS)
     arms = sorted({arm for arm, _ in runs}, key=lambda a: (order.index(a) if a in ARMS else len(order), a))
     table = {}
@@ -207,8 +222,14 @@ def fmt(stat: dict[str, float | None], digits: int, suffix: str = "") -> str:
 TABLE_COLUMNS = (("final acc", "final_accuracy", 3, ""), ("best acc", "best_accuracy", 3, ""),
                  ("acc @ equal time", "accuracy_at_equal_time", 3, ""), ("rollout share", "rollout_share", 2, ""),
                  ("rollout tok/s", "rollout_tokens_per_s", 0, ""), ("step tok/s", "step_tokens_per_s", 0, ""),
-                 ("speed-up", "speedup", 2, "x"), ("RL wall s", "rl_wall_s", 1, ""), ("run CPU s", "run_cpu_s", 1, ""),
-                 ("skip ratio", "skip_ratio", 2, ""), ("ESS", "ess", 3, ""), ("KL(β‖π)", "kl_behavior_k3", 4, ""))
+                 ("speed-up", "speedup", 2, "x"), ("wall speed-up", "wall_speedup", 2, "x"),
+                 ("bound", "speedup_bound", 2, "x"), ("RL wall s", "rl_wall_s", 1, ""), ("run CPU s", "run_cpu_s", 1, ""),
+                 ("completion tokens", "completion_length", 0, ""), ("skip ratio", "skip_ratio", 2, ""),
+                 ("ESS", "ess", 3, ""), ("KL(β‖π)", "kl_behavior_k3", 4, ""))
+# The per-seed table: what decides "faster at the baseline's accuracy on every seed".
+PER_SEED_COLUMNS = (("initial acc", "initial_accuracy", 3), ("final acc", "final_accuracy", 3),
+                    ("best acc", "best_accuracy", 3), ("speed-up", "speedup", 2), ("wall speed-up", "wall_speedup", 2),
+                    ("bound", "speedup_bound", 2), ("rollout share", "rollout_share", 2))
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
@@ -220,6 +241,20 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def per_seed_table(summary: dict[str, Any]) -> str:
+    """Each arm's per-seed values ("seed 1 / seed 2 / ..."); '–' where a seed has no run or no baseline."""
+    seeds = [str(seed) for seed in summary["seeds"]]
+    header = ["arm"] + [title for title, *_ in PER_SEED_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, stats in summary["arms"].items():
+        cells = []
+        for _, key, digits in PER_SEED_COLUMNS:
+            values = [stats[key]["per_seed"].get(seed) for seed in seeds]
+            cells.append(" / ".join("–" if v is None else f"{v:.{digits}f}" for v in values))
+        lines.append("| " + " | ".join([arm] + cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown_report(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     times = ", ".join(f"seed {seed}: {t:.1f} s" for seed, t in summary["equal_time_s"].items())
     return "\n".join([
@@ -228,7 +263,8 @@ def markdown_report(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"Machine: {meta['machine']}; {meta['parallel']} run(s) at a time  ",
         f"Seeds: {', '.join(map(str, summary['seeds']))}; RL steps per run: {meta['rl_steps']}; "
         f"baseline: `{summary['baseline']}`; equal-time budget T*: {times}", "",
-        markdown_table(summary), "", "Definitions:", "", DEFINITIONS])
+        markdown_table(summary), "", f"Per seed ({' / '.join(map(str, summary['seeds']))}):", "",
+        per_seed_table(summary), "", "Definitions:", "", DEFINITIONS])
 
 
 # ------------------------------------------------------------------------------------------------------ plots
