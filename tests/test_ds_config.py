@@ -70,7 +70,7 @@ def test_cpu_threads_are_capped_by_the_ranks_sharing_the_machine(monkeypatch, en
 
 
 def test_builtin_optimizer_is_torch_adamw_on_a_gpu_host_too(monkeypatch):
-    """A warm-up made on a GPU resumes on a CPU host: both use torch's AdamW and its state layout."""
+    """No JIT-built CUDA op, and a warm-up made on a GPU resumes on a CPU host with the same optimizer."""
     import torch
 
     cfg = load_config(None, ["train.precision=fp32"])

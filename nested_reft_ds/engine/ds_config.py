@@ -40,9 +40,9 @@ def use_bf16(cfg: ExperimentConfig) -> bool:
 def load_ds_config(path: str | Path | None, cfg: ExperimentConfig) -> dict[str, Any]:
     """The user's DeepSpeed JSON, or the built-in one (ZeRO stage `train.zero_stage`, everything "auto").
 
-    The built-in optimizer is torch's AdamW on every device: it needs no JIT-built CUDA op, and its state (a
-    `step` tensor per parameter) loads on CPU and GPU hosts alike, so a run warmed up on a GPU resumes on a CPU
-    (DeepSpeed's FusedAdam keeps `step` as a Python int that torch's AdamW cannot resume from)."""
+    The built-in optimizer is torch's AdamW on every device: no CUDA op to JIT-build (DeepSpeed's FusedAdam
+    compiles one with nvcc at first use on each machine), and one optimizer on CPU and GPU hosts, so a warm-up made
+    on a GPU resumes on a CPU with the same update rule and state layout."""
     if path is None:
         return {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
