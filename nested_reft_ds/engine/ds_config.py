@@ -41,8 +41,8 @@ def load_ds_config(path: str | Path | None, cfg: ExperimentConfig) -> dict[str, 
     """The user's DeepSpeed JSON, or the built-in one (ZeRO stage `train.zero_stage`, everything "auto").
 
     The built-in optimizer is torch's AdamW on every device: no CUDA op to JIT-build (DeepSpeed's FusedAdam
-    compiles one with nvcc at first use on each machine), and one optimizer on CPU and GPU hosts, so a warm-up made
-    on a GPU resumes on a CPU with the same update rule and state layout."""
+    compiles one with nvcc at first use unless its ops were prebuilt), and one optimizer on CPU and GPU hosts, so a
+    warm-up made on a GPU resumes on a CPU with the same update rule and state layout."""
     if path is None:
         return {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
