@@ -112,7 +112,7 @@ def optimizer_step(engine) -> float | None:
 
     DeepSpeed keeps that norm (`get_global_grad_norm`) under ZeRO and mixed precision; with whole fp32 parameters
     (ZeRO-0) it clips without keeping it, so it is computed here from the gradients, which DeepSpeed's boundary
-    backward has already averaged over the data-parallel ranks.
+    backward has already averaged over the data-parallel ranks. Collective like `engine.step()`: every rank calls it.
     """
     boundary = engine.is_gradient_accumulation_boundary()
     whole_fp32 = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
