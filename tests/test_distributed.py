@@ -49,6 +49,16 @@ def test_both_ranks_ran_the_same_plans_with_finite_loss(ranks):
     assert all(abs(s["loss"]) < 1e3 and s["loss"] == s["loss"] for s in r0["steps_a"])
 
 
+def test_zero0_reports_the_gradient_norm_zero3_reports(ranks):
+    """At ZeRO-0 DeepSpeed clips without keeping the gradient norm and `engine.optimizer_step` computes it from the
+    all-reduced gradients; the same run at ZeRO-3, whose norm DeepSpeed computes over the partitions, agrees."""
+    _, (r0, _) = ranks
+    zero3 = [s["grad_norm"] for s in r0["steps_a"]]
+    zero0 = [s["grad_norm"] for s in r0["steps_zero0"]]
+    assert len(zero0) == 3 and all(norm > 0 for norm in zero3)
+    assert zero0 == pytest.approx(zero3, rel=1e-3)
+
+
 def test_parameters_change_and_checkpoints_commit(ranks):
     out, _ = ranks
     checkpoints = out / "run_a" / "checkpoints"

@@ -3,8 +3,8 @@
 Training runs: (1) 3 steps with the default estimator (token_tis), checkpointing every step, (2) a resume of it,
 (6) 2 steps with correction=seq_is and KL to a frozen reference (a ZeRO-3 inference engine), every parameter
 partitioned, (7) a resume of that one from its step-1 checkpoint (the reference restored from partitions), and
-(8) run 1's RL phase once per rollout mode (once / streamed / auto forced to stream), and (9) `nested-reft eval`
-sharded with ZeRO-3 in streamed mode.
+(8) run 1's RL phase once per rollout mode (once / streamed / auto forced to stream), (9) run 1 at ZeRO-0 (the
+built-in config), and (10) `nested-reft eval` sharded with ZeRO-3 in streamed mode.
 
 Run by tests/test_distributed.py as `deepspeed --num_gpus 2 tests/distributed/zero3_worker.py --out DIR`; each
 rank writes DIR/rank<r>.json, which the tests assert on. Nothing is mocked: real engine, real ZeRO-3, gloo.
@@ -228,9 +228,17 @@ def main() -> None:
         result[f"summary_mode_{mode}"] = train.run(cfg_mode, str(kl_config), resume="auto")
         result[f"steps_mode_{mode}"] = list(records_a)
 
+    # 9. Run 1 again at ZeRO-0 (the built-in config: whole fp32 parameters, gradients all-reduced), where DeepSpeed
+    # clips without keeping the gradient norm and `engine.optimizer_step` computes it from the reduced gradients.
+    records_a.clear()
+    cfg_zero0 = load_config(None, TINY + [f"train.output_dir={out}/run_zero0", "train.zero_stage=0",
+                                          "train.save_every=0"])
+    train.run(cfg_zero0, None, resume="none")
+    result["steps_zero0"] = list(records_a)
+
     (out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
 
-    # 9. `nested-reft eval` sharded with ZeRO-3 (every parameter partitioned) and streamed decoding, on run 1's final
+    # 10. `nested-reft eval` sharded with ZeRO-3 (every parameter partitioned) and streamed decoding, on run 1's final
     # model; tests/test_distributed.py compares it with a plain single-process eval. Last: it ends the process group.
     hf = out / "hf_a"
     if rank == 0:
