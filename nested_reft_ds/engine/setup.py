@@ -118,8 +118,8 @@ def optimizer_step(engine) -> float | None:
     whole_fp32 = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
     norm = None
     if boundary and whole_fp32:
-        grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else 0.0
+        norm = torch.nn.utils.get_total_norm([p.grad.detach().float() for p in engine.module.parameters()
+                                              if p.grad is not None])
     engine.step()
     if not boundary:
         return None
