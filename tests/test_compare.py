@@ -152,6 +152,18 @@ def test_every_arm_starts_from_the_same_warmup(tmp_path):
     assert list(sft) == [compare.DEFAULT_SEEDS[0]] and arms[0].cfg.model.num_layers == 4
 
 
+def test_rl_set_changes_the_arms_not_the_warmups(tmp_path):
+    """--rl-set sweeps RL settings on existing warm-ups; an arm's own settings still define the arm."""
+    grid = CompareConfig(seeds=(7,), arms=(BASELINE, "skip0.5-token_tis"))
+    plain_sft, _ = compare.plan_jobs(CONFIG, [], grid, tmp_path)
+    sft, arms = compare.plan_jobs(CONFIG, [], grid, tmp_path, ["train.lr=5e-5", "skip.ratio=0.3"])
+    assert sft[7].cfg.to_dict() == plain_sft[7].cfg.to_dict()
+    assert {job.arm: (job.cfg.train.lr, job.cfg.skip.ratio) for job in arms} == {
+        BASELINE: (5e-5, 0), "skip0.5-token_tis": (5e-5, 0.5)}
+    with pytest.raises(ConfigError, match="'train.lr' has invalid value"):
+        compare.plan_jobs(CONFIG, [], grid, tmp_path, ["train.lr=-1"])
+
+
 def test_base_config_is_deep_enough():
     from nested_reft_ds.config import load_config
     assert load_config(CONFIG).model.num_layers >= 12
@@ -264,3 +276,10 @@ def test_warmup_only_then_arms_elsewhere_reuse_the_warmup(tmp_path):
     records = [json.loads(line) for line in (moved / "runs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["arm"] == BASELINE and r["phase"] == "rl"] == [0, 1, 2]
     assert not [r for r in records if r["arm"] == BASELINE and r["phase"] == "sft"], "the arm resumed after SFT"
+
+    proc = run_compare("--quick", "--arms", BASELINE, "--out", str(moved), "--rl-set", "train.lr=1e-5")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 run(s) to do, 0 arm run(s) reused" in proc.stdout, "--rl-set reruns the arm on the same warm-up"
+    done = lambda d: json.loads((d / compare.DONE_FILE).read_text())["config"]["train"]["lr"]  # noqa: E731
+    assert done(moved / "runs" / BASELINE / f"seed{seed}") == 1e-5 and done(moved / "sft" / f"seed{seed}") != 1e-5
+    assert "--rl-set train.lr=1e-5" in json.loads((moved / "summary.json").read_text())["meta"]["command"]

@@ -1,7 +1,8 @@
 """`nested-reft compare`: Nested-ReFT vs ReFT, measured — learning curves, wall time and tokens/s per arm and seed.
 
     nested-reft compare --config configs/compare_tiny.yaml --out runs/compare [--seeds 1 2 3] [--arms ...]
-                        [--set section.key=value ...] [--parallel N] [--quick] [--report-only | --warmup-only]
+                        [--set section.key=value ...] [--rl-set section.key=value ...] [--parallel N] [--quick]
+                        [--report-only | --warmup-only]
 
 Runs every arm (baseline ReFT at skip ratio 0; Nested-ReFT at skip ratios 0.25 / 0.5 with the corrections
 `none`, `token_tis`, `seq_mis`; the adaptive skip schedule) for every seed with `train.run`, the same recipe as
@@ -37,7 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -372,10 +373,12 @@ class Job:
 DONE_FILE = "compare_job.json"  # written when a run finishes: its resolved config (reused on a rerun), its times
 
 
-def plan_jobs(config: str | None, overrides: list[str], grid: CompareConfig, out: Path
-              ) -> tuple[dict[int, Job | None], list[Job]]:
+def plan_jobs(config: str | None, overrides: list[str], grid: CompareConfig, out: Path,
+              rl_overrides: Sequence[str] = ()) -> tuple[dict[int, Job | None], list[Job]]:
     """The SFT job per seed (None when train.sft_steps is 0) and the arm jobs, every config resolved and
-    validated up front. Order of overrides: quick settings, --set, the arm's, then seed and output directory."""
+    validated up front. Order of overrides: quick settings, --set, --rl-set (arms only), the arm's, then seed and
+    output directory. --rl-set leaves the warm-ups' configs alone, so RL settings (lr, steps, is_cap...) can be
+    swept on warm-ups that are already made; the arm's own settings come last and keep the arm what it says."""
     common = [*(QUICK_OVERRIDES if grid.quick else ()), *overrides,
               *(["train.cpu_threads=1"] if grid.parallel > 1 else [])]
     warmup = load_config(config, common).train.sft_steps > 0
@@ -386,7 +389,7 @@ def plan_jobs(config: str | None, overrides: list[str], grid: CompareConfig, out
                         ) if warmup else None
         # Each seed runs the arms in a rotated order, so slow drifts in machine load do not favour one arm.
         for arm in grid.arms[index % len(grid.arms):] + grid.arms[:index % len(grid.arms)]:
-            arms.append(Job(arm, seed, load_config(config, [*common, *ARMS[arm], f"train.seed={seed}",
+            arms.append(Job(arm, seed, load_config(config, [*common, *rl_overrides, *ARMS[arm], f"train.seed={seed}",
                                                             f"train.output_dir={out / 'runs' / arm / f'seed{seed}'}"])))
     return sft, arms
 
@@ -540,6 +543,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--config", default="configs/compare_tiny.yaml", help="base experiment YAML")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the base config for every run, e.g. --set train.steps=60 (repeatable)")
+    parser.add_argument("--rl-set", dest="rl_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override the config of the RL arms only, not the warm-ups, e.g. --rl-set "
+                             "train.lr=5e-5: reuses warm-ups made without it (repeatable)")
     parser.add_argument("--out", default="runs/compare", help="output directory (runs, tables, plots)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), metavar="ARM",
                         help=f"arms to run (default: all): {', '.join(ARMS)}")
@@ -561,7 +567,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 def command_line(args: argparse.Namespace) -> str:
     """The `nested-reft compare` command that regenerates this grid (defaults left out)."""
     words = ["nested-reft", "compare", "--config", args.config, *[w for o in args.overrides for w in ("--set", o)],
-             "--out", args.out]
+             *[w for o in args.rl_overrides for w in ("--rl-set", o)], "--out", args.out]
     if tuple(args.seeds) != DEFAULT_SEEDS:
         words += ["--seeds", *map(str, args.seeds)]
     if list(args.arms) != list(ARMS):
@@ -578,12 +584,13 @@ def compare_main(args: argparse.Namespace) -> int:
         grid = CompareConfig(arms=tuple(args.arms), seeds=tuple(args.seeds), parallel=args.parallel, quick=args.quick)
         if args.report_only and not (out / "runs.jsonl").is_file():
             raise ConfigError(f"--report-only: {str(out / 'runs.jsonl')!r} does not exist")
-        sft, arms = ({}, []) if args.report_only else plan_jobs(args.config, args.overrides, grid, out)
+        sft, arms = ({}, []) if args.report_only else plan_jobs(args.config, args.overrides, grid, out,
+                                                                args.rl_overrides)
     except ConfigError as err:
         print(f"nested-reft: error: {err}", file=sys.stderr)
         return 2
     meta = {"command": command_line(args), "machine": machine(), "parallel": grid.parallel, "config": args.config,
-            "overrides": args.overrides, "quick": grid.quick}
+            "overrides": args.overrides, "rl_overrides": args.rl_overrides, "quick": grid.quick}
     if args.report_only:
         previous = out / "summary.json"  # keep the command and machine of the run that made runs.jsonl
         report(out, json.loads(previous.read_text())["meta"] if previous.is_file() else meta)
