@@ -280,6 +280,8 @@ def test_warmup_only_then_arms_elsewhere_reuse_the_warmup(tmp_path):
     proc = run_compare("--quick", "--arms", BASELINE, "--out", str(moved), "--rl-set", "train.lr=1e-5")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 run(s) to do, 0 arm run(s) reused" in proc.stdout, "--rl-set reruns the arm on the same warm-up"
-    done = lambda d: json.loads((d / compare.DONE_FILE).read_text())["config"]["train"]["lr"]  # noqa: E731
-    assert done(moved / "runs" / BASELINE / f"seed{seed}") == 1e-5 and done(moved / "sft" / f"seed{seed}") != 1e-5
+    def recorded_lr(run_dir):
+        return json.loads((run_dir / compare.DONE_FILE).read_text())["config"]["train"]["lr"]
+    assert recorded_lr(moved / "runs" / BASELINE / f"seed{seed}") == 1e-5
+    assert recorded_lr(moved / "sft" / f"seed{seed}") != 1e-5
     assert "--rl-set train.lr=1e-5" in json.loads((moved / "summary.json").read_text())["meta"]["command"]

@@ -566,8 +566,11 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def command_line(args: argparse.Namespace) -> str:
     """The `nested-reft compare` command that regenerates this grid (defaults left out)."""
-    words = ["nested-reft", "compare", "--config", args.config, *[w for o in args.overrides for w in ("--set", o)],
-             *[w for o in args.rl_overrides for w in ("--rl-set", o)], "--out", args.out]
+    def repeated(flag: str, values: list[str]) -> list[str]:
+        return [word for value in values for word in (flag, value)]
+
+    words = ["nested-reft", "compare", "--config", args.config, *repeated("--set", args.overrides),
+             *repeated("--rl-set", args.rl_overrides), "--out", args.out]
     if tuple(args.seeds) != DEFAULT_SEEDS:
         words += ["--seeds", *map(str, args.seeds)]
     if list(args.arms) != list(ARMS):
