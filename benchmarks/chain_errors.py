@@ -4,6 +4,8 @@
 
 Each held-out problem (the config's eval stream for --seed) is decoded greedily and its solution lines are
 checked against the question in order; the first wrong line is classed as
+  copy      a restated number (the starting count, or a step's amount) differs from the question's: the copy
+            of a number from the question failed,
   operand   the line uses the wrong operand or operation (the lookup of the step in the question failed),
   carry     its left-hand side is not the running total so far,
   arith     the operation is right but the result is not (off by one in the last step, the demonstrator's
@@ -29,16 +31,25 @@ from nested_reft_ds.data.templates import format_prompt  # noqa: E402
 from nested_reft_ds.model import load_model_and_tokenizer  # noqa: E402
 
 STEP = re.compile(r"(gets|gives away) (\d+)")
+START = re.compile(r"has (\d+)")
 LINE = re.compile(r"(\d+)([+-])(\d+)=(\d+)\.")
 
 
 def first_error(question: str, completion: str) -> str:
-    total = int(re.search(r"has (\d+)", question).group(1))
+    total = int(START.search(question).group(1))
     steps = STEP.findall(question)
     lines = LINE.findall(completion)
+    # A restated solution ("Ann has 7 pens. (a) Ann gets 5 more: 7+5=12.") copies numbers from the question
+    # before using them; a wrong copy is where such a solution first goes wrong.
+    restated_start = START.search(completion)
+    if restated_start and int(restated_start.group(1)) != total:
+        return "copy"
+    restated_steps = STEP.findall(completion)
     for index, (verb, amount) in enumerate(steps):
         if index >= len(lines):
             return "format"
+        if index < len(restated_steps) and restated_steps[index] != (verb, amount):
+            return "copy"
         left, op, operand, result = lines[index]
         if int(left) != total:
             return "carry"
@@ -74,7 +85,7 @@ def main() -> int:
     kinds = [first_error(p.question, c) for p, c in zip(held_out, completions)]
     counts = Counter(kinds)
     print(f"{len(held_out)} held-out problems, greedy: " + ", ".join(f"{k} {counts[k]}" for k in
-          ("correct", "operand", "carry", "arith", "off_by_one_last", "format")))
+          ("correct", "copy", "operand", "carry", "arith", "off_by_one_last", "format")))
     if args.output:
         Path(args.output).write_text(json.dumps({"counts": dict(counts), "completions": [
             {"question": p.question, "completion": c, "first_error": k}

@@ -254,6 +254,10 @@ class TrainConfig:
     # decoder layers skipped. Pretrained LLMs tolerate skipping middle layers; a model trained from scratch
     # without this does not, and its nested behaviour model would sample almost nothing correct. 0 disables.
     sft_layer_drop: float = 0.0
+    # First warm-up step of LayerDrop: the steps before it train the full model. Copying a number from the
+    # question needs attention circuits that span layers (induction heads), and a model trained from scratch
+    # under LayerDrop from step 0 may never form them (docs/results/compare_long.md).
+    sft_layer_drop_from: int = 0
     save_every: int = 0
     # Committed checkpoints kept in <output_dir>/checkpoints, newest by commit order (0: keep all). Older ones are
     # removed only after a newer one is committed; the one `latest` names is never removed.
@@ -269,10 +273,13 @@ class TrainConfig:
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, "an integer >= 1")
         _require(self.steps + self.sft_steps >= 1, "train.steps", self.steps,
                  f"an integer >= 1 (0 only with train.sft_steps >= 1: SFT only; sft_steps is {self.sft_steps})")
-        for key in ("steps", "warmup_steps", "sft_steps", "save_every", "keep_checkpoints"):
+        for key in ("steps", "warmup_steps", "sft_steps", "sft_layer_drop_from", "save_every", "keep_checkpoints"):
             _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "an integer >= 0")
         _require(0.0 <= self.sft_layer_drop < 1.0, "train.sft_layer_drop", self.sft_layer_drop,
                  "a float in [0, 1)")
+        _require(self.sft_layer_drop == 0 or self.sft_steps == 0 or self.sft_layer_drop_from < self.sft_steps,
+                 "train.sft_layer_drop_from", self.sft_layer_drop_from,
+                 f"an integer < train.sft_steps={self.sft_steps} (LayerDrop would never run)")
         for key in ("lr", "sft_lr"):
             _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a float > 0")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0 (0 disables clipping)")

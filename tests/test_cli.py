@@ -54,6 +54,10 @@ def test_overrides_are_typed_and_validated():
         load_config(None, ["train.steps=0", "train.sft_steps=0"])
     with pytest.raises(ConfigError, match="'train.sft_layer_drop' has invalid value 1.0"):
         load_config(None, ["train.sft_layer_drop=1.0"])
+    with pytest.raises(ConfigError, match="'train.sft_layer_drop_from' has invalid value 40.*LayerDrop would never"):
+        load_config(None, ["train.sft_steps=40", "train.sft_layer_drop=0.5", "train.sft_layer_drop_from=40"])
+    assert load_config(None, ["train.sft_steps=40", "train.sft_layer_drop=0.0",
+                              "train.sft_layer_drop_from=40"]).train.sft_layer_drop_from == 40, "no LayerDrop: inert"
 
 
 def test_every_yaml_recipe_in_configs_loads():

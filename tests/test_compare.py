@@ -256,6 +256,11 @@ def test_long_chain_recipe_quick_grid_runs_every_arm(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert {r["arm"] for r in records} == set(ARMS) | {compare.SFT_ARM}
     assert list(json.loads((tmp_path / "summary.json").read_text())["arms"]) == list(ARMS)
+    # Quick warm-ups train the full model before train.sft_layer_drop_from=2, then LayerDrop on odd steps (half
+    # of the quick model's 4 layers).
+    warmups = [r for r in records if r["arm"] == compare.SFT_ARM and r["phase"] == "sft"]
+    assert warmups and all([r["sft_skipped"] for r in warmups if r["seed"] == seed] == [0, 0, 0, 2]
+                           for seed in {r["seed"] for r in warmups})
 
 
 def test_warmup_only_then_arms_elsewhere_reuse_the_warmup(tmp_path):

@@ -131,8 +131,12 @@ def test_chain_error_classes():
     assert first_error(question, "(a) 7+5=12. \\boxed{12}") == "format"
     restated = "Ann has 7 pens. (a) Ann gets 5 more: 7+5=12. (b) Ann gives away 3: 12-3=9. \\boxed{9}"
     assert first_error(question, restated) == "correct"
-    assert first_error(question, restated.replace("5 more: 7+5", "4 more: 7+4")) == "operand"
+    assert first_error(question, restated.replace("5 more: 7+5", "4 more: 7+4")) == "copy"
+    assert first_error(question, restated.replace("5 more: 7+5", "5 more: 7+4")) == "operand"
     assert first_error(question, restated.replace("7+5", "6+5")) == "carry"
+    # The starting count restated wrong and used consistently is a failed copy, not a wrong running total.
+    assert first_error(question, restated.replace("has 7", "has 6").replace("7+5=12", "6+5=11")
+                       .replace("12-3=9", "11-3=8")) == "copy"
     for problem in [*synthetic_problems(200, seed=1, max_steps=8, solution_error_rate=0.5, step_labels=True),
                     *synthetic_problems(200, seed=1, max_steps=8, solution_error_rate=0.5, restate_steps=True)]:
         expected = "correct" if score_batch([problem.solution], [problem.answer]) == [1.0] else "off_by_one_last"

@@ -189,10 +189,11 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
     batch = teacher_forced(tokenizer, [problems[i] for i in local_share(chosen, rank, world)],
                            cfg.data.prompt_template, backend.device())
     (num_global_tokens,) = backend.all_reduce_sum([batch.num_completion_tokens])
-    # Odd steps train a random nested view (LayerDrop), a pure function of (seed, step) like RL skip plans.
+    # Odd steps from train.sft_layer_drop_from on train a random nested view (LayerDrop), a pure function of
+    # (seed, step) like RL skip plans.
     num_layers = engine.module.config.num_hidden_layers
-    plan = (sample_skip_plan(num_layers, cfg.train.sft_layer_drop, step, cfg.train.seed + 2) if step % 2
-            else SkipPlan(num_layers))
+    plan = (sample_skip_plan(num_layers, cfg.train.sft_layer_drop, step, cfg.train.seed + 2)
+            if step % 2 and step >= cfg.train.sft_layer_drop_from else SkipPlan(num_layers))
     engine.train()
     local_share_of_loss = 0.0
     for rows in micro_batches(batch.prompt_mask.sum(dim=1), batch.completion_mask.sum(dim=1), micro, 1,
