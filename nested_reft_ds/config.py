@@ -254,9 +254,7 @@ class TrainConfig:
     # decoder layers skipped. Pretrained LLMs tolerate skipping middle layers; a model trained from scratch
     # without this does not, and its nested behaviour model would sample almost nothing correct. 0 disables.
     sft_layer_drop: float = 0.0
-    # First warm-up step of LayerDrop: the steps before it train the full model. Copying a number from the
-    # question needs attention circuits that span layers (induction heads), and a model trained from scratch
-    # under LayerDrop from step 0 may never form them (docs/results/compare_long.md).
+    # First warm-up step of LayerDrop: the steps before it train the full model only.
     sft_layer_drop_from: int = 0
     save_every: int = 0
     # Committed checkpoints kept in <output_dir>/checkpoints, newest by commit order (0: keep all). Older ones are
