@@ -26,14 +26,14 @@ def full_model_loss(path: Path, seed: int | None, window: int = 100) -> tuple[li
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         records = [json.loads(line) for line in f]
-    sums: dict[int, list[float]] = {}
+    losses_by_window: dict[int, list[float]] = {}
     for r in records:
         if seed is not None and r.get("seed") != seed:
             continue
         if r.get("phase") == "sft" and r.get("sft_skipped", 0) == 0:
-            sums.setdefault(r["step"] // window * window, []).append(r["sft_loss"])
-    steps = sorted(sums)
-    return steps, [sum(sums[s]) / len(sums[s]) for s in steps]
+            losses_by_window.setdefault(r["step"] // window * window, []).append(r["sft_loss"])
+    steps = sorted(losses_by_window)
+    return steps, [sum(losses_by_window[s]) / len(losses_by_window[s]) for s in steps]
 
 
 def main() -> None:

@@ -65,8 +65,7 @@ QUICK_OVERRIDES = (
     "model.num_layers=4", "model.hidden_size=32", "model.num_heads=4", "model.num_kv_heads=2",
     "model.intermediate_size=64", "data.eval_problems=8", "rollout.prompts_per_step=2", "rollout.group_size=2",
     "rollout.max_new_tokens=8", "train.sft_steps=4", "train.sft_layer_drop_from=2", "train.steps=3",
-    "train.micro_batch_size=4",
-    "logging.eval_every=0",
+    "train.micro_batch_size=4", "logging.eval_every=0",
 )
 
 
