@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,29 @@ def test_rerun_reuses_finished_runs(quick_grid):
     proc = run_compare("--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"0 run(s) to do, {len(ARMS)} arm run(s) reused" in proc.stdout
+
+
+def test_killed_compare_takes_its_workers_with_it(tmp_path):
+    """SIGKILL to `compare` (no handler of its own can run) still ends its workers: none goes on training into a
+    directory the next compare clears."""
+    psutil = pytest.importorskip("psutil")
+    proc = subprocess.Popen([sys.executable, "-m", "nested_reft_ds.cli", "compare", "--config", CONFIG, "--quick",
+                             "--out", str(tmp_path), "--parallel", "2"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(log.stat().st_size for log in tmp_path.rglob("train.log")):  # a worker is training
+            assert proc.poll() is None and time.monotonic() < deadline, "compare ended before a run started"
+            time.sleep(0.2)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) >= 2
+    finally:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    for orphan in alive:
+        orphan.kill()
+    assert not alive, f"orphaned workers: {[p.pid for p in alive]}"
 
 
 def test_bad_option_is_one_line_and_exit_code_2(tmp_path, capsys):

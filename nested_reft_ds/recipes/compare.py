@@ -419,9 +419,26 @@ def prepare_dir(job: Job, sft: Job | None) -> None:
                     ignore=shutil.ignore_patterns("metrics.jsonl", "tensorboard", "train.log", DONE_FILE))
 
 
+def _die_with_parent() -> None:
+    """A worker of a killed `compare` would go on training into a directory the next compare clears: on Linux the
+    kernel sends it SIGTERM when its parent dies, whatever killed the parent (SIGKILL included)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    from multiprocessing import parent_process
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    parent = parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _init_worker() -> None:
     """Each worker is a bare single process (its own 1-rank process group, never a launcher's) that imports the
-    training stack once, before its first job's clock starts."""
+    training stack once, before its first job's clock starts, and does not outlive `compare`."""
+    _die_with_parent()
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
