@@ -29,7 +29,8 @@ What a checkpoint pins (`run_fingerprint`), and why each is in:
   An SFT checkpoint does not pin these: no RL state exists yet, so RL may start from it with another layout.
 Safe to change on resume (deliberately not in): train.steps, lr, sft_lr, warmup_steps, weight_decay, grad_clip,
 micro_batch_size (gradient accumulation follows; losses are normalised by global counts), save_every,
-keep_checkpoints, output_dir, cpu_threads, sft_layer_drop, sft_layer_drop_from, every logging.* key, evaluation
+keep_checkpoints, output_dir, cpu_threads, sft_layer_drop, sft_layer_drop_from, sft_question_loss, every logging.*
+key, evaluation
 (data.eval_problems for the synthetic source), rollout sampling knobs (max_new_tokens, temperature, top_p, gather),
 skip ratios and protected layers, algorithm.* (kl_coef is checked where the reference is restored), reward.*.
 

@@ -503,7 +503,7 @@ def test_two_node_zero3_first_loss_equals_the_single_process_reference(two_nodes
     problems, _ = problems_from_config(cfg.data, cfg.train.seed)
     rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size  # the global SFT batch of step 0
     chosen = batch_indices(len(problems), rows, 0, cfg.train.seed + 1)
-    batch = teacher_forced(tokenizer, [problems[i] for i in chosen], cfg.data.prompt_template, "cpu")
+    batch, _ = teacher_forced(tokenizer, [problems[i] for i in chosen], cfg.data.prompt_template, "cpu")
     with torch.no_grad():
         logprobs = completion_logprobs(model, batch, 1.0)
     reference = (-(logprobs * batch.completion_mask).sum() / batch.completion_mask.sum()).item()

@@ -79,21 +79,34 @@ def local_share(items: list, rank: int, world: int) -> list:
     return items[rank * size:(rank + 1) * size]
 
 
-def teacher_forced(tokenizer, problems: list[MathProblem], template: str, device) -> Rollout:
-    """Worked solutions (+ EOS) laid out like a rollout, for the SFT warm-up."""
+def teacher_forced(tokenizer, problems: list[MathProblem], template: str, device, *,
+                   question_loss: bool = False) -> tuple[Rollout, torch.Tensor]:
+    """Worked solutions (+ EOS) laid out like a rollout for the SFT warm-up, and the mask [B, T] of the completion
+    positions that hold the solution. The loss covers the completion: with `question_loss` that starts after the
+    prompt's first token, so the question is trained on as well; without, it is the solution alone."""
     prompts = [format_prompt(p.question, tokenizer, template) for p in problems]
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     targets = [tokenizer(" " + p.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
                for p in problems]
-    width = max(len(t) for t in targets)
+    if question_loss:
+        prompt_rows = tokenizer(prompts, add_special_tokens=False).input_ids
+        prompt_ids = torch.tensor([row[:1] for row in prompt_rows], dtype=torch.long, device=device)
+        prompt_mask = torch.ones_like(prompt_ids)
+        questions = [row[1:] for row in prompt_rows]
+    else:
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+        questions = [[] for _ in problems]
+    width = max(len(q) + len(t) for q, t in zip(questions, targets))
     completions = torch.full((len(targets), width), tokenizer.pad_token_id, dtype=torch.long)
     completion_mask = torch.zeros((len(targets), width), dtype=torch.long)
-    for row, target in enumerate(targets):
-        completions[row, :len(target)] = torch.tensor(target)
-        completion_mask[row, :len(target)] = 1
-    return Rollout(sequences=torch.cat([prompt_ids, completions.to(device)], 1), prompt_mask=prompt_mask,
-                   completion_mask=completion_mask.to(device),
-                   behavior_logprobs=torch.zeros(completions.shape, device=device))
+    solution_mask = torch.zeros((len(targets), width), dtype=torch.long)
+    for row, (question, target) in enumerate(zip(questions, targets)):
+        completions[row, :len(question) + len(target)] = torch.tensor(question + target)
+        completion_mask[row, :len(question) + len(target)] = 1
+        solution_mask[row, len(question):len(question) + len(target)] = 1
+    rollout = Rollout(sequences=torch.cat([prompt_ids, completions.to(device)], 1), prompt_mask=prompt_mask,
+                      completion_mask=completion_mask.to(device),
+                      behavior_logprobs=torch.zeros(completions.shape, device=device))
+    return rollout, solution_mask.to(device)
 
 
 def micro_batches(prompt_lengths: torch.Tensor, completion_lengths: torch.Tensor, micro: int, group_size: int,
@@ -178,7 +191,10 @@ def sampling_keys(seed: int, step: int, first_row: int, num_rows: int, device) -
 
 def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, step: int, rank: int,
              world: int) -> dict[str, float]:
-    """One supervised step on worked solutions (the warm-up): token-mean cross entropy over all ranks."""
+    """One supervised step on worked solutions (the warm-up): token-mean cross entropy over all ranks.
+
+    `sft_loss` is the solution's token-mean loss whether or not the question is trained on
+    (`train.sft_question_loss`, which adds `sft_question_loss`), so warm-ups compare on one measure."""
     # Linear decay from sft_lr to the RL lr: annealed to 0, the warm-up would settle where the landscape is too
     # sharp for any RL step (measured on the tiny default: RL at lr 1e-4 then halved greedy accuracy).
     lr = cfg.train.sft_lr + (cfg.train.lr - cfg.train.sft_lr) * step / cfg.train.sft_steps
@@ -186,8 +202,9 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
     micro = engine.train_micro_batch_size_per_gpu()
     local_rows = micro * engine.gradient_accumulation_steps()
     chosen = batch_indices(len(problems), local_rows * world, step, cfg.train.seed + 1)
-    batch = teacher_forced(tokenizer, [problems[i] for i in local_share(chosen, rank, world)],
-                           cfg.data.prompt_template, backend.device())
+    batch, solution_mask = teacher_forced(tokenizer, [problems[i] for i in local_share(chosen, rank, world)],
+                                          cfg.data.prompt_template, backend.device(),
+                                          question_loss=cfg.train.sft_question_loss)
     (num_global_tokens,) = backend.all_reduce_sum([batch.num_completion_tokens])
     # Odd steps from train.sft_layer_drop_from on train a random nested view (LayerDrop), a pure function of
     # (seed, step) like RL skip plans.
@@ -195,19 +212,25 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
     plan = (sample_skip_plan(num_layers, cfg.train.sft_layer_drop, step, cfg.train.seed + 2)
             if step % 2 and step >= cfg.train.sft_layer_drop_from else SkipPlan(num_layers))
     engine.train()
-    local_share_of_loss = 0.0
+    # Summed negative log-likelihoods and token counts of this rank: solution, question.
+    sums = [0.0, float(solution_mask.sum()), 0.0, float(batch.num_completion_tokens - solution_mask.sum())]
     for rows in micro_batches(batch.prompt_mask.sum(dim=1), batch.completion_mask.sum(dim=1), micro, 1,
                               cfg.train.bucket_by_length):
         micro_batch = batch.select(rows)
         with nested_view(engine.module, plan):
             logprobs = completion_logprobs(engine, micro_batch, 1.0, chunked_head=unpartitioned(engine))
-        loss = -(logprobs * micro_batch.completion_mask).sum() / num_global_tokens
-        engine.backward(loss * backend.loss_scale_for_engine(engine))
+        nll = -(logprobs * micro_batch.completion_mask)
+        engine.backward(nll.sum() / num_global_tokens * backend.loss_scale_for_engine(engine))
         engine.step()
-        local_share_of_loss += loss.item()
+        on_solution = solution_mask[rows][:, :nll.shape[1]].bool()
+        sums[0] += float(nll.detach()[on_solution].sum())
+        sums[2] += float(nll.detach()[~on_solution].sum())
     maybe_fail("sft", step, rank)
-    # reduce_metrics averages over ranks; world x the mean of the local shares is the global loss.
-    return backend.reduce_metrics({"sft_loss": local_share_of_loss * world, "lr": lr, "sft_skipped": len(plan.skipped)})
+    solution_nll, solution_tokens, question_nll, question_tokens = backend.all_reduce_sum(sums)
+    metrics = {"sft_loss": solution_nll / solution_tokens, "lr": lr, "sft_skipped": len(plan.skipped)}
+    if cfg.train.sft_question_loss:
+        metrics["sft_question_loss"] = question_nll / max(question_tokens, 1.0)
+    return metrics
 
 
 def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, skip: SkipScheduler, step: int,
