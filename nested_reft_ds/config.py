@@ -257,8 +257,7 @@ class TrainConfig:
     # First warm-up step of LayerDrop: the steps before it train the full model only.
     sft_layer_drop_from: int = 0
     # The warm-up's loss covers the prompt's tokens as well as the worked solution's (language modelling on the
-    # question). A model trained from scratch gets no other signal to represent the question's parts, which a
-    # solution that quotes them has to look up.
+    # question, for a model trained from scratch); off, the prompt is only context, as in RL.
     sft_question_loss: bool = False
     save_every: int = 0
     # Committed checkpoints kept in <output_dir>/checkpoints, newest by commit order (0: keep all). Older ones are
