@@ -212,8 +212,8 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
     plan = (sample_skip_plan(num_layers, cfg.train.sft_layer_drop, step, cfg.train.seed + 2)
             if step % 2 and step >= cfg.train.sft_layer_drop_from else SkipPlan(num_layers))
     engine.train()
-    # Summed negative log-likelihoods and token counts of this rank: solution, question.
-    sums = [0.0, float(solution_mask.sum()), 0.0, float(batch.num_completion_tokens - solution_mask.sum())]
+    # This rank's summed negative log-likelihood: all loss tokens, and the solution's (read once, after the loop).
+    total_nll = solution_nll = torch.zeros((), device=solution_mask.device)
     for rows in micro_batches(batch.prompt_mask.sum(dim=1), batch.completion_mask.sum(dim=1), micro, 1,
                               cfg.train.bucket_by_length):
         micro_batch = batch.select(rows)
@@ -222,14 +222,15 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
         nll = -(logprobs * micro_batch.completion_mask)
         engine.backward(nll.sum() / num_global_tokens * backend.loss_scale_for_engine(engine))
         engine.step()
-        on_solution = solution_mask[rows][:, :nll.shape[1]].bool()
-        sums[0] += float(nll.detach()[on_solution].sum())
-        sums[2] += float(nll.detach()[~on_solution].sum())
+        total_nll = total_nll + nll.detach().sum()
+        solution_nll = solution_nll + (nll.detach() * solution_mask[rows][:, :nll.shape[1]]).sum()
     maybe_fail("sft", step, rank)
-    solution_nll, solution_tokens, question_nll, question_tokens = backend.all_reduce_sum(sums)
+    solution_tokens = int(solution_mask.sum())
+    solution_nll, total_nll, solution_tokens, total_tokens = backend.all_reduce_sum(
+        [float(solution_nll), float(total_nll), solution_tokens, batch.num_completion_tokens])
     metrics = {"sft_loss": solution_nll / solution_tokens, "lr": lr, "sft_skipped": len(plan.skipped)}
     if cfg.train.sft_question_loss:
-        metrics["sft_question_loss"] = question_nll / max(question_tokens, 1.0)
+        metrics["sft_question_loss"] = (total_nll - solution_nll) / max(total_tokens - solution_tokens, 1.0)
     return metrics
 
 
