@@ -38,7 +38,8 @@ def free_port() -> int:
 
 def launch(out: Path, fault: str | None = None, extra: tuple[str, ...] = ()) -> dict:
     """Run the training module on 2 ranks; returns rc, output, wall time and when the fault was first reported."""
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "nested_reft_ds.train",
+    port = free_port()
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module", "nested_reft_ds.train",
                "--config", "configs/tiny_zero3_2rank.yaml", "--deepspeed", "ds_configs/zero3.json"]
     for setting in (*SETTINGS, f"train.output_dir={out}", *extra):
         command += ["--set", setting]
@@ -67,7 +68,8 @@ def launch(out: Path, fault: str | None = None, extra: tuple[str, ...] = ()) -> 
     reader.join()
     ended = time.monotonic()
     return {"rc": rc, "output": "".join(lines), "seconds": ended - began,
-            "after_fault": ended - fault_seen[0] if fault_seen else None}
+            "after_fault": ended - fault_seen[0] if fault_seen else None,
+            "shm_left": sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))}
 
 
 def rl_records(out: Path) -> list[dict]:
@@ -102,6 +104,13 @@ def test_a_raise_on_one_rank_ends_the_job_with_one_traceback(runs):
     assert "[rank 1] nested_reft_ds.faults.InjectedFault: injected fault at rl step 3 on rank 1" in output
     assert "[rank 0] Traceback" not in output, "the other rank reports one line, not a second traceback"
     assert runs["latest_after_raise"] == "rl_step2"
+
+
+def test_no_launch_leaves_shared_memory_behind(runs):
+    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm file per rank and never unlinks it; `init_distributed`
+    removes the names once every rank has mapped them, so no job, finished or killed, leaves them behind."""
+    launches = ("reference", "raised", "killed_in_checkpoint", "killed_in_step", "finished")
+    assert {name: runs[name]["shm_left"] for name in launches} == {name: [] for name in launches}
 
 
 def test_c_a_kill_while_a_checkpoint_is_written_leaves_latest_at_the_previous_one(runs):

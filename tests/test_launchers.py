@@ -421,7 +421,8 @@ def two_nodes(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_nodes")
     deepspeed = Path(sys.executable).parent / "deepspeed"
     env = {**clean_environ(), "OMP_NUM_THREADS": "1", "DEEPSPEED": str(deepspeed if deepspeed.exists() else "deepspeed")}
-    extra = ["--set", f"train.output_dir={out / 'run'}"]
+    # The question loss rides along: its sums are all-reduced like the solution's, checked against one process.
+    extra = ["--set", f"train.output_dir={out / 'run'}", "--set", "train.sft_question_loss=true"]
     if _all_ranks_logging():
         extra += ["--set", "logging.all_ranks=true"]
     port = str(_free_port())
@@ -489,9 +490,10 @@ def test_two_nodes_trained_the_seeded_skip_plans_with_finite_losses(two_nodes):
 
 @pytest.mark.distributed
 def test_two_node_zero3_first_loss_equals_the_single_process_reference(two_nodes):
-    """The first SFT step sees the initial weights: the 2-node ZeRO-3 loss (token mean over both nodes' halves
-    of the global batch) must equal the same batch's loss computed here with the plain HF model. Catches
-    weights loaded or partitioned wrongly, e.g. in the wrong dtype."""
+    """The first SFT step sees the initial weights: the 2-node ZeRO-3 losses (token means over both nodes' halves
+    of the global batch, of the solution and of the question) must equal the same batch's losses computed here
+    with the plain HF model. Catches weights loaded or partitioned wrongly, e.g. in the wrong dtype, and a loss
+    sum or token count left out of the all-reduce."""
     from nested_reft_ds.config import load_config
     from nested_reft_ds.data import problems_from_config
     from nested_reft_ds.model import load_model_and_tokenizer
@@ -503,14 +505,18 @@ def test_two_node_zero3_first_loss_equals_the_single_process_reference(two_nodes
     problems, _ = problems_from_config(cfg.data, cfg.train.seed)
     rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size  # the global SFT batch of step 0
     chosen = batch_indices(len(problems), rows, 0, cfg.train.seed + 1)
-    batch, _ = teacher_forced(tokenizer, [problems[i] for i in chosen], cfg.data.prompt_template, "cpu")
+    batch, solution_mask = teacher_forced(tokenizer, [problems[i] for i in chosen], cfg.data.prompt_template,
+                                          "cpu", question_loss=True)
     with torch.no_grad():
-        logprobs = completion_logprobs(model, batch, 1.0)
-    reference = (-(logprobs * batch.completion_mask).sum() / batch.completion_mask.sum()).item()
+        nll = -completion_logprobs(model, batch, 1.0) * batch.completion_mask
+    question_mask = batch.completion_mask - solution_mask
+    reference = {"sft_loss": (nll * solution_mask).sum().item() / solution_mask.sum().item(),
+                 "sft_question_loss": (nll * question_mask).sum().item() / question_mask.sum().item()}
     first = next(m for m in metrics if m["phase"] == "sft" and m["step"] == 0)
     # fp32 on CPU agrees to ~1e-7 relative; weights rounded through bf16 on the way in are off by ~6e-6.
-    assert first["sft_loss"] == pytest.approx(reference, rel=2e-6), (
-        f"2-node ZeRO-3 first loss {first['sft_loss']!r} != single-process reference {reference!r}")
+    for key, value in reference.items():
+        assert first[key] == pytest.approx(value, rel=2e-6), (
+            f"2-node ZeRO-3 first {key} {first[key]!r} != single-process reference {value!r}")
 
 
 @pytest.mark.distributed

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -44,7 +45,24 @@ def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    verbose=False)
+        if not torch.cuda.is_available():
+            _unlink_shm_allreduce_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer. Collective.
+
+    With every rank on one machine, DeepSpeed's CPU backend maps one 66 MB /dev/shm file per rank and never
+    unlinks it, so each multi-rank CPU job, finished or crashed, would leave its RAM-backed files behind until
+    /dev/shm is full. Once every rank has mapped its peers' buffers (inside deepspeed.init_distributed, before the
+    barrier) the names are no longer needed: the memory lives on in the mappings and is freed when the last rank
+    exits, however it exits."""
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def device() -> torch.device:
