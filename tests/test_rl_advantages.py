@@ -37,3 +37,27 @@ def test_bad_group_size_raises(group_size):
 def test_unknown_kind_raises():
     with pytest.raises(ValueError, match="ppo"):
         compute_advantages(REWARDS, 4, "ppo")
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("value", [1.2, 1.05, 1.3, 0.1, 1e6 + 0.1])
+def test_equal_rewards_give_exactly_zero_advantage(kind, value):
+    # float32 group means of non-dyadic rewards round; that error over std + eps was ~0.1 for every member.
+    alone = compute_advantages(torch.full((8,), value), 8, kind)
+    assert torch.equal(alone, torch.zeros(8))
+    mixed = compute_advantages(torch.cat([torch.full((8,), value), torch.tensor([0.0, 1.2] * 4)]), 8, kind)
+    assert torch.equal(mixed[:8], torch.zeros(8))
+    assert mixed[8:].abs().min() > 0
+
+
+def test_format_weight_rewards_of_an_all_correct_group_do_not_push_the_policy():
+    from nested_reft_ds.reward import score_batch
+
+    # Every completion correct and boxed: 1 + format_weight each, a group with nothing to learn from.
+    rewards = torch.tensor(score_batch([r"so \boxed{4}"] * 8, ["4"] * 8, format_weight=0.2))
+    assert rewards.tolist() == pytest.approx([1.2] * 8)
+    assert torch.equal(grpo_advantages(rewards, 8), torch.zeros(8))
+
+
+def test_advantages_are_float32_whatever_the_reward_dtype():
+    assert compute_advantages(torch.tensor([0.0, 1.0], dtype=torch.float64), 2, "grpo").dtype == torch.float32
