@@ -177,6 +177,7 @@ class SkipConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
+    """The policy-gradient estimator; docs/estimators.md gives each correction's formula and normaliser."""
     advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     # Off-policy correction for behaviour (nested) samples; weights use pi_prox / behaviour, detached.
     correction: Literal["none", "seq_is", "token_tis", "token_mis", "seq_mis"] = "token_tis"
@@ -192,8 +193,20 @@ class AlgorithmConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    # What the loss aggregation counts: every completion token (a token_mis / seq_mis mask then scales the
+    # gradient by the kept fraction), or only the tokens the mask keeps (verl's rejection-sampling form; costs one
+    # no-grad forward of the policy per step, to know the kept count before the update).
+    normalize_over: Literal["completion_tokens", "kept_tokens"] = "completion_tokens"
+    # Weight of the KL penalty to the frozen reference (0: no reference model).
     kl_coef: float = 0.0
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    # Where the penalty goes: false, a per-token loss term (weighted like the policy-gradient term); true, the
+    # sequence's summed k1 KL subtracted from its reward before the advantages (verl's use_kl_in_reward; costs one
+    # no-grad forward of the policy and the reference per step, before the update).
+    kl_in_reward: bool = False
+    # KL estimator (rl/kl.py). "auto" picks the one whose expected gradient is that of KL(pi_theta || pi_ref) where
+    # the penalty goes: k2 in the loss, k1 in the reward. k3 in the loss follows the forward KL(pi_ref || pi_theta);
+    # k1 in the loss has zero expected gradient, and k2 / k3 in the reward follow no KL, so those are refused.
+    kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
 
     def __post_init__(self) -> None:
         _require(self.is_cap is None or self.is_cap >= 1.0, "algorithm.is_cap", self.is_cap, "null or a float >= 1")
@@ -206,6 +219,18 @@ class AlgorithmConfig:
         # a sequence weight to normalise, so this would otherwise fail at the first RL step.
         _require(not self.self_normalize or self.correction == "seq_is", "algorithm.self_normalize",
                  self.self_normalize, f"false unless algorithm.correction='seq_is' (correction is {self.correction!r})")
+        _require(not self.kl_in_reward or self.kl_coef > 0, "algorithm.kl_in_reward", self.kl_in_reward,
+                 "false unless algorithm.kl_coef > 0 (there is no penalty to fold into the reward)")
+        if self.kl_estimator == "auto":  # frozen: resolve in place, so the saved config names the estimator used
+            object.__setattr__(self, "kl_estimator", "k1" if self.kl_in_reward else "k2")
+        if self.kl_in_reward:
+            _require(self.kl_estimator == "k1", "algorithm.kl_estimator", self.kl_estimator,
+                     "'k1' or 'auto' with algorithm.kl_in_reward=true (in the reward only k1's score-function "
+                     "gradient is that of KL(pi_theta || pi_ref))")
+        elif self.kl_coef > 0:
+            _require(self.kl_estimator != "k1", "algorithm.kl_estimator", self.kl_estimator,
+                     "'k2' (reverse KL), 'k3' (forward KL) or 'auto' for a KL loss term: k1's expected gradient "
+                     "in the loss is zero (or set algorithm.kl_in_reward=true)")
 
 
 @dataclass(frozen=True)
@@ -325,6 +350,16 @@ class ExperimentConfig:
             _require(micro % group == 0 or micro >= self.rollout.prompts_per_step * group, "train.micro_batch_size",
                      micro, f"a multiple of rollout.group_size={group} when algorithm.self_normalize=true (each "
                      "prompt group must sit in one micro-batch)")
+        # Under top-p the behaviour samples from its renormalised nucleus while pi_prox is scored on the whole
+        # vocabulary, so E_beta[pi_prox / beta] = pi_prox(nucleus) < 1: every correction, and the ratio statistics
+        # the adaptive schedule reads, would lose that mass (exponentially in length for sequence ratios). Scoring
+        # pi on the behaviour's nucleus would need the nucleus of every sampled position; until then, refuse.
+        if self.rollout.top_p < 1.0:
+            _require(self.algorithm.correction == "none", "rollout.top_p", self.rollout.top_p,
+                     f"1.0 with algorithm.correction={self.algorithm.correction!r} (importance ratios against a "
+                     "top-p behaviour are biased by the nucleus mass); use algorithm.correction=none or top_p=1")
+            _require(self.skip.schedule != "adaptive", "rollout.top_p", self.rollout.top_p,
+                     "1.0 with skip.schedule='adaptive' (its ratio statistics are biased by the nucleus mass)")
         _require(not (self.train.shared_prompt_forward == "always"
                       and self.model.attn_implementation == "flash_attention_2"), "train.shared_prompt_forward",
                  self.train.shared_prompt_forward, "'auto' or 'never' with model.attn_implementation="

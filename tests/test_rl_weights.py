@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nested_reft_ds.rl import importance_weights, kl_estimate, kl_k1, kl_k3
+from nested_reft_ds.rl import importance_weights, kl_estimate, kl_k1, kl_k2, kl_k3
 
 # Per-token ratios rho_t = pi_prox / beta; row 1's last token is padding (mask 0, its "ratio" 100 is ignored).
 RATIOS = torch.tensor([[2.0, 0.5, 4.0], [1.5, 3.0, 100.0]])
@@ -138,8 +138,10 @@ def test_kl_estimators_hand_computed():
     torch.testing.assert_close(kl_k3(logp, logq), torch.tensor([0.5 - 1 + math.log(2)]))  # r=.5: r-1-log r
     torch.testing.assert_close(kl_estimate(logp, logq, "k3"), kl_k3(logp, logq))
     assert kl_k3(logq, logq).item() == 0.0
-    with pytest.raises(ValueError, match="k2"):
-        kl_estimate(logp, logq, "k2")
+    torch.testing.assert_close(kl_k2(logp, logq), torch.tensor([0.5 * math.log(2) ** 2]))
+    torch.testing.assert_close(kl_estimate(logp, logq, "k2"), kl_k2(logp, logq))
+    with pytest.raises(ValueError, match="k4"):
+        kl_estimate(logp, logq, "k4")
 
 
 def test_kl_estimators_unbiased_on_categorical():
@@ -150,3 +152,22 @@ def test_kl_estimators_unbiased_on_categorical():
     # exact expectations over the support (no sampling noise)
     for est in ("k1", "k3"):
         torch.testing.assert_close((p * kl_estimate(p.log(), q.log(), est)).sum(), exact)
+
+
+def test_acceptance_and_chi_square_hand_computed():
+    _, s = weights("token_tis", cap=2.0)
+    # raw token ratios [2, .5, 4, 1.5, 3]: min(1, rho) = [1, .5, 1, 1, 1]; sequence ratios 4 and 4.5
+    assert s["accept"] == pytest.approx(4.5 / 5)
+    assert s["chi2_tok"] == pytest.approx((4 + 0.25 + 16 + 2.25 + 9) / 5 - 1)
+    assert s["chi2_seq"] == pytest.approx((16 + 20.25) / 2 - 1)
+    # the raw ESS/N is mean^2 / (1 + chi2) in either unit (1 / (1 + chi2) when the ratios average 1, as they do
+    # in expectation), and sits beside the ESS of the weights used
+    assert s["ess_tok_raw"] == pytest.approx(2.2 ** 2 / (1 + s["chi2_tok"]))
+    assert s["ess_seq_raw"] == pytest.approx(4.25 ** 2 / (1 + s["chi2_seq"]))
+    _, none = weights("none")
+    assert none["ess"] == 1.0 and none["ess_tok_raw"] == s["ess_tok_raw"]
+
+
+def test_on_policy_acceptance_is_one_and_chi_square_zero():
+    _, s = importance_weights(PROX, PROX, MASK, correction="token_tis", cap=2.0)
+    assert s["accept"] == 1.0 and s["chi2_tok"] == 0.0 and s["chi2_seq"] == 0.0

@@ -12,8 +12,9 @@ The cross-rank reduction lives in engine.distributed.reduce_diagnostics (this mo
 
 Sums keys written by rl.weights.importance_weight_parts (for the correction's "unit": sequences for seq_*,
 else tokens):
-  tok_n, tok_ratio, tok_ratio_sq, tok_log_ratio, tok_k3   valid completion tokens: count, sum rho_t, sum rho_t^2,
-                                                           sum log rho_t, sum (rho_t - 1 - log rho_t)
+  tok_n, tok_ratio, tok_ratio_sq, tok_log_ratio, tok_k3,  valid completion tokens: count, sum rho_t, sum rho_t^2,
+  tok_accept                                               sum log rho_t, sum (rho_t - 1 - log rho_t),
+                                                           sum min(1, rho_t)
   seq_n, seq_ratio, seq_ratio_sq, seq_log_ratio           valid sequences: count, sum rho, sum rho^2, sum log rho
   unit_n, unit_w, unit_w_sq, unit_truncated, unit_masked  valid units: count, sum w, sum w^2, truncated, masked
   completion_n, weight, nonfinite                         completion tokens, sum of token weights, NaN/inf ratios
@@ -112,10 +113,11 @@ def finalize(parts: DiagnosticParts) -> dict[str, float]:
     """The reported metrics (python floats) of the rows `parts` describes.
 
     From importance-weight parts: ratio_tok_{mean,min,max,p10,p50,p90}, ratio_seq_{...}, log_ratio_seq_{mean,min,
-    max}, frac_truncated, frac_masked, ess, ess_tok_raw, ess_seq_raw, kl_behavior_k1, kl_behavior_k3,
+    max}, frac_truncated, frac_masked, ess, ess_tok_raw, ess_seq_raw, chi2_tok, chi2_seq, accept, kl_behavior_k1,
+    kl_behavior_k3,
     weight_mean, nonfinite_count, nonfinite_frac; from policy-loss parts also clip_frac, ppo_ratio_{mean,min,max},
     pg_loss, nonfinite_logprobs_count and kl_ref (with a reference). Empty sets give the neutral values (ratios 1,
-    log-ratios / fractions / KL 0, ESS 1). nonfinite_count and nonfinite_logprobs_count are totals over the rows.
+    log-ratios / fractions / KL / chi-square 0, ESS and accept 1). nonfinite_count and nonfinite_logprobs_count are totals over the rows.
     """
     s = parts.sums
     out: dict[str, float] = {}
@@ -129,6 +131,9 @@ def finalize(parts: DiagnosticParts) -> dict[str, float]:
         out["ess"] = ess(s["unit_w"], s["unit_w_sq"], unit_n)
         out["ess_tok_raw"] = ess(s["tok_ratio"], s["tok_ratio_sq"], tok_n)
         out["ess_seq_raw"] = ess(s["seq_ratio"], s["seq_ratio_sq"], s["seq_n"])
+        out["chi2_tok"] = s["tok_ratio_sq"] / tok_n - 1.0 if tok_n else 0.0
+        out["chi2_seq"] = s["seq_ratio_sq"] / s["seq_n"] - 1.0 if s["seq_n"] else 0.0
+        out["accept"] = s["tok_accept"] / tok_n if tok_n else 1.0
         out["kl_behavior_k1"] = -s["tok_log_ratio"] / tok_n if tok_n else 0.0
         # k3 for KL(beta || pi) with samples from beta: (rho - 1) - log rho.
         out["kl_behavior_k3"] = s["tok_k3"] / tok_n if tok_n else 0.0

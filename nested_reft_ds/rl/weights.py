@@ -53,8 +53,12 @@ def importance_weight_parts(
       ratio_seq_{mean,min,max,p10,p50,p90}  raw rho over valid sequences, before truncation
       log_ratio_seq_{mean,min,max}          log rho (does not saturate)
       frac_truncated, frac_masked           in the correction's unit: sequences for seq_*, else tokens
-      ess                                   ESS/N of the weights used, same unit
-      ess_tok_raw, ess_seq_raw              ESS/N of the untruncated rho_t / rho
+      ess                                   ESS/N of the weights used, same unit (1 under `none`: read the raw ones)
+      ess_tok_raw, ess_seq_raw              ESS/N of the untruncated rho_t / rho (the unit is in the name)
+      chi2_tok, chi2_seq                    E[rho_t^2] - 1 and E[rho^2] - 1 of the untruncated ratios (verl's
+                                            chi2_token / chi2_seq; the raw ESS/N is mean^2 / (1 + chi2))
+      accept                                mean_t min(1, rho_t): the per-token acceptance rate speculative sampling
+                                            with the behaviour as drafter and pi_prox as verifier would have
       kl_behavior_k1, kl_behavior_k3        KL(beta || pi_prox) per token from the sampled tokens
       weight_mean                           mean weight over completion tokens
       nonfinite_count, nonfinite_frac       completion tokens whose ratio was NaN/inf (weight forced to 0):
@@ -121,6 +125,7 @@ def importance_weight_parts(
         sums = {
             "tok_n": valid.sum(), "tok_ratio": tok_ratio.sum(), "tok_ratio_sq": (tok_ratio * tok_ratio).sum(),
             "tok_log_ratio": tok_lr.sum(), "tok_k3": (torch.expm1(tok_lr) - tok_lr).sum(),
+            "tok_accept": tok_ratio.clamp(max=1.0).sum(),
             "seq_n": seq_valid.sum(), "seq_ratio": seq_r.sum(), "seq_ratio_sq": (seq_r * seq_r).sum(),
             "seq_log_ratio": seq_lr.double().sum(),
             "unit_n": unit_valid.sum(), "unit_w": unit_w.sum(), "unit_w_sq": (unit_w * unit_w).sum(),
