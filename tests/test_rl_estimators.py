@@ -84,3 +84,27 @@ def test_self_normalised_seq_is_is_less_biased_than_none(problem):
     mean_sn, _, exact, _, _ = estimate(problem, cfg)
     mean_none, *_ = estimate(problem, ESTIMATORS["none"])
     assert (mean_sn - exact).norm() < 0.5 * (mean_none - exact).norm()
+
+
+def test_top_p_behaviour_biases_every_ratio_by_the_nucleus_mass_and_is_refused():
+    """Exactly: a top-p behaviour samples the renormalised nucleus N while pi_prox is scored on the whole
+    vocabulary, so E_beta[pi_prox / beta] = pi_prox(N) < 1 even with no skipping at all. The config refuses it."""
+    from nested_reft_ds.config import ConfigError, load_config
+    from nested_reft_ds.sampling import sampling_logprobs
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    target = torch.log_softmax(logits, dim=-1)
+    for top_p in (1.0, 0.9):
+        behavior = sampling_logprobs(logits, 1.0, top_p)
+        support = torch.isfinite(behavior)
+        expected_ratio = (behavior.exp() * (target - behavior).exp())[support].sum().item()
+        nucleus_mass = target.exp()[support].sum().item()
+        assert expected_ratio == pytest.approx(nucleus_mass)
+        assert (expected_ratio == pytest.approx(1.0)) == (top_p == 1.0)
+    for correction in ("token_tis", "seq_is", "token_mis", "seq_mis"):
+        with pytest.raises(ConfigError, match="rollout.top_p"):
+            load_config(None, ["rollout.top_p=0.9", f"algorithm.correction={correction}"])
+    with pytest.raises(ConfigError, match="adaptive"):
+        load_config(None, ["rollout.top_p=0.9", "algorithm.correction=none", "skip.schedule=adaptive",
+                           "skip.target_ess=0.8"])
+    assert load_config(None, ["rollout.top_p=0.9", "algorithm.correction=none"]).rollout.top_p == 0.9

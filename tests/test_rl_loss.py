@@ -120,16 +120,56 @@ def test_kl_penalty_added_with_coefficient():
     logp, prox, behavior, ref, adv, mask = random_batch(3)
     counts = dict(num_global_tokens=mask.sum().item(), num_global_seqs=8)
     base, m0 = policy_loss(leaf(logp), prox, behavior, adv, mask, cfg(), ref_logprobs=ref, **counts)
-    for est in ("k1", "k3"):
+    for est in ("k2", "k3"):
         lp = leaf(logp)
         loss, m = policy_loss(lp, prox, behavior, adv, mask, cfg(kl_coef=0.5, kl_estimator=est), ref_logprobs=ref,
                               **counts)
         log_r = ref - logp
-        kl = -log_r if est == "k1" else log_r.exp() - 1 - log_r
+        kl = 0.5 * log_r ** 2 if est == "k2" else log_r.exp() - 1 - log_r
         assert loss.item() == pytest.approx(base.item() + 0.5 * (kl * mask).sum().item() / mask.sum().item(), rel=1e-5)
         assert m["kl_ref"] == pytest.approx((kl * mask).sum().item() / mask.sum().item(), rel=1e-5)
     with pytest.raises(ValueError, match="ref_logprobs"):
         policy_loss(leaf(logp), prox, behavior, adv, mask, cfg(kl_coef=0.5), **counts)
+
+
+def test_kl_term_carries_the_off_policy_weight_and_leaves_the_loss_when_in_reward():
+    logp, prox, behavior, ref, adv, mask = random_batch(3)
+    counts = dict(num_global_tokens=mask.sum().item(), num_global_seqs=8)
+    zero_adv = torch.zeros_like(adv)
+    c = cfg(correction="token_tis", is_cap=2.0, kl_coef=0.5, kl_estimator="k2")
+    loss, _ = policy_loss(leaf(logp), prox, behavior, zero_adv, mask, c, ref_logprobs=ref, **counts)
+    w = (prox - behavior).exp().clamp(max=2.0)
+    kl = 0.5 * (ref - logp) ** 2
+    assert loss.item() == pytest.approx(0.5 * (w * kl * mask).sum().item() / mask.sum().item(), rel=1e-5)
+    in_reward = cfg(correction="token_tis", kl_coef=0.5, kl_in_reward=True, kl_estimator="k1")
+    loss, m = policy_loss(leaf(logp), prox, behavior, zero_adv, mask, in_reward, ref_logprobs=ref, **counts)
+    assert loss.item() == 0.0 and m["kl_ref"] > 0  # the penalty is in the advantages; kl_ref still reported
+    loss, m = policy_loss(leaf(logp), prox, behavior, zero_adv, mask, in_reward, **counts)  # no reference needed
+    assert "kl_ref" not in m
+
+
+@pytest.mark.parametrize("agg", LOSS_AGGREGATIONS)
+def test_normalize_over_kept_tokens_counts_only_what_the_mask_keeps(agg):
+    from nested_reft_ds.rl import loss_token_mask
+
+    # token ratios [[2, .5, 4], [1.5, 3, pad]]: the band [0.6, 2.5] keeps [[2, -, -], [1.5, -, -]]
+    prox = torch.tensor([[2.0, 0.5, 4.0], [1.5, 3.0, 0.0]]).log()
+    behavior, mask = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    logp, adv = prox.clone(), torch.tensor([1.0, -1.0])
+    every = cfg(correction="token_mis", mask_low=0.6, mask_high=2.5, loss_agg=agg)
+    kept_cfg = dataclasses.replace(every, normalize_over="kept_tokens")
+    kept = loss_token_mask(prox, behavior, mask, kept_cfg)
+    assert kept.tolist() == [[True, False, False], [True, False, False]]
+    assert torch.equal(loss_token_mask(prox, behavior, mask, every), mask > 0)
+    full, _ = policy_loss(leaf(logp), prox, behavior, adv, mask, every, num_global_tokens=5, num_global_seqs=2,
+                          max_completion_length=3)
+    part, _ = policy_loss(leaf(logp), prox, behavior, adv, mask, kept_cfg, num_global_tokens=2, num_global_seqs=2,
+                          max_completion_length=3)
+    # pg terms: -w A = -2 (row 1) and +1.5 (row 2), the only kept tokens
+    expected = {"token_mean": ((-2 + 1.5) / 5, (-2 + 1.5) / 2),
+                "seq_mean_token_mean": ((-2 / 3 + 1.5 / 2) / 2, (-2 + 1.5) / 2),
+                "seq_mean_token_sum_norm": ((-2 + 1.5) / 6, (-2 + 1.5) / 6)}[agg]
+    assert (full.item(), part.item()) == (pytest.approx(expected[0]), pytest.approx(expected[1]))
 
 
 def test_all_masked_micro_batch_gives_zero_loss_and_finite_grads():

@@ -36,14 +36,20 @@ def policy_loss_parts(
     logprobs [B, T] (pi_theta, with grad); prox_logprobs, behavior_logprobs, ref_logprobs [B, T] (detached);
     advantages [B] (one per sequence); mask [B, T] (1 on completion tokens). Token loss:
         l_t = -w_t * min(r_t A, clip(r_t, 1 - clip_eps_low, 1 + clip_eps_high) A) + kl_coef * KL_t,
-    r_t = pi_theta / pi_prox, w_t from `importance_weights` with `cfg.correction`, KL_t the k1/k3 estimate
-    of KL(pi_theta || pi_ref) at the sampled token (unweighted, as in GRPO).
+        l_t = w_t * (-min(r_t A, clip(r_t, 1 - clip_eps_low, 1 + clip_eps_high) A) + kl_coef * KL_t),
+    r_t = pi_theta / pi_prox, w_t from `importance_weights` with `cfg.correction`, KL_t the `cfg.kl_estimator`
+    estimate (rl.kl) at the sampled token; the KL term is left out when `cfg.kl_in_reward` puts the penalty in
+    the reward instead. The KL term carries the same off-policy weight as the policy-gradient term: its expected
+    gradient is then the on-policy one (rl.kl states which divergence that follows), not one under beta.
 
     Normalisation contract: summing the returned losses over every micro-batch on every rank gives the global
     objective, so the counts are global (all-reduced by the caller):
       token_mean               sum_t l_t / num_global_tokens
       seq_mean_token_mean      sum_i mean_t l_it / num_global_seqs
       seq_mean_token_sum_norm  sum_t l_t / (num_global_seqs * max_completion_length)   (Dr. GRPO; default T)
+    With `cfg.normalize_over="kept_tokens"` a token a masking correction (token_mis, seq_mis) drops leaves the
+    loss's token set: the counts are then of kept tokens and of sequences with a kept token (`loss_token_mask`),
+    and seq_mean_token_mean averages over each sequence's kept tokens. docs/estimators.md tabulates the forms.
     `group_size` is needed only for `cfg.self_normalize` (each prompt group must sit in one micro-batch).
 
     The parts (rl.diagnostics) hold the `importance_weight_parts` diagnostics plus those of the surrogate; merged
@@ -59,7 +65,7 @@ def policy_loss_parts(
     if logprobs.shape != mask.shape or advantages.shape != mask.shape[:1]:
         raise ValueError(f"expected logprobs/mask [B, T] and advantages [B], got {tuple(logprobs.shape)}, "
                          f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
-    if cfg.kl_coef > 0 and ref_logprobs is None:
+    if cfg.kl_coef > 0 and not cfg.kl_in_reward and ref_logprobs is None:
         raise ValueError(f"algorithm.kl_coef={cfg.kl_coef} > 0 needs ref_logprobs (a reference model)")
 
     weights, weight_parts = importance_weight_parts(
@@ -68,6 +74,8 @@ def policy_loss_parts(
         geometric=cfg.seq_mis_geometric)                                           # [B, T], detached
 
     completion = mask > 0                                                          # [B, T]
+    if cfg.normalize_over == "kept_tokens":
+        completion = completion & (weights != 0)
     prox = prox_logprobs.detach().float()                                          # [B, T]
     # Padding may hold -inf/NaN log-probs: select before any arithmetic so no NaN reaches the backward pass.
     # A completion token with any non-finite log-prob is a corrupted sample and leaves the loss entirely.
@@ -89,8 +97,8 @@ def policy_loss_parts(
         # Where ref is unusable, feed logp itself (KL 0, finite gradient) rather than let NaN into the backward.
         ref = torch.where(ref_ok, ref, logp.detach())
         kl_token = torch.where(ref_ok, kl_estimate(logp, ref, cfg.kl_estimator), 0.0)  # [B, T]
-        if cfg.kl_coef > 0:
-            token_loss = token_loss + cfg.kl_coef * kl_token
+        if cfg.kl_coef > 0 and not cfg.kl_in_reward:
+            token_loss = token_loss + cfg.kl_coef * weights * kl_token
     token_loss = torch.where(ok, token_loss, 0.0)                                  # [B, T]
 
     if cfg.loss_agg == "token_mean":
@@ -107,12 +115,26 @@ def policy_loss_parts(
         sums = {
             "ok_n": ok.sum(), "clipped": (clipped & ok).sum(), "ppo_ratio": torch.where(ok, ratio, 0.0).double().sum(),
             "pg": torch.where(ok, pg_token, 0.0).double().sum(),
-            "nonfinite_logprobs": (completion & ~logp_finite).sum(),
+            "nonfinite_logprobs": ((mask > 0) & ~logp_finite).sum(),
         }
         if kl_token is not None:
             sums["kl_ref"] = kl_token.detach().double().sum()
         surrogate_parts = parts_from_tensors(sums, {"ppo_ratio": ratio.detach()[ok]}, {})
     return loss, merge([weight_parts, surrogate_parts])
+
+
+def loss_token_mask(prox_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor,
+                    cfg: AlgorithmConfig, *, group_size: int | None = None) -> torch.Tensor:
+    """The completion tokens [B, T] (bool) the loss aggregation counts under `cfg.normalize_over`: every completion
+    token, or ("kept_tokens") those whose off-policy weight is non-zero. The caller all-reduces their count (and
+    that of sequences holding one) into `num_global_tokens` / `num_global_seqs` before the update."""
+    if cfg.normalize_over == "completion_tokens":
+        return mask > 0
+    weights, _ = importance_weight_parts(
+        prox_logprobs, behavior_logprobs, mask, correction=cfg.correction, cap=cfg.is_cap, low=cfg.mask_low,
+        high=cfg.mask_high, self_normalize=cfg.self_normalize, group_size=group_size,
+        geometric=cfg.seq_mis_geometric)
+    return (mask > 0) & (weights != 0)
 
 
 def policy_loss(
