@@ -146,14 +146,22 @@ class SkipConfig:
     # least measured KL so far ("learned").
     strategy: Literal["random", "contiguous", "learned"] = "random"
     # "fixed": `ratio` every step; "linear": ramps from 0 to `ratio` over `warmup_steps`; "adaptive": moves
-    # each step toward the largest ratio whose ESS/N >= target_ess and KL <= target_kl.
+    # toward the largest ratio whose raw token ESS/N stays near target_ess and KL(beta || pi) near target_kl
+    # (nested.controller.AdaptiveSkipController: smoothed statistics, a hysteresis band).
     schedule: Literal["fixed", "linear", "adaptive"] = "fixed"
     warmup_steps: int = 0
     ratio_min: float = 0.0
     ratio_max: float = 0.5
+    # Targets of the adaptive schedule: the raw (untruncated) token-level ESS/N of pi_prox / beta, whatever the
+    # correction, and the per-token KL(beta || pi_prox).
     target_ess: float | None = None
     target_kl: float | None = None
+    # How far the adaptive ratio moves in one step.
     step_size: float = 0.05
+    # Weight of the newest step in the moving average of each statistic the adaptive schedule reads.
+    smoothing: float = 0.3
+    # Relative half-width of the band around each target inside which the adaptive ratio holds.
+    tolerance: float = 0.5
     protect_first: int = 1
     protect_last: int = 1
 
@@ -169,9 +177,14 @@ class SkipConfig:
                      (self.ratio_min, self.ratio, self.ratio_max), "0 <= ratio_min <= ratio <= ratio_max < 1")
             _require(self.target_ess is not None or self.target_kl is not None, "skip.target_ess/target_kl",
                      (self.target_ess, self.target_kl), "at least one target when skip.schedule='adaptive'")
-            _require(self.step_size > 0, "skip.step_size", self.step_size, "a float > 0")
-        _require(self.target_ess is None or 0 < self.target_ess <= 1, "skip.target_ess", self.target_ess,
-                 "null or a float in (0, 1]")
+            _require(self.ratio_min < self.ratio_max, "skip.ratio_max", self.ratio_max,
+                     f"a float > skip.ratio_min={self.ratio_min} (the adaptive ratio could not move)")
+            _require(0 < self.step_size <= self.ratio_max - self.ratio_min, "skip.step_size", self.step_size,
+                     f"a float in (0, ratio_max - ratio_min = {self.ratio_max - self.ratio_min:g}]")
+            _require(0 < self.smoothing <= 1, "skip.smoothing", self.smoothing, "a float in (0, 1]")
+            _require(0 <= self.tolerance < 1, "skip.tolerance", self.tolerance, "a float in [0, 1)")
+        _require(self.target_ess is None or 0 < self.target_ess < 1, "skip.target_ess", self.target_ess,
+                 "null or a float in (0, 1) (the raw ESS/N reaches 1 only on-policy)")
         _require(self.target_kl is None or self.target_kl > 0, "skip.target_kl", self.target_kl, "null or a float > 0")
 
 

@@ -123,7 +123,7 @@ def test_export_consolidates_zero3_checkpoint_into_hf_model(ranks, tmp_path):
 
 
 DIAGNOSTICS = ("ess", "ess_seq_raw", "ess_tok_raw", "frac_truncated", "frac_masked", "kl_behavior_k1", "kl_behavior_k3",
-               "clip_frac", "weight_mean", *(f"ratio_{unit}_p{q}" for unit in ("tok", "seq") for q in (10, 50, 90)))
+               "accept", "weight_mean", *(f"ratio_{unit}_p{q}" for unit in ("tok", "seq") for q in (10, 50, 90)))
 
 
 def check_diagnostics(step: dict, unit: str, cap: float) -> None:

@@ -391,3 +391,25 @@ def test_checkpoint_layout(zero3, tmp_path):
     (states,) = internals.model_states_files(tmp_path / "zero0" / "t")
     saved = internals.load_model_states(states)
     assert saved["module"].keys() == plain.module.state_dict().keys() and saved["config"] == {"k": 2}
+
+
+def test_zero3_gradient_partitions_keep_an_unused_parameters_old_gradient(zero3):
+    """What engine.optimizer_step clears: after a step in which a layer got no gradient, its slice of the flat
+    gradient buffer still holds the previous step's gradient (DeepSpeed overwrites only the slices it reduced)."""
+    from nested_reft_ds.nested import SkipPlan, nested_view
+
+    partitions = internals.zero3_gradient_partitions(zero3.engine)
+    layer = zero3.model.model.layers[1]
+    slices = {id(p): zero3.engine.optimizer._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition[p.ds_id]
+              for p in layer.parameters()}
+    assert all(s.data_ptr() >= partitions.data_ptr() for s in slices.values())  # views into the flat buffer
+    zero3.engine.backward(zero3.engine(input_ids=zero3.ids, labels=zero3.ids).loss)
+    zero3.engine.step()
+    before = {k: s.clone() for k, s in slices.items()}
+    assert any(bool(s.abs().sum() > 0) for s in before.values())
+    with nested_view(zero3.model, SkipPlan(3, (1,))):
+        zero3.engine.backward(zero3.engine(input_ids=zero3.ids, labels=zero3.ids).loss)
+    zero3.engine.step()
+    assert all(torch.equal(slices[k], before[k]) for k in slices), "stale: the skipped layer's last gradient"
+    partitions.zero_()
+    assert all(bool((s == 0).all()) for s in slices.values())

@@ -122,7 +122,7 @@ def test_adaptive_scheduler_moves_ratio_and_resumes_identically():
     from nested_reft_ds.config import SkipConfig
     from nested_reft_ds.nested import SkipScheduler
     cfg = SkipConfig(ratio=0.25, schedule="adaptive", strategy="learned", ratio_min=0.0, ratio_max=0.5,
-                     target_kl=0.05, step_size=0.125)
+                     target_kl=0.05, step_size=0.125, smoothing=0.5)
     kls = [0.01, 0.01, 0.2, 0.01, 0.3, 0.02, 0.01, 0.01]
 
     def drive(scheduler, steps):

@@ -20,7 +20,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=4", "model.num_heads=2", "mode
         "train.micro_batch_size=4", "train.sft_steps=4", "train.sft_lr=0.01", "train.steps=2", "train.save_every=1",
         "train.lr=1e-2", "train.cpu_threads=1", "algorithm.kl_coef=0.1", "logging.tensorboard=false",
         "logging.progress_bar=false"]
-KEYS = ("loss", "kl_ref", "reward_mean", "completion_length", "ratio_tok_max", "ess", "pg_loss", "clip_frac",
+KEYS = ("loss", "kl_ref", "reward_mean", "completion_length", "ratio_tok_max", "ess", "pg_loss", "accept",
         "skipped_layers")
 
 

@@ -60,7 +60,7 @@ def test_default_recipe_writes_logs_checkpoints_and_metrics(default_run):
     rl = records(out, "rl")
     assert [r["step"] for r in rl] == list(range(len(rl)))
     for key in ("reward_mean", "sample_accuracy", "loss", "ratio_tok_mean", "ratio_tok_max", "ess", "kl_behavior_k3",
-                "clip_frac", "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout_s",
+                "accept", "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout_s",
                 "time_reward_s", "time_train_s", "skipped_layers"):
         assert key in rl[0], key
     assert all(len(r["skipped_layers"]) == 2 for r in rl), "25% of 6 layers, rounded"

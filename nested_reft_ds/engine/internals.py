@@ -216,6 +216,17 @@ def active_submodules(param: nn.Parameter) -> set:
     return param.ds_active_sub_modules
 
 
+def zero3_gradient_partitions(engine) -> torch.Tensor | None:
+    # `engine.optimizer.grad_partitions_flat_buffer` (0.19.8): the flat buffer holding this rank's gradient
+    # partition of every parameter (fp32 unless offloaded). `partition_grads` overwrites a parameter's slice only
+    # when the parameter got a gradient in the accumulation window, so an unused parameter's slice keeps the
+    # previous step's gradient. None under optimizer offload, where the buffer is not the one the optimizer reads.
+    optimizer = engine.optimizer
+    if getattr(optimizer, "offload_optimizer", False):
+        return None
+    return optimizer.grad_partitions_flat_buffer
+
+
 def gather_params(params: list[nn.Parameter]) -> None:
     # `param.all_gather_coalesced(params)` (0.19.8): one coalesced all-gather of `params`; returns a handle to wait.
     params[0].all_gather_coalesced(params).wait()

@@ -13,7 +13,7 @@ from transformers import AutoConfig
 
 from ..config import ConfigError
 from ..model import load_tokenizer, load_model_and_tokenizer, select_attn_implementation
-from .internals import build_from_config, causal_lm_class, init_buffers, no_init_weights
+from .internals import build_from_config, causal_lm_class, init_buffers, no_init_weights, zero3_gradient_partitions
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,14 @@ def set_learning_rate(engine, lr: float) -> None:
 def optimizer_step(engine) -> float | None:
     """`engine.step()`; at the gradient-accumulation boundary, returns the global gradient norm before clipping.
 
+    A parameter the step did not use (a layer LayerDrop skipped) has gradient zero and takes its optimizer step
+    like every other: Adam's moments decay and move it, weight decay applies. ZeRO 1-3 keep gradients in flat
+    buffers where an unused parameter's slice is zero, and DeepSpeed's ZeRO-0 all-reduce zero-fills missing
+    gradients on more than one rank; only one ZeRO-0 process would leave them None, which torch's optimizers skip.
+    Zero-filling them here gives every stage and world size the same update (one recipe, one model). ZeRO-3
+    overwrites a parameter's gradient partition only when the parameter got a gradient in the window, so an unused
+    one would re-apply its previous step's gradient: the partitions are cleared after each optimizer step.
+
     DeepSpeed keeps that norm (`get_global_grad_norm`) under ZeRO and mixed precision; with whole fp32 parameters
     (ZeRO-0) it clips without keeping it, so it is computed here from the gradients, which DeepSpeed's boundary
     backward has already averaged over the data-parallel ranks. Collective like `engine.step()`: every rank calls it.
@@ -117,12 +125,20 @@ def optimizer_step(engine) -> float | None:
     boundary = engine.is_gradient_accumulation_boundary()
     whole_fp32 = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
     norm = None
+    if boundary and engine.zero_optimization_stage() == 0:
+        for param in engine.module.parameters():
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
     if boundary and whole_fp32:
         norm = torch.nn.utils.get_total_norm([p.grad.detach().float() for p in engine.module.parameters()
                                               if p.grad is not None])
     engine.step()
     if not boundary:
         return None
+    if engine.zero_optimization_stage() == 3:
+        partitions = zero3_gradient_partitions(engine)
+        if partitions is not None:
+            partitions.zero_()
     if norm is None:
         norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)

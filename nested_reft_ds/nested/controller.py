@@ -13,58 +13,95 @@ import torch
 
 
 class AdaptiveSkipController:
-    """Moves the skip ratio each step toward the largest value whose off-policyness stays inside a target.
+    """Moves the skip ratio toward the largest value whose off-policyness stays inside a target band.
 
-    After each step: if the measured statistics are inside every configured target (ESS/N >= target_ess,
-    KL <= target_kl) the ratio rises by `step_size`, otherwise it falls by `step_size`; it is clipped to
-    [ratio_min, ratio_max]. It therefore climbs while skipping is cheap and settles oscillating within one
-    step of the boundary. A non-finite statistic counts as outside the target (back off when unsure).
+    It reads the raw ratio statistics of the behaviour samples, which do not depend on the correction: the raw
+    token-level ESS/N of rho_t = pi_prox / beta (`ess_tok_raw`, before truncation or masking; one unit, tokens,
+    whatever the correction) and the per-token KL(beta || pi_prox). Each is smoothed by an exponential moving
+    average (weight `smoothing` on the newest step), and the controller acts on the off-policyness
+    d = 1 - ESS/N and d = KL against their targets t = 1 - target_ess and t = target_kl, with a hysteresis band
+    of relative half-width `tolerance`:
+        any smoothed d > t (1 + tolerance)  -> the ratio falls by `step_size` (too far off-policy)
+        every smoothed d < t (1 - tolerance) -> the ratio rises by `step_size` (room to skip more)
+        otherwise                            -> the ratio holds
+    and stays in [ratio_min, ratio_max]. Inside the band nothing moves, so per-step noise in the statistics does
+    not make the ratio oscillate around the boundary. A non-finite statistic counts as too far off-policy.
     """
 
     def __init__(self, ratio_init: float, ratio_min: float, ratio_max: float, *, target_ess: float | None = None,
-                 target_kl: float | None = None, step_size: float = 0.05) -> None:
-        if not 0.0 <= ratio_min <= ratio_init <= ratio_max < 1.0:
-            raise ValueError(f"adaptive skip needs 0 <= ratio_min <= ratio_init <= ratio_max < 1, got "
-                             f"ratio_min={ratio_min}, ratio_init={ratio_init}, ratio_max={ratio_max}")
+                 target_kl: float | None = None, step_size: float = 0.05, smoothing: float = 0.3,
+                 tolerance: float = 0.5) -> None:
+        if not 0.0 <= ratio_min <= ratio_init <= ratio_max < 1.0 or ratio_min == ratio_max:
+            raise ValueError(f"adaptive skip needs 0 <= ratio_min <= ratio_init <= ratio_max < 1 and ratio_min < "
+                             f"ratio_max, got ratio_min={ratio_min}, ratio_init={ratio_init}, ratio_max={ratio_max}")
         if target_ess is None and target_kl is None:
             raise ValueError("adaptive skip needs a target: target_ess and/or target_kl")
-        if target_ess is not None and not 0.0 < target_ess <= 1.0:
-            raise ValueError(f"target_ess must be in (0, 1], got {target_ess}")
+        if target_ess is not None and not 0.0 < target_ess < 1.0:
+            raise ValueError(f"target_ess must be in (0, 1) (the raw ESS/N reaches 1 only on-policy), got {target_ess}")
         if target_kl is not None and not target_kl > 0.0:
             raise ValueError(f"target_kl must be > 0, got {target_kl}")
-        if not step_size > 0.0:
-            raise ValueError(f"step_size must be > 0, got {step_size}")
+        if not 0.0 < step_size <= ratio_max - ratio_min:
+            raise ValueError(f"step_size must be in (0, ratio_max - ratio_min = {ratio_max - ratio_min:g}], "
+                             f"got {step_size}")
+        if not 0.0 < smoothing <= 1.0:
+            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        if not 0.0 <= tolerance < 1.0:
+            raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
         self.ratio_min, self.ratio_max = ratio_min, ratio_max
         self.target_ess, self.target_kl, self.step_size = target_ess, target_kl, step_size
+        self.smoothing, self.tolerance = smoothing, tolerance
         self.ratio = ratio_init
         self.steps = 0
+        self.smoothed: dict[str, float] = {}  # statistic name -> its moving average of off-policyness d
 
-    def within_target(self, ess: float | None = None, kl: float | None = None) -> bool:
-        """Whether (ess, kl) satisfy every configured target; a configured target needs its statistic."""
-        for name, value, target in (("ess", ess, self.target_ess), ("kl", kl, self.target_kl)):
-            if target is not None and value is None:
-                raise ValueError(f"the controller has a {name} target ({target}) but update() got {name}=None")
-        ok = True
+    def _targets(self) -> dict[str, float]:
+        targets = {}
         if self.target_ess is not None:
-            ok &= math.isfinite(ess) and ess >= self.target_ess
+            targets["ess"] = 1.0 - self.target_ess
         if self.target_kl is not None:
-            ok &= math.isfinite(kl) and kl <= self.target_kl
-        return bool(ok)
+            targets["kl"] = self.target_kl
+        return targets
 
     def update(self, ess: float | None = None, kl: float | None = None) -> float:
-        """Feed this step's (all-reduced) ESS/N and per-token KL(beta || pi); returns the ratio for the next step."""
-        delta = self.step_size if self.within_target(ess, kl) else -self.step_size
-        self.ratio = min(self.ratio_max, max(self.ratio_min, self.ratio + delta))
+        """Feed this step's (all-reduced) raw ESS/N and per-token KL(beta || pi); returns the ratio for the next
+        step. A configured target needs its statistic."""
+        observed = {"ess": None if ess is None else 1.0 - ess, "kl": kl}
+        direction = 1
+        for name, target in self._targets().items():
+            value = observed[name]
+            if value is None:
+                raise ValueError(f"the controller has a {name} target but update() got {name}=None")
+            if not math.isfinite(value):
+                value = math.inf
+            previous = self.smoothed.get(name)
+            smoothed = value if previous is None else previous + self.smoothing * (value - previous)
+            self.smoothed[name] = smoothed if math.isfinite(smoothed) else (previous if previous is not None
+                                                                            else target)
+            if not smoothed <= target * (1 + self.tolerance):
+                direction = -1
+            elif direction == 1 and not smoothed < target * (1 - self.tolerance):
+                direction = 0
+        self.ratio = min(self.ratio_max, max(self.ratio_min, self.ratio + direction * self.step_size))
         self.steps += 1
         return self.ratio
 
+    def metrics(self) -> dict[str, float]:
+        """The smoothed statistics the controller acts on, for logging."""
+        out = {}
+        if "ess" in self.smoothed:
+            out["controller_ess"] = 1.0 - self.smoothed["ess"]
+        if "kl" in self.smoothed:
+            out["controller_kl"] = self.smoothed["kl"]
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "steps": self.steps}
+        return {"ratio": self.ratio, "steps": self.steps, "smoothed": dict(self.smoothed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not self.ratio_min <= state["ratio"] <= self.ratio_max:
             raise ValueError(f"saved skip ratio {state['ratio']} is outside [{self.ratio_min}, {self.ratio_max}]")
         self.ratio, self.steps = float(state["ratio"]), int(state["steps"])
+        self.smoothed = {k: float(v) for k, v in state.get("smoothed", {}).items()}
 
 
 class LayerCostTracker:

@@ -21,7 +21,8 @@ class SkipScheduler:
                     cfg.protect_last)
         self.controller = AdaptiveSkipController(
             cfg.ratio, cfg.ratio_min, cfg.ratio_max, target_ess=cfg.target_ess, target_kl=cfg.target_kl,
-            step_size=cfg.step_size) if cfg.schedule == "adaptive" else None
+            step_size=cfg.step_size, smoothing=cfg.smoothing, tolerance=cfg.tolerance) \
+            if cfg.schedule == "adaptive" else None
         self.tracker = LayerCostTracker(num_layers) if cfg.strategy == "learned" else None
 
     def ratio(self, step: int) -> float:
@@ -39,14 +40,16 @@ class SkipScheduler:
                                 cfg.protect_last, cfg.strategy, weights)
 
     def observe(self, plan: SkipPlan, ess: float, kl: float) -> None:
-        """Feed one step's (rank-reduced) off-policy statistics: ESS/N and KL(behaviour || target)."""
+        """Feed one step's (rank-reduced) off-policy statistics: the raw token ESS/N of pi_prox / beta and the
+        per-token KL(behaviour || target)."""
         if self.controller is not None:
             self.controller.update(ess=ess, kl=kl)
         if self.tracker is not None and plan.skipped:
             self.tracker.update(plan.skipped, kl)
 
     def metrics(self) -> dict[str, float]:
-        return self.tracker.metrics() if self.tracker is not None else {}
+        out = self.controller.metrics() if self.controller is not None else {}
+        return {**out, **(self.tracker.metrics() if self.tracker is not None else {})}
 
     def state_dict(self) -> dict[str, Any]:
         return {"controller": self.controller.state_dict() if self.controller else None,

@@ -48,7 +48,7 @@ from ..fingerprint import base_model_fingerprint, check_base_model, model_finger
 from ..model import build_tiny_model, select_attn_implementation
 from ..nested import SkipPlan, SkipScheduler, nested_view, sample_skip_plan
 from ..reward import score_batch_with_stats
-from ..rl import compute_advantages, merge, policy_loss_parts
+from ..rl import compute_advantages, kl_estimate, loss_token_mask, merge, policy_loss_parts
 from ..rollout import DecodeStats, Rollout, completion_logprobs, encode_prompts, generate, lockstep_rule
 from ..shared_prompt import PackedGroups, pack_groups, packing_pays, shared_prompt_logprobs, supports_block_mask
 from ..run_log import RunLog
@@ -173,6 +173,33 @@ def scored_logprobs(model, micro_batch: Rollout, packed: PackedGroups | None, te
     return completion_logprobs(model, micro_batch, temperature, chunked_head=unpartitioned(model))
 
 
+@dataclass
+class BeforeUpdate:
+    """Completion log-probs [B, T] of a whole rollout, scored before the update."""
+    prox: torch.Tensor              # pi_prox: the full policy under its sampling-time weights
+    ref: torch.Tensor | None        # the frozen KL reference, when asked for
+
+
+@torch.no_grad()
+def proximal_logprobs(engine, reference, rollout: Rollout, layout: list[torch.Tensor], group_ids: torch.Tensor,
+                      cfg: ExperimentConfig) -> BeforeUpdate:
+    """pi_prox (and, given `reference`, pi_ref) of every completion token of `rollout`, one no-grad forward per
+    micro-batch of `layout`, before any optimizer step. Collective under ZeRO-3: every rank runs as many
+    micro-batches."""
+    shape = rollout.completion_mask.shape
+    prox = torch.zeros(shape, device=rollout.sequences.device)
+    ref = torch.zeros(shape, device=rollout.sequences.device) if reference is not None else None
+    engine.eval()
+    for rows in layout:
+        micro_batch = rollout.select(rows)
+        width = micro_batch.completion_mask.shape[1]
+        packed = packed_layout(engine, micro_batch, group_ids[rows], cfg.train.shared_prompt_forward)
+        prox[rows, :width] = scored_logprobs(engine, micro_batch, packed, cfg.rollout.temperature)
+        if ref is not None:
+            ref[rows, :width] = scored_logprobs(reference, micro_batch, packed, cfg.rollout.temperature)
+    return BeforeUpdate(prox=prox * rollout.completion_mask, ref=None if ref is None else ref * rollout.completion_mask)
+
+
 def score(completions: list[str], references: list[str], cfg: ExperimentConfig):
     """Verifier scores (+ counts of timeouts / parse failures) under the experiment's reward settings."""
     return score_batch_with_stats(completions, references, timeout=cfg.reward.timeout, rel_tol=cfg.reward.rel_tol,
@@ -221,7 +248,7 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
             logprobs = completion_logprobs(engine, micro_batch, 1.0, chunked_head=unpartitioned(engine))
         nll = -(logprobs * micro_batch.completion_mask)
         engine.backward(nll.sum() / num_global_tokens * backend.loss_scale_for_engine(engine))
-        engine.step()
+        backend.optimizer_step(engine)  # skipped layers take a zero-gradient step at every ZeRO stage
         total_nll = total_nll + nll.detach().sum()
         solution_nll = solution_nll + (nll.detach() * solution_mask[rows][:, :nll.shape[1]]).sum()
     maybe_fail("sft", step, rank)
@@ -272,30 +299,52 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
     t_reward = timer()
     maybe_fail("rl", step, rank)
 
-    # 4. Group-relative advantages (each prompt's G samples are contiguous rows).
-    advantages = compute_advantages(rewards, G, algo.advantage)  # [B*G]
+    # The update's micro-batches. A group-normalised correction needs each prompt group in one micro-batch, and the
+    # shared-prompt forward encodes a prompt once per micro-batch it appears in; otherwise rows bucket singly.
+    group_ids = torch.arange(len(texts), device=backend.device()) // G  # each row's prompt
+    unit = G if algo.self_normalize or cfg.train.shared_prompt_forward != "never" else 1
+    layout = micro_batches(rollout.prompt_mask.sum(dim=1), rollout.completion_mask.sum(dim=1),
+                           engine.train_micro_batch_size_per_gpu(), unit, cfg.train.bucket_by_length)
 
-    # 5-6. Reference and target log-probs with the full model, corrected clipped loss (+ KL to the reference),
-    # backward/step per micro-batch.
-    num_global_tokens, num_global_seqs = backend.all_reduce_sum([rollout.num_completion_tokens, len(texts)])
+    # 4. pi_prox (and the reference) before the update, only when the advantages or the loss's normaliser need it;
+    # otherwise pi_prox is read off the update's own forward (see the module docstring).
+    before_update = None
+    if algo.kl_in_reward or algo.normalize_over == "kept_tokens":
+        before_update = proximal_logprobs(engine, reference if algo.kl_in_reward else None, rollout, layout,
+                                          group_ids, cfg)
+    kl_penalty = None
+    if algo.kl_in_reward:  # each sequence's summed k1 = log pi_prox - log pi_ref, subtracted from its reward
+        kl_penalty = algo.kl_coef * (kl_estimate(before_update.prox, before_update.ref, "k1")
+                                     * rollout.completion_mask).sum(dim=1)  # [B*G]
+
+    # 5. Group-relative advantages (each prompt's G samples are contiguous rows).
+    advantages = compute_advantages(rewards if kl_penalty is None else rewards - kl_penalty, G, algo.advantage)
+
+    # 6-7. Reference and target log-probs with the full model, corrected clipped loss (+ KL to the reference),
+    # backward/step per micro-batch. The loss's counts are global: the completion tokens, or those it keeps.
+    loss_mask = rollout.completion_mask.bool() if before_update is None else loss_token_mask(
+        before_update.prox, rollout.behavior_logprobs, rollout.completion_mask.float(), algo, group_size=G)
+    num_global_tokens, num_global_seqs = backend.all_reduce_sum([int(loss_mask.sum()),
+                                                                 int(loss_mask.any(dim=1).sum())])
     engine.train()
     local_share_of_loss, micro_parts, tokens_computed, packed_micro_batches, grad_norm = 0.0, [], 0, 0, 0.0
-    group_ids = torch.arange(len(texts), device=backend.device()) // G  # each row's prompt
-    # A group-normalised correction needs each prompt group in one micro-batch, and the shared-prompt forward
-    # encodes a prompt once per micro-batch it appears in; otherwise rows bucket singly.
-    unit = G if algo.self_normalize or cfg.train.shared_prompt_forward != "never" else 1
-    for rows in micro_batches(rollout.prompt_mask.sum(dim=1), rollout.completion_mask.sum(dim=1),
-                              engine.train_micro_batch_size_per_gpu(), unit, cfg.train.bucket_by_length):
+    for rows in layout:
         micro_batch = rollout.select(rows)  # [b, P' + T'], trimmed to its own longest row
+        width = micro_batch.completion_mask.shape[1]
         packed = packed_layout(engine, micro_batch, group_ids[rows], cfg.train.shared_prompt_forward)
         tokens_computed += micro_batch.sequences.numel() if packed is None else packed.num_positions
         packed_micro_batches += packed is not None
         ref_logprobs = None
-        if reference is not None:  # under ZeRO-3 a collective forward: every rank, every micro-batch
+        if before_update is not None and before_update.ref is not None:
+            ref_logprobs = before_update.ref[rows, :width]
+        elif reference is not None:  # under ZeRO-3 a collective forward: every rank, every micro-batch
             with torch.no_grad():
                 ref_logprobs = scored_logprobs(reference, micro_batch, packed, cfg.rollout.temperature)  # [b, T']
         logprobs = scored_logprobs(engine, micro_batch, packed, cfg.rollout.temperature)  # [b, T'] pi_theta
-        loss, parts = policy_loss_parts(logprobs, logprobs.detach(), micro_batch.behavior_logprobs,
+        # pi_prox: the policy at sampling time. With one optimisation pass the optimizer steps after the last
+        # micro-batch, so this forward runs under the sampling-time weights and pi_prox = pi_theta, detached.
+        prox_logprobs = logprobs.detach() if before_update is None else before_update.prox[rows, :width]
+        loss, parts = policy_loss_parts(logprobs, prox_logprobs, micro_batch.behavior_logprobs,
                                         advantages[rows], micro_batch.completion_mask.float(), algo,
                                         num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs,
                                         ref_logprobs=ref_logprobs, group_size=G,
@@ -332,8 +381,14 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
                  time_rollout_s=t_rollout - t0, time_reward_s=t_reward - t_rollout, time_train_s=t_train - t_reward,
                  time_step_s=t_train - t0, grad_norm=grad_norm,
                  skip_ratio=plan.ratio, rollout_lockstep=float(lockstep))
+    if kl_penalty is not None:
+        local["kl_penalty_mean"] = kl_penalty.mean().item()
+    # With one optimisation pass pi_theta / pi_prox is 1 at every token: the PPO clip statistics carry nothing.
+    for key in ("clip_frac", "ppo_ratio_mean", "ppo_ratio_min", "ppo_ratio_max"):
+        diagnostics.pop(key, None)
     reduced = {**backend.reduce_metrics(local), **diagnostics}
-    skip.observe(plan, ess=reduced["ess"], kl=reduced["kl_behavior_k3"])
+    # The adaptive schedule's feedback: the raw ratio statistics, whatever the correction did with them.
+    skip.observe(plan, ess=reduced["ess_tok_raw"], kl=reduced["kl_behavior_k3"])
     reduced.update(skip.metrics())
     reduced["skipped_layers"] = list(plan.skipped)
     return reduced

@@ -44,7 +44,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=6", "model.num_heads=2", "mode
 # What each recorded RL step keeps: the estimator's diagnostics, and kl_ref when a reference exists.
 RECORDED = ("skipped_layers", "loss", "train_packed_micro_batches", "longest_completion_min", "longest_completion_max", "rollout_lockstep", "reward_mean", "completion_length", "grad_norm", "pg_loss", "ess",
             "ess_seq_raw", "ess_tok_raw", "frac_truncated", "frac_masked", "kl_behavior_k1", "kl_behavior_k3",
-            "clip_frac", "weight_mean", "nonfinite_count", "kl_ref",
+            "accept", "weight_mean", "nonfinite_count", "kl_ref",
             *(f"ratio_{unit}_{stat}" for unit in ("tok", "seq") for stat in ("mean", "min", "max", "p10", "p50", "p90")))
 
 
