@@ -133,3 +133,36 @@ def test_settings_that_would_fail_mid_step_fail_at_load(overrides, key, value):
 ])
 def test_self_normalize_accepts_whole_group_micro_batches(overrides):
     assert load_config(None, overrides).algorithm.self_normalize
+
+
+def test_kl_in_reward_and_kept_token_normaliser_through_train_run(tmp_path):
+    """algorithm.kl_in_reward folds each sequence's summed k1 into its reward before the advantages, from a
+    pi_prox / reference pass before the update; normalize_over=kept_tokens counts only what token_mis keeps."""
+    import nested_reft_ds.recipes.train as train
+    from nested_reft_ds import engine as ds
+
+    environ = dict(os.environ)
+    records, real_step = [], train.rl_step
+
+    def recording(*args, **kwargs):
+        metrics = real_step(*args, **kwargs)
+        records.append(metrics)
+        return metrics
+
+    train.rl_step = recording
+    try:
+        train.run(load_config(None, TINY + [f"train.output_dir={tmp_path}", "algorithm.kl_in_reward=true",
+                                            "algorithm.correction=token_mis", "algorithm.normalize_over=kept_tokens",
+                                            "train.save_every=0"]), None, "none")
+    finally:
+        train.rl_step = real_step
+        ds.shutdown_distributed()
+        os.environ.clear()
+        os.environ.update(environ)
+    first, second = records
+    # The reference is the policy at RL step 0: no penalty there; the policy has moved by step 1 (k1 is a
+    # one-sample estimate: its sign per batch is noise, its expectation the KL).
+    assert abs(first["kl_penalty_mean"]) < 1e-6 and abs(second["kl_penalty_mean"]) > 1e-5
+    # Mean over sequences of kl_coef x summed k1 = kl_coef x (token-mean k1) x (tokens per sequence).
+    assert second["kl_penalty_mean"] == pytest.approx(0.1 * second["kl_ref"] * second["completion_length"], rel=1e-3)
+    assert "clip_frac" not in second and 0 < second["accept"] <= 1
