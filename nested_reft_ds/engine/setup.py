@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig
 
 from ..config import ConfigError
-from ..model import load_tokenizer, load_model_and_tokenizer, select_attn_implementation
+from ..model import check_model_dir, load_tokenizer, load_model_and_tokenizer, select_attn_implementation
 from .internals import build_from_config, causal_lm_class, init_buffers, no_init_weights
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def load_model_for_engine(path: str | Path, ds_config: dict[str, Any], attn_impl
     safetensors files, re-partition. Peak memory is one module, not the model. (transformers' own ZeRO-3
     path needs accelerate, which the deepspeed launcher path avoids.)
     """
-    path = Path(path)
+    path = check_model_dir(path)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled", False) else torch.float32
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
         return load_model_and_tokenizer(path, attn_implementation, dtype=dtype)
