@@ -217,6 +217,7 @@ def export_hf_model(save_dir: str | Path, output_dir: str | Path, tag: str | Non
     into a temporary sibling directory, renamed to `output_dir` once complete (replacing the old one only then), so
     a failed write (a full disk, say) leaves no partial export; it raises ConfigError naming the cause.
     """
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from ..model import check_model_dir, load_tokenizer
@@ -250,9 +251,11 @@ def export_hf_model(save_dir: str | Path, output_dir: str | Path, tag: str | Non
         model.save_pretrained(staged)
         load_tokenizer(base_model).save_pretrained(staged)
         _replace_with(staged, output_dir)
-    except OSError as error:
-        raise ConfigError(f"could not write the export to {str(output_dir)!r}: {error.strerror or error}"
-                          f"{' (disk full)' if error.errno == errno.ENOSPC else ''}; nothing was written there") from None
+    except (OSError, SafetensorError) as error:  # safetensors reports its own I/O errors as SafetensorError
+        cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "os error 28" in cause
+        raise ConfigError(f"could not write the export to {str(output_dir)!r}: {cause}{' (disk full)' if full else ''}"
+                          "; nothing was written there") from None
     finally:
         if staged.exists():
             shutil.rmtree(staged, ignore_errors=True)

@@ -9,7 +9,7 @@ from typing import Any
 import deepspeed
 import torch
 
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from ..config import ConfigError
 from ..model import check_model_dir, load_tokenizer, load_model_and_tokenizer, select_attn_implementation
@@ -73,6 +73,8 @@ def load_model_for_engine(path: str | Path, ds_config: dict[str, Any], attn_impl
     for module in model.modules():
         if next(module.parameters(recurse=False), None) is None and next(module.buffers(recurse=False), None) is not None:
             init_buffers(model, module)
+    if (path / "generation_config.json").is_file():  # from_pretrained reads it; building from the config does not
+        model.generation_config = GenerationConfig.from_pretrained(path)
     tied = {"lm_head.weight"} if model_config.tie_word_embeddings else set()
     if set(missing) - tied:
         raise ConfigError(f"checkpoint {str(path)!r} lacks weights for {sorted(set(missing) - tied)[:5]}")
