@@ -414,7 +414,7 @@ def start_reference(engine, cfg: ExperimentConfig, ds_config: dict, model_dir: P
     return backend.build_reference(model_dir, ds_config, cfg.model.attn_implementation, saved=resumed_from)
 
 
-def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[str, float]:
+def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[str, float | None]:
     """Train per `cfg`; returns summary numbers (reward and accuracy before/after; None where nothing was held
     out). Collective."""
     check_output_dir(cfg.train.output_dir)
