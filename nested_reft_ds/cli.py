@@ -32,7 +32,10 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-dir", required=True, help="<output_dir>/checkpoints of a run")
-    parser.add_argument("--output", required=True, help="directory to write (save_pretrained)")
+    parser.add_argument("--output", required=True,
+                        help="directory to write (save_pretrained); must not exist or be empty unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output (only once the new export is complete)")
     parser.add_argument("--tag", help="checkpoint tag (default: latest)")
     parser.add_argument("--base-model", help="architecture/tokenizer source (default: the run's own model)")
     return parser
@@ -43,7 +46,8 @@ def export_main(args: argparse.Namespace) -> int:
     from .engine import export_hf_model
 
     try:
-        out = export_hf_model(args.checkpoint_dir, args.output, tag=args.tag, base_model=args.base_model)
+        out = export_hf_model(args.checkpoint_dir, args.output, tag=args.tag, base_model=args.base_model,
+                              overwrite=args.overwrite)
     except ConfigError as err:
         print(f"nested-reft: error: {err}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ message names the dotted key, the bad value and what is allowed, so the CLI can 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,6 +107,13 @@ class DataConfig:
                  f"one of {', '.join(NAMED_TEMPLATES)} or a template string with a {{question}} placeholder")
 
 
+# No model this package trains has a context this long; a larger value is a typo (1e10), refused before anything
+# is built. The model's own max_position_embeddings bounds it further once the model is known (`checks`).
+MAX_NEW_TOKENS = 1 << 20
+# Sampling keys are built from the seed as non-negative int64 (`recipes.train.sampling_keys`: seed * 1_000_003 + step).
+MAX_SEED = 2**32 - 1
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     # Prompts per optimizer step, summed over all data-parallel ranks (must divide evenly by the world size).
@@ -132,7 +140,8 @@ class RolloutConfig:
         _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "an integer >= 1")
         _require(self.group_size >= 2, "rollout.group_size", self.group_size,
                  "an integer >= 2 (group-relative advantages need at least two samples)")
-        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _require(1 <= self.max_new_tokens <= MAX_NEW_TOKENS, "rollout.max_new_tokens", self.max_new_tokens,
+                 f"an integer in [1, {MAX_NEW_TOKENS}] (and below the model's max_position_embeddings)")
         _require(self.temperature > 0, "rollout.temperature", self.temperature, "a float > 0")
         _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "a float in (0, 1]")
 
@@ -325,6 +334,7 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a float >= 0")
         _require(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads", self.cpu_threads,
                  "null or an integer >= 1")
+        _require(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"an integer in [0, {MAX_SEED}]")
 
 
 @dataclass(frozen=True)
@@ -417,13 +427,20 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string; accept what float() reads
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string; accept what float() reads
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # No setting means anything at inf or nan, and either would only show up as a NaN loss (or a crash)
+            # once training is under way.
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}' has invalid value {value!r}: expected a finite float")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -37,6 +37,18 @@ def parse_faults(spec: str) -> list[tuple[int, str, int, str]]:
     return faults
 
 
+def check_fault_ranks(world: int) -> None:
+    """Refuse a NESTED_REFT_FAULT entry naming a rank the job does not have: it would never fire, and the test
+    that set it would pass without its fault."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    for rank, point, step, kind in parse_faults(spec):
+        if rank >= world:
+            raise ConfigError(f"{ENV}={spec!r}: rank {rank} in {rank}:{point}:{step}:{kind} does not exist "
+                              f"(world size {world}: ranks 0..{world - 1})")
+
+
 def maybe_fail(point: str, step: int, rank: int) -> None:
     """Fire the fault named for (rank, point, step) in NESTED_REFT_FAULT, if any."""
     spec = os.environ.get(ENV)

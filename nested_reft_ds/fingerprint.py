@@ -43,11 +43,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, ExperimentConfig, ModelConfig
+
+log = logging.getLogger(__name__)
 
 FILENAME = "nested_reft_fingerprint.json"
 RESUME_HINT = "start afresh with --resume none or another train.output_dir"
@@ -158,9 +161,15 @@ def write_fingerprint(directory: str | Path, fingerprint: dict[str, Any]) -> Pat
 
 
 def read_fingerprint(directory: str | Path) -> dict[str, Any] | None:
-    """The fingerprint recorded in `directory`, or None when there is none."""
+    """The fingerprint recorded in `directory`, or None when there is none; then a warning (rank 0 only) says that
+    nothing checks the state in `directory` against this run."""
     path = Path(directory) / FILENAME
-    return json.loads(path.read_text()) if path.is_file() else None
+    if path.is_file():
+        return json.loads(path.read_text())
+    if Path(directory).is_dir() and os.environ.get("RANK", "0") == "0":
+        log.warning("%s holds no %s: the checks that it matches this run (model, tokenizer, seed, data, world size) "
+                    "are off", directory, FILENAME)
+    return None
 
 
 def check_base_model(path: str | Path, model_cfg: ModelConfig, seed: int) -> None:

@@ -73,6 +73,23 @@ def select_attn_implementation(requested: str = "auto") -> str:
     return requested
 
 
+# Files any one of which a Hugging Face tokenizer loads from (fast, BPE vocab + merges, or sentencepiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_model_dir(path: str | Path, what: str = "model.path") -> Path:
+    """`path` as a Path if it is a Hugging Face checkpoint directory with a tokenizer; else ConfigError naming
+    `what`. Without a tokenizer file, loading picks up an empty or unrelated vocabulary and fails only while
+    generating ("cannot reshape tensor of 0 elements")."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{what}={str(path)!r} is not a Hugging Face checkpoint directory (no config.json)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{what}={str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                          "base model's tokenizer files into it")
+    return path
+
+
 def load_tokenizer(path: Path):
     # transformers 5's AutoTokenizer replaces a generic tokenizer.json with the model type's tokenizer class
     # (Qwen2Tokenizer re-splits our characters and drops spaces); a checkpoint that declares the generic
@@ -86,9 +103,7 @@ def load_tokenizer(path: Path):
 def load_model_and_tokenizer(path: str | Path, attn_implementation: str = "auto",
                              dtype: torch.dtype = torch.float32):
     """Load a local HF checkpoint directory (model + tokenizer). Raises ValueError if it is not one."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path={str(path)!r} is not a Hugging Face checkpoint directory (no config.json)")
+    path = check_model_dir(path)
     attn = select_attn_implementation(attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype)
     tokenizer = load_tokenizer(path)

@@ -116,6 +116,18 @@ def completion_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: f
     return head_logprobs(head, hidden, rollout.completions, temperature)
 
 
+def stop_token_ids(model: torch.nn.Module, eos_token_id: int | Sequence[int]) -> list[int]:
+    """`eos_token_id` and every EOS id of `model`'s generation config, in that order without repeats.
+
+    Chat models end a turn with one token and a document with another (Qwen: `<|im_end|>` and `<|endoftext|>`, both
+    listed in generation_config.json); the tokenizer names only one of them as its EOS."""
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    generation_config = getattr(getattr(model, "module", model), "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids += [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return list(dict.fromkeys(ids))
+
+
 @dataclass
 class DecodeStats:
     """What one `generate` call computed: token-steps of the rows in the batch vs those still alive."""
@@ -136,8 +148,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
              stats: DecodeStats | None = None) -> Rollout:
     """Sample one completion per row of the left-padded `input_ids` [B, P] from `model` viewed through `plan`.
 
-    Stops a row at EOS (the EOS token is part of its completion) and the batch when every row has stopped or
-    after `max_new_tokens`. `greedy` takes the argmax but still reports temperature-scaled log-probs.
+    Stops a row at EOS (the EOS token is part of its completion): any of `eos_token_id` and the EOS ids of the
+    model's generation config (`stop_token_ids`); and the batch when every row has stopped or after
+    `max_new_tokens`. `greedy` takes the argmax but still reports temperature-scaled log-probs.
 
     Sampling is keyed (`sampling.keyed_uniforms`): the token at position t of row r reads the uniform of
     (`seed`, `row_keys[r]`, t) (default keys 0..B-1), so a row's tokens do not depend on the rest of the batch.
@@ -175,7 +188,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     if row_keys.shape != (batch_size,):
         raise ValueError(f"generate: row_keys must have shape ({batch_size},), got {tuple(row_keys.shape)}")
     stats = stats if stats is not None else DecodeStats()
-    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    eos_ids = torch.tensor(stop_token_ids(model, eos_token_id), device=device)
     # Output rows in the caller's order; `rows` maps the rows now in the batch to them.
     tokens = torch.full((batch_size, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     behavior_logprobs = torch.zeros((batch_size, max_new_tokens), device=device)

@@ -96,6 +96,9 @@ EQUIVALENCE_CASES = [
     # choice letters without options: letters compare as letters
     ("C", "\\text{(C)}", True), ("(B)", "B", True), ("\\textbf{(B)}", "B", True), ("\\text{(A)}", "\\text{(B)}", False),
     ("B", "C", False),
+    # infinity spelled out, as references often write it
+    ("-\\infty", "-Infinity", True), ("\\infty", "infinity", True), ("(-\\infty, 2]", "(-Infinity, 2]", True),
+    ("\\infty", "∞", True), ("\\infty", "-Infinity", False), ("5", "Infinity", False),
 ]
 
 

@@ -106,8 +106,42 @@ def _resolve_path(source: str, path: str | None, split: str) -> tuple[str, str, 
         if local.suffix not in _FILE_BUILDERS:
             raise ConfigError(f"data file {str(local)!r}: unsupported type (expected {', '.join(_FILE_BUILDERS)})")
         return str(local), _FILE_BUILDERS[local.suffix], {"data_files": {split: str(local)}}
+    if Path(path).parts and Path(Path(path).parts[0]).expanduser().is_dir():
+        # "data/svmap" next to a local "data/": a mistyped path, not a hub dataset to look for online.
+        raise ConfigError(f"data path {path!r} does not exist (and {Path(path).parts[0]!r} is a local directory, so "
+                          "it is not read as a hub dataset id)")
     hub_id, _, config = path.partition(":")
+    _check_hub_reachable(path, hub_id)
     return path, hub_id, {"name": config} if config else {}
+
+
+def _hub_cached(hub_id: str) -> bool:
+    """Whether `datasets` or the hub cache holds a copy of dataset `hub_id` (usable without the network)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return (Path(HF_HUB_CACHE) / f"datasets--{hub_id.replace('/', '--')}").is_dir() or \
+        any(Path(datasets.config.HF_DATASETS_CACHE).glob(f"{hub_id.replace('/', '___')}*"))
+
+
+def _check_hub_reachable(path: str, hub_id: str) -> None:
+    """Refuse, at once, a dataset id that can only come from the hub when the hub is off or unreachable and no copy
+    is cached: `datasets` would otherwise retry the network for half a minute before a ConnectionError."""
+    if _hub_cached(hub_id):
+        return
+    if datasets.config.HF_HUB_OFFLINE:
+        raise ConfigError(f"data path {path!r} is neither a local file or directory nor a cached hub dataset, and "
+                          "HF_HUB_OFFLINE is set; check the path")
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub.constants import ENDPOINT
+
+    host = urlparse(ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise ConfigError(f"data path {path!r} is neither a local file or directory nor a cached hub dataset, and "
+                          f"the hub ({host}) cannot be reached; check the path") from None
 
 
 def _first_bad_json_line(path: str) -> int | None:
@@ -126,6 +160,8 @@ def _load(display: str, builder: str, kwargs: dict[str, Any], split: str) -> dat
         return datasets.load_dataset(builder, split=split, **kwargs)
     except StopIteration as error:  # what the JSON builder raises for a file without rows
         raise ConfigError(f"{display}: the dataset is empty") from error
+    except ConnectionError as error:  # the hub: a missing or private dataset id, or the network
+        raise ConfigError(f"could not load {display}: {error}") from error
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as error:
         where = display
         if display.endswith(".jsonl"):

@@ -12,6 +12,7 @@ before `committed_tags` existed is listed in tag order (`sft_step{n}` before `rl
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -175,18 +176,54 @@ def consolidated_state_dict(save_dir: str | Path, tag: str | None = None) -> dic
     return {key: value.float() for key, value in state.items()}
 
 
+def _check_export_target(output_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing `output_dir` (a file, or a directory holding anything) unless `overwrite`, and one whose
+    parent cannot hold the temporary directory the export is written into."""
+    if output_dir.exists() and not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        kind = "a non-empty directory" if output_dir.is_dir() else "a file"
+        raise ConfigError(f"--output {str(output_dir)!r} exists ({kind}); pass --overwrite to replace it")
+    parent = output_dir.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"--output {str(output_dir)!r}: {str(parent)!r} is a file, not a directory")
+
+
+def _replace_with(staged: Path, output_dir: Path) -> None:
+    """Move the finished export `staged` to `output_dir`; an existing `output_dir` is moved aside first and removed
+    only once the new one is in place, so a failure in between leaves the old export, not a mix."""
+    aside = None
+    if output_dir.exists() or output_dir.is_symlink():
+        aside = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        os.replace(output_dir, aside)
+    try:
+        os.replace(staged, output_dir)
+    except OSError:
+        if aside is not None:
+            os.replace(aside, output_dir)
+        raise
+    if aside is not None:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside)
+        else:
+            aside.unlink()
+
+
 def export_hf_model(save_dir: str | Path, output_dir: str | Path, tag: str | None = None,
-                    base_model: str | Path | None = None) -> Path:
+                    base_model: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write a consolidated Hugging Face model (+ tokenizer) from a checkpoint of any ZeRO stage.
 
     `base_model` supplies the architecture config and tokenizer; by default it is the run's own model
     (`model.path` recorded in the checkpoint, or the embedded model built into <output_dir>/base_model).
+    An existing `output_dir` (a file or a non-empty directory) is refused unless `overwrite`. The model is written
+    into a temporary sibling directory, renamed to `output_dir` once complete (replacing the old one only then), so
+    a failed write (a full disk, say) leaves no partial export; it raises ConfigError naming the cause.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from ..model import load_tokenizer
+    from ..model import check_model_dir, load_tokenizer
 
-    save_dir = Path(save_dir)
+    save_dir, output_dir = Path(save_dir), Path(output_dir)
+    _check_export_target(output_dir, overwrite)
     tag = tag or latest_tag(save_dir)
     if tag is None or not (save_dir / tag).is_dir():
         raise ConfigError(f"no committed checkpoint {tag or ''!s} in {str(save_dir)!r}")
@@ -198,6 +235,7 @@ def export_hf_model(save_dir: str | Path, output_dir: str | Path, tag: str | Non
     base_model = Path(base_model)
     if not (base_model / "config.json").is_file():
         raise ConfigError(f"base model {str(base_model)!r} not found; pass --base-model")
+    check_model_dir(base_model, "--base-model")
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model), dtype=torch.float32)
     result = model.load_state_dict(consolidated_state_dict(save_dir, tag), strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
@@ -205,7 +243,20 @@ def export_hf_model(save_dir: str | Path, output_dir: str | Path, tag: str | Non
         raise ConfigError(f"checkpoint does not match {str(base_model)!r}: missing {result.missing_keys}, "
                          f"unexpected {result.unexpected_keys}")
     model.tie_weights()
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    load_tokenizer(base_model).save_pretrained(output_dir)
+    if (base_model / "generation_config.json").is_file():  # e.g. several EOS ids, which the model config lacks
+        model.generation_config = GenerationConfig.from_pretrained(base_model)
+    staged = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    try:
+        staged.mkdir(parents=True)
+        model.save_pretrained(staged)
+        load_tokenizer(base_model).save_pretrained(staged)
+        _replace_with(staged, output_dir)
+    except (OSError, SafetensorError) as error:  # safetensors reports its own I/O errors as SafetensorError
+        cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "os error 28" in cause
+        raise ConfigError(f"could not write the export to {str(output_dir)!r}: {cause}{' (disk full)' if full else ''}"
+                          "; nothing was written there") from None
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
     return output_dir

@@ -9,10 +9,10 @@ from typing import Any
 import deepspeed
 import torch
 
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from ..config import ConfigError
-from ..model import load_tokenizer, load_model_and_tokenizer, select_attn_implementation
+from ..model import check_model_dir, load_tokenizer, load_model_and_tokenizer, select_attn_implementation
 from .internals import build_from_config, causal_lm_class, init_buffers, no_init_weights, zero3_gradient_partitions
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def load_model_for_engine(path: str | Path, ds_config: dict[str, Any], attn_impl
     safetensors files, re-partition. Peak memory is one module, not the model. (transformers' own ZeRO-3
     path needs accelerate, which the deepspeed launcher path avoids.)
     """
-    path = Path(path)
+    path = check_model_dir(path)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled", False) else torch.float32
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
         return load_model_and_tokenizer(path, attn_implementation, dtype=dtype)
@@ -73,6 +73,8 @@ def load_model_for_engine(path: str | Path, ds_config: dict[str, Any], attn_impl
     for module in model.modules():
         if next(module.parameters(recurse=False), None) is None and next(module.buffers(recurse=False), None) is not None:
             init_buffers(model, module)
+    if (path / "generation_config.json").is_file():  # from_pretrained reads it; building from the config does not
+        model.generation_config = GenerationConfig.from_pretrained(path)
     tied = {"lm_head.weight"} if model_config.tie_word_embeddings else set()
     if set(missing) - tied:
         raise ConfigError(f"checkpoint {str(path)!r} lacks weights for {sorted(set(missing) - tied)[:5]}")

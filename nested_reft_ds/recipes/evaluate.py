@@ -34,13 +34,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..checks import check_writable_file
 from ..data import MathProblem, synthetic_problems
 from ..data.sources import BUILTIN_SOURCES, load_problems
 from ..data.templates import INSTRUCTION, check_template, format_prompt
 from ..eval_metrics import EvalSums, majority_vote, pass_at_k
 from ..nested import SkipPlan, parse_skip_ratios, sample_skip_plan
 from ..reward import DEFAULT_REL_TOL, DEFAULT_TIMEOUT, Outcome, VerifierPool, score_batch_with_stats
-from ..rollout import completion_logprobs, encode_prompts, generate
+from ..rollout import completion_logprobs, encode_prompts, generate, stop_token_ids
 
 SYNTHETIC_DEFAULT_COUNT = 256
 
@@ -145,6 +146,7 @@ def _generate_completions(model, tokenizer, prompts: list[str], settings: Genera
     out = _Generated(texts=[], tokens=[], truncated=[], seconds=0.0)
     seed = settings.seed if seed is None else seed
     eos_id = tokenizer.eos_token_id
+    stop_ids = torch.tensor(stop_token_ids(model, eos_id))  # what generate stops a row at
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start:start + settings.batch_size]
         input_ids, attention_mask = encode_prompts(tokenizer, batch, device)
@@ -169,7 +171,7 @@ def _generate_completions(model, tokenizer, prompts: list[str], settings: Genera
             out.kl_tokens += int(mask.sum())
         completions = rollout.completions.cpu()  # [b, T]
         mask = rollout.completion_mask.cpu()  # [b, T]
-        ended = ((completions == eos_id) & mask.bool()).any(dim=1)  # [b]
+        ended = (torch.isin(completions, stop_ids) & mask.bool()).any(dim=1)  # [b]
         out.texts += tokenizer.batch_decode(completions, skip_special_tokens=True)
         out.tokens += mask.sum(dim=1).tolist()
         out.truncated += (~ended).tolist()
@@ -359,7 +361,12 @@ def _distributed_context(sharded: bool = False):
 def _device(requested: str | None, distributed: bool) -> torch.device:
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError as error:
+        raise ValueError(f"--device {requested!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested!r}: CUDA is not available on this machine (use --device cpu)")
     if distributed and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
     return device
@@ -442,6 +449,11 @@ def _run_eval(args: argparse.Namespace, rank: int, world: int, collectives) -> i
     from ..model import load_model_and_tokenizer
 
     try:
+        # Before anything runs, so that a report cannot be lost at the end of a long evaluation.
+        for option, target in (("--output", args.output), ("--markdown", args.markdown),
+                               ("--samples-jsonl", args.samples_jsonl)):
+            if target:
+                check_writable_file(target, option)
         settings = GenerationSettings(samples=args.samples if args.samples is not None else 1 if args.greedy else 8,
                                       temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

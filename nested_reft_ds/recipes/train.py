@@ -40,12 +40,13 @@ from pathlib import Path
 import torch
 
 from .. import engine as backend
+from ..checks import check_model_inputs, check_output_dir, check_solutions
 from ..config import ConfigError, ExperimentConfig, load_config
 from ..data import MathProblem, problems_from_config
 from ..data.templates import format_prompt
-from ..faults import maybe_fail
+from ..faults import check_fault_ranks, maybe_fail
 from ..fingerprint import base_model_fingerprint, check_base_model, model_fingerprint, run_fingerprint, write_fingerprint
-from ..model import build_tiny_model, select_attn_implementation
+from ..model import build_tiny_model, check_model_dir, select_attn_implementation
 from ..nested import SkipPlan, SkipScheduler, nested_view, sample_skip_plan
 from ..reward import score_batch_with_stats
 from ..rl import compute_advantages, kl_estimate, loss_token_mask, merge, policy_loss_parts
@@ -440,7 +441,7 @@ def prepare_model_dir(cfg: ExperimentConfig, out_dir: Path, rank: int) -> Path:
         if not (path / "config.json").is_file():
             raise ConfigError(f"config key 'model.path' has invalid value {cfg.model.path!r}: expected a local "
                               "Hugging Face checkpoint directory (with config.json)")
-        return path
+        return check_model_dir(path)
     path = out_dir / "base_model"
     if rank == 0 and not (path / "config.json").is_file():
         build_tiny_model(cfg.model, path, cfg.train.seed)
@@ -468,18 +469,23 @@ def start_reference(engine, cfg: ExperimentConfig, ds_config: dict, model_dir: P
     return backend.build_reference(model_dir, ds_config, cfg.model.attn_implementation, saved=resumed_from)
 
 
-def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[str, float]:
-    """Train per `cfg`; returns summary numbers (reward and accuracy before/after). Collective."""
+def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[str, float | None]:
+    """Train per `cfg`; returns summary numbers (reward and accuracy before/after; None where nothing was held
+    out). Collective."""
+    check_output_dir(cfg.train.output_dir)
     if cfg.train.cpu_threads is not None:
         torch.set_num_threads(backend.cpu_threads_per_rank(cfg.train.cpu_threads))
     rank, world = backend.init_distributed()
+    check_fault_ranks(world)
     backend.start_watchdog()
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
     ds_config = backend.fill_ds_config(backend.load_ds_config(ds_config_path, cfg), cfg, world)
     train_problems, eval_problems = problems_from_config(cfg.data, cfg.train.seed)
+    check_solutions(cfg, train_problems)
     model_dir = prepare_model_dir(cfg, out_dir, rank)
     model, tokenizer = backend.load_model_for_engine(model_dir, ds_config, cfg.model.attn_implementation)
+    warnings = check_model_inputs(cfg, model.config, tokenizer, train_problems, eval_problems)
     engine = backend.build_engine(model, ds_config)
     skip = SkipScheduler(cfg.skip, model.config.num_hidden_layers, cfg.train.seed)
     ckpt_dir = out_dir / "checkpoints"
@@ -508,6 +514,8 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
     run_log.message(f"world {world} | ZeRO-{engine.zero_optimization_stage()} | attention "
                     f"{select_attn_implementation(cfg.model.attn_implementation)} | "
                     f"{model.config.num_hidden_layers} layers | resume at sft {progress.sft_step}, rl {progress.rl_step}")
+    for warning in warnings:
+        run_log.message(f"warning: {warning}")
 
     reference = None  # the frozen KL reference, from the start of RL on
 
@@ -533,7 +541,9 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
         if due(progress.sft_step, cfg.train.sft_steps):
             checkpoint()
 
-    def evaluate() -> float:
+    def evaluate() -> float | None:
+        if not eval_problems:  # n/a: an accuracy of 0 would read as a model that solves nothing
+            return None
         accuracy = greedy_accuracy(engine, tokenizer, eval_problems, cfg, rank, world)
         run_log.log(progress.rl_step, {"heldout_accuracy": accuracy}, phase="eval")
         return accuracy
@@ -562,7 +572,7 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
     if first_rewards and last_rewards:
         summary.update(reward_first_half=sum(first_rewards) / len(first_rewards),
                        reward_second_half=sum(last_rewards) / len(last_rewards))
-    run_log.message("summary: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    run_log.message("summary: " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in summary.items()))
     run_log.close()
     backend.stop_watchdog()
     backend.barrier()  # no rank tears down while another still communicates (nor while its watchdog still polls)

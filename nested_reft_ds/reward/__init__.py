@@ -18,6 +18,7 @@ from .score import (
     math_equal,
     score_batch,
     score_batch_with_stats,
+    too_large_to_verify,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "math_equal",
     "score_batch",
     "score_batch_with_stats",
+    "too_large_to_verify",
 ]

@@ -18,6 +18,8 @@ MAX_DIGITS = 1000
 
 _SPACING = re.compile(r"(?<!\\)\\[,;:!> ]|\\(?:q?quad|displaystyle|textstyle|left|right|big|Big|bigg|Bigg)(?![A-Za-z])")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])|\\circ(?![A-Za-z])")
+# Infinity spelled out ("-Infinity", "infinity", "∞") is LaTeX's \infty, which the parsers know.
+_INFINITY_WORD = re.compile(r"(?<![A-Za-z\\])(?:[Ii]nfinity|INFINITY)(?![A-Za-z])|∞")
 _TEXT_CMD = r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*"
 _CURRENCY = re.compile(r"^(-?)\s*(?:\\\$|\$|€|£|¥|₹|\\euro|\\pounds|USD\b|US\$|Rs\.?)\s*")
 _PERCENT = re.compile(r"^(.*?)\s*(?:\\%|%|\s(?:percent|per cent|pct)\.?)$", re.DOTALL)
@@ -88,6 +90,7 @@ def strip_answer(text: str) -> str:
             break
     s = _SPACING.sub("", s)
     s = _DEGREES.sub("", s)
+    s = _INFINITY_WORD.sub(r"\\infty", s)
     return s.replace("{,}", ",").strip()
 
 

@@ -44,7 +44,9 @@ def _nesting_depth(text: str) -> int:
     return deepest
 
 
-def _too_large(answer: str) -> bool:
+def too_large_to_verify(answer: str) -> bool:
+    """Whether the verifier rejects `answer` unread (too long or too deeply nested): as a reference, nothing can
+    match it."""
     return len(answer) > MAX_ANSWER_CHARS or _nesting_depth(answer) > MAX_NESTING
 
 
@@ -56,7 +58,7 @@ def _compare(pairs: Sequence[tuple[str, str]], *, timeout: float, rel_tol: float
     outcomes: list[Outcome | None] = [None] * len(pairs)
     for_workers: dict[tuple[str, str], list[int]] = {}
     for i, (pred, ref) in enumerate(pairs):
-        if _too_large(pred) or _too_large(ref):
+        if too_large_to_verify(pred) or too_large_to_verify(ref):
             outcomes[i] = Outcome.REJECTED
             continue
         options = _choice_map(choices[i]) if choices is not None and choices[i] else {}
