@@ -497,7 +497,9 @@ def test_two_node_zero3_first_loss_equals_the_single_process_reference(two_nodes
     from nested_reft_ds.config import load_config
     from nested_reft_ds.data import problems_from_config
     from nested_reft_ds.model import load_model_and_tokenizer
-    from nested_reft_ds.recipes.train import batch_indices, completion_logprobs, teacher_forced
+    from nested_reft_ds.recipes.batching import batch_indices
+    from nested_reft_ds.recipes.train import teacher_forced
+    from nested_reft_ds.rollout import completion_logprobs
 
     _, metrics, out = two_nodes
     cfg = load_config(REPO / TINY)

@@ -7,7 +7,7 @@ import torch
 from nested_reft_ds.config import AlgorithmConfig
 from nested_reft_ds.model import load_model_and_tokenizer
 from nested_reft_ds.nested import SkipPlan
-from nested_reft_ds.recipes.train import micro_batches
+from nested_reft_ds.recipes.batching import micro_batches
 from nested_reft_ds.rl import finalize, merge, policy_loss_parts
 from nested_reft_ds.rollout import Rollout, completion_logprobs, encode_prompts, generate
 

@@ -32,7 +32,7 @@ def run_recorded(overrides: list[str], resume: str) -> list[dict]:
 
     def recording(*args, **kwargs):
         metrics = real_step(*args, **kwargs)
-        records.append({key: metrics[key] for key in KEYS} | {"step": args[5]})
+        records.append({key: metrics[key] for key in KEYS} | {"step": args[1]})
         return metrics
 
     train.rl_step = recording

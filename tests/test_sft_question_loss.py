@@ -53,7 +53,8 @@ def test_question_loss_warmup_logs_both_losses_and_trains_on_the_question(tmp_pa
     from nested_reft_ds import engine as ds
     from nested_reft_ds.data import problems_from_config
     from nested_reft_ds.model import load_model_and_tokenizer
-    from nested_reft_ds.recipes.train import batch_indices, completion_logprobs
+    from nested_reft_ds.recipes.batching import batch_indices
+    from nested_reft_ds.rollout import completion_logprobs
 
     environ = dict(os.environ)  # init_distributed exports RANK/WORLD_SIZE/...: keep them out of later tests
     try:

@@ -6,7 +6,7 @@ import pytest
 from nested_reft_ds.config import DataConfig
 from nested_reft_ds.data import problems_from_config, synthetic_problems
 from nested_reft_ds.reward import score_batch
-from nested_reft_ds.recipes.train import batch_indices, local_share
+from nested_reft_ds.recipes.batching import batch_indices, local_share
 
 
 def test_seeded_and_solutions_are_correct():

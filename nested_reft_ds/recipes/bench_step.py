@@ -135,7 +135,8 @@ def run_step_bench(args: argparse.Namespace) -> int:
     from .. import engine as backend
     from ..data import problems_from_config
     from ..nested import SkipScheduler
-    from .train import prepare_model_dir, rl_step
+    from .rl_step import StepContext, rl_step
+    from .train import prepare_model_dir
 
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = sorted(set(names) - set(VARIANTS))
@@ -164,7 +165,7 @@ def run_step_bench(args: argparse.Namespace) -> int:
             variant = variant_config(cfg, name, ratio)
             skip = SkipScheduler(variant.skip, num_layers, variant.train.seed)
             with peak_memory(device) as peak:
-                metrics = rl_step(engine, tokenizer, problems, variant, skip, repeat, rank, world)
+                metrics = rl_step(StepContext(engine, tokenizer, variant, problems, skip, rank, world), repeat)
             if repeat:
                 records[(ratio, name)].append(metrics)
                 peaks[(ratio, name)].append(peak["bytes"])

@@ -61,7 +61,7 @@ def record_rl_steps(records: list) -> None:
 
     def recording(*args, **kwargs):
         metrics = real_step(*args, **kwargs)
-        records.append({key: metrics[key] for key in RECORDED if key in metrics} | {"step": args[5]})
+        records.append({key: metrics[key] for key in RECORDED if key in metrics} | {"step": args[1]})
         return metrics
 
     train.rl_step = recording
@@ -161,7 +161,7 @@ def main() -> None:
     result["hooks_after_error"] = [len(coordinator.forward_hooks), len(coordinator.backward_hooks)]
     problems, _ = train.problems_from_config(cfg_a.data, cfg_a.train.seed)
     skip = train.SkipScheduler(cfg_a.skip, 6, cfg_a.train.seed)
-    metrics = train.rl_step(engine, tokenizer, problems, cfg_a, skip, 0, rank, world)
+    metrics = train.rl_step(train.StepContext(engine, tokenizer, cfg_a, problems, skip, rank, world), 0)
     result["loss_after_error"] = metrics["loss"]
     result["loss_after_error_finite"] = math.isfinite(metrics["loss"])
 
