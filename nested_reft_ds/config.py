@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from .data.synthetic import STEP_LABELS
+from .data.templates import NAMED_TEMPLATES, is_template
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A user-facing configuration error; the message names the key and the bad value."""
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -97,12 +98,10 @@ class DataConfig:
                  f"an integer >= data.min_steps={self.min_steps} >= 1")
         _require(self.step_continue_probability is None or 0.0 <= self.step_continue_probability < 1.0,
                  "data.step_continue_probability", self.step_continue_probability, "null or a float in [0, 1)")
-        from .data.synthetic import STEP_LABELS  # data imports config: import at use
         _require(not self.step_labels or self.max_steps <= len(STEP_LABELS), "data.max_steps", self.max_steps,
                  f"an integer <= {len(STEP_LABELS)} when data.step_labels is true (one letter per step)")
         _require(0.0 <= self.solution_error_rate <= 1.0, "data.solution_error_rate", self.solution_error_rate,
                  "a float in [0, 1]")
-        from .data.templates import NAMED_TEMPLATES, is_template  # data imports config: import at use
         _require(is_template(self.prompt_template), "data.prompt_template", self.prompt_template,
                  f"one of {', '.join(NAMED_TEMPLATES)} or a template string with a {{question}} placeholder")
 

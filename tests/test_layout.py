@@ -133,3 +133,41 @@ def test_module_entries_are_thin(name):
     """`python -m nested_reft_ds.train` / `.evaluate` are what launchers exec; the recipes live in recipes/."""
     source = (PACKAGE / f"{name}.py").read_text()
     assert f"from .recipes.{name} import main" in source and len(source.splitlines()) < 10
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_the_package_has_no_import_cycles():
+    """Every import counts, also one inside a function (a cycle hidden behind an import at use is still a
+    cycle: neither module can be read or tested without the other). An edge goes to the module named, or to the
+    submodule a `from package import name` names."""
+    files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {name: {m for m in imported_modules(path) if m in files and m != name} for name, path in files.items()}
+    # `from . import x` also names the package itself: keep only the most specific module of each import
+    graph = {name: {m for m in deps if not any(o.startswith(m + ".") for o in deps)} for name, deps in graph.items()}
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_architecture_names_every_module():
+    """docs/architecture.md is the map a newcomer reads first: every module of the package is on it."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    missing = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                     if p.name != "__init__.py" and p.name not in text)
+    assert not missing, f"modules docs/architecture.md does not name: {missing}"

@@ -1,10 +1,15 @@
 """Problem sources -> MathProblem lists (no tokenizer, no ranks)."""
 from __future__ import annotations
 
-from ..config import ConfigError, DataConfig
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
 from .problem import MathProblem
 from .synthetic import synthetic_problems
 from .templates import format_prompt
+
+if TYPE_CHECKING:  # config imports data (template names, step labels): the annotation only
+    from ..config import DataConfig
 
 __all__ = ["MathProblem", "format_prompt", "problems_from_config", "synthetic_problems"]
 

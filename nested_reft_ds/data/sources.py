@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import datasets
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .problem import MathProblem
 
 AnswerFormat = Literal["plain", "gsm8k", "number", "strip_unit"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import string
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .problem import MathProblem
 
 NAMES = ("Ann", "Ben", "Cat", "Dan", "Eve", "Tom", "Sam", "Lia")

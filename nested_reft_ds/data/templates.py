@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from ..config import ConfigError
+from ..errors import ConfigError
 
 INSTRUCTION = "Put the final answer in \\boxed{}."
 PLAIN_TEMPLATE = "Question: {question}\n{instruction}\nAnswer:"

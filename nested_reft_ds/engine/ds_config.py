@@ -120,3 +120,13 @@ def _walk(tree: dict[str, Any], prefix: str = ""):
             yield from _walk(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def inference_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """A (filled) training DeepSpeed config made inference-only: no optimizer or scheduler (so nothing allocates
+    gradients or optimizer state), the same ZeRO-3 partitioning and parameter offload. Idempotent."""
+    out = copy.deepcopy(ds_config)
+    out.pop("optimizer", None)
+    out.pop("scheduler", None)
+    out.get("zero_optimization", {}).pop("offload_optimizer", None)
+    return out

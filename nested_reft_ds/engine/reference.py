@@ -20,7 +20,6 @@ dtype, so each checkpoint grows by one set of module weights.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +30,16 @@ from torch import nn
 from ..config import ConfigError
 from .distributed import device
 from .internals import ZeroParamStatus, is_zero3_param, param_status, partition_of
+from .ds_config import inference_ds_config
 from .setup import build_inference_engine, load_model_for_engine
 
 REFERENCE_DIR = "reference"
 
-__all__ = ["REFERENCE_DIR", "build_reference", "has_saved_reference", "reference_ds_config", "save_reference"]
+__all__ = ["REFERENCE_DIR", "build_reference", "has_saved_reference", "save_reference"]
 
 
 def _is_zero3(ds_config: dict[str, Any]) -> bool:
     return ds_config.get("zero_optimization", {}).get("stage") == 3
-
-
-def reference_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
-    """The training engine's (filled) DeepSpeed config for an inference-only engine: no optimizer or scheduler
-    (so nothing allocates gradients or optimizer state), the same ZeRO-3 partitioning and parameter offload."""
-    out = copy.deepcopy(ds_config)
-    out.pop("optimizer", None)
-    out.pop("scheduler", None)
-    out.get("zero_optimization", {}).pop("offload_optimizer", None)
-    return out
 
 
 def _shard_file(rank: int, world: int) -> str:
@@ -123,7 +113,7 @@ def build_reference(model_dir: str | Path, ds_config: dict[str, Any], attn_imple
     if zero3 and ds_config["zero_optimization"].get("offload_param", {}).get("device") == "nvme":
         raise ConfigError("algorithm.kl_coef > 0 with zero_optimization.offload_param.device='nvme' is not "
                          "supported: the reference copies parameter partitions in memory; use 'cpu' or 'none'")
-    config = reference_ds_config(ds_config) if zero3 else ds_config
+    config = inference_ds_config(ds_config) if zero3 else ds_config
     model, _ = load_model_for_engine(model_dir, config, attn_implementation)  # the target's architecture
     model.requires_grad_(False)
     if zero3:

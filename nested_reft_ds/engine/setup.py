@@ -13,6 +13,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from ..config import ConfigError
 from ..model import check_model_dir, load_tokenizer, load_model_and_tokenizer, select_attn_implementation
+from .ds_config import inference_ds_config
 from .internals import build_from_config, causal_lm_class, init_buffers, no_init_weights, zero3_gradient_partitions
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
 def build_inference_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
     """An inference-only DeepSpeed engine (no optimizer, nothing requires grad) around `model`, in eval mode:
     under ZeRO-3 its parameters stay partitioned and are fetched per forward (or by `skip_aware_gather`)."""
-    from .reference import reference_ds_config  # reference.py builds its engine with this function
-
     model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=reference_ds_config(ds_config))
+    engine, *_ = deepspeed.initialize(model=model, config=inference_ds_config(ds_config))
     engine.eval()
     return engine
 
