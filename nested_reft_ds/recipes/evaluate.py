@@ -181,7 +181,7 @@ def _generate_completions(model, tokenizer, prompts: list[str], settings: Genera
 def evaluate_problems(model, tokenizer, problems: Sequence[MathProblem], settings: GenerationSettings, *,
                       plan: SkipPlan | None = None, measure_kl: bool = False,
                       reward_timeout: float = DEFAULT_TIMEOUT, rel_tol: float = DEFAULT_REL_TOL,
-                      pool: VerifierPool | None = None, rank: int = 0, world: int = 1,
+                      last_number: bool = True, pool: VerifierPool | None = None, rank: int = 0, world: int = 1,
                       decoding: Decoding | None = None) -> tuple[EvalSums, list[dict[str, Any]]]:
     """Sample `settings.samples` completions per problem of this rank's shard, score them, and return the
     shard's sums and per-problem records (sorted by problem index). Not collective: the caller adds the sums
@@ -192,6 +192,7 @@ def evaluate_problems(model, tokenizer, problems: Sequence[MathProblem], setting
     ranks and the records are the same for any world size. `plan` is the skip plan to generate with (default:
     the full model); with `measure_kl` the sampled tokens are also scored under the full model, giving the
     nested behaviour model's KL to the target (`kl_behavior_target`; meaningful for sampled decoding).
+    `last_number`: whether the verifier falls back to a completion's last number (`reward.last_number`).
 
     `decoding` prepares `model` for each plan (default: the plain model). Given one (a ZeRO-3 engine whose
     forwards may be collective), every rank runs the same number of chunks: a rank out of chunks in the last
@@ -228,7 +229,7 @@ def evaluate_problems(model, tokenizer, problems: Sequence[MathProblem], setting
         generated.kl_sum += out.kl_sum
         generated.kl_tokens += out.kl_tokens
     scored = score_batch_with_stats(texts, [problems[i].answer for i in mine for _ in range(n)],
-                                    timeout=reward_timeout, rel_tol=rel_tol, pool=pool)
+                                    timeout=reward_timeout, rel_tol=rel_tol, last_number=last_number, pool=pool)
 
     sums = EvalSums(n, problems=len(mine), samples=len(texts), completion_tokens=sum(tokens),
                     truncated=sum(truncated), no_answer=scored.num_no_answer,

@@ -42,12 +42,15 @@ from ..faults import check_fault_ranks, maybe_fail
 from ..fingerprint import base_model_fingerprint, check_base_model, model_fingerprint, run_fingerprint, write_fingerprint
 from ..model import build_tiny_model, check_model_dir, select_attn_implementation
 from ..nested import SkipPlan, SkipScheduler, nested_view, sample_skip_plan
-from ..rollout import Rollout, completion_logprobs, encode_prompts, generate
+from ..rollout import Rollout, completion_logprobs, encode_prompts
 from ..run_log import RunLog
+from ..eval_metrics import EvalSums
 from .batching import batch_indices, local_share, micro_batches
-from .rl_step import StepContext, rl_step, unpartitioned, verify
+from .evaluate import GenerationSettings, evaluate_problems
+from .rl_step import StepContext, rl_step, unpartitioned
 
 log = logging.getLogger("nested_reft_ds")
+HELDOUT_BATCH = 64  # sequences per generate call of the held-out evaluation
 
 
 # ------------------------------------------------------------------------------------------ data plumbing
@@ -127,31 +130,28 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
     return metrics
 
 
-def greedy_accuracy(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, rank: int,
-                    world: int) -> float:
-    """Held-out greedy accuracy of the full target (no skipping). Collective: one gather for the whole eval.
+def heldout_evaluation(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfig, rank: int,
+                       world: int) -> dict[str, float]:
+    """Held-out greedy evaluation of the full target (no skipping), through the code `nested-reft eval` runs
+    (`evaluate_problems`: the same sharding over ranks, chunks and scoring), so a run's logged accuracy and
+    `eval --greedy` on its exported model agree. Collective: every rank runs as many chunks, sums all-reduced.
 
-    Every rank runs the same number of equally sized generate calls (streamed decoding is collective): shards
-    shorter than the longest are padded with copies of their first problem, which are not scored."""
-    shard = problems[rank::world]
-    per_rank = -(-len(problems) // world)  # the longest shard
-    padded = shard + shard[:1] * (per_rank - len(shard))
-    correct = 0.0
+    Returns heldout_accuracy (greedy pass@1), heldout_completion_length, heldout_truncated, heldout_no_answer."""
+    settings = GenerationSettings(samples=1, greedy=True, temperature=cfg.rollout.temperature,
+                                  max_new_tokens=cfg.rollout.max_new_tokens, batch_size=HELDOUT_BATCH,
+                                  prompt_template=cfg.data.prompt_template, seed=cfg.train.seed)
     engine.eval()
-    with backend.skip_aware_gather(engine, SkipPlan(engine.module.config.num_hidden_layers), cfg.rollout.gather,
-                                   memory_fraction=cfg.rollout.gather_memory_fraction) as model:
-        for start in range(0, len(padded), 64):
-            batch = padded[start:start + 64]
-            prompts = [format_prompt(p.question, tokenizer, cfg.data.prompt_template) for p in batch]
-            ids, mask = encode_prompts(tokenizer, prompts, backend.device())
-            rollout = generate(model, ids, mask, SkipPlan(model.config.num_hidden_layers),
-                               max_new_tokens=cfg.rollout.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id, greedy=True)
-            real = shard[start:start + 64]
-            texts = tokenizer.batch_decode(rollout.completions[:len(real)], skip_special_tokens=True)
-            correct += sum(verify(texts, [p.answer for p in real], cfg).correct)
-    (total_correct,) = backend.all_reduce_sum([correct])
-    return total_correct / max(len(problems), 1)
+
+    def decoding(plan: SkipPlan):
+        return backend.skip_aware_gather(engine, plan, cfg.rollout.gather,
+                                         memory_fraction=cfg.rollout.gather_memory_fraction)
+
+    local, _ = evaluate_problems(engine.module, tokenizer, problems, settings, reward_timeout=cfg.reward.timeout,
+                                 rel_tol=cfg.reward.rel_tol, last_number=cfg.reward.last_number, rank=rank,
+                                 world=world, decoding=decoding)
+    metrics = EvalSums.from_list(1, backend.all_reduce_sum(local.as_list())).metrics()
+    return {"heldout_accuracy": metrics["pass@1"], "heldout_completion_length": metrics["mean_completion_tokens"],
+            "heldout_truncated": metrics["truncated_rate"], "heldout_no_answer": metrics["no_answer_rate"]}
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -276,9 +276,9 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
     def evaluate() -> float | None:
         if not eval_problems:  # n/a: an accuracy of 0 would read as a model that solves nothing
             return None
-        accuracy = greedy_accuracy(engine, tokenizer, eval_problems, cfg, rank, world)
-        run_log.log(progress.rl_step, {"heldout_accuracy": accuracy}, phase="eval")
-        return accuracy
+        metrics = heldout_evaluation(engine, tokenizer, eval_problems, cfg, rank, world)
+        run_log.log(progress.rl_step, metrics, phase="eval")
+        return metrics["heldout_accuracy"]
 
     reference = start_reference(engine, cfg, ds_config, model_dir, progress, resumed_from)
     summary = {"heldout_accuracy_before": evaluate()}
