@@ -249,6 +249,17 @@ def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(tmp_path, capsys)
         subprocess.run(["umount", "--lazy", str(out)], check=False)  # files the failed run left open
 
 
+def test_an_injected_full_disk_is_named_the_same_way(tmp_path, capsys, monkeypatch):
+    """Where no tmpfs can be mounted: ENOSPC raised while rank 0 writes checkpoint sft_step2 (faults.py)."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("NESTED_REFT_FAULT", "0:checkpoint:2:enospc")
+    code, err = train(capsys, out)
+    assert errors(err) == [f"nested-reft: error: no space left on device writing {out / 'checkpoints' / 'sft_step2'}"]
+    assert code == 2 and "Traceback" not in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["committed_tags", "latest", "sft_step1"]
+    assert not [p for p in out.rglob("*.tmp")]
+
+
 # -------------------------------------------------------------------------------- two concurrent runs
 
 PRELOADED = """import sys, time

@@ -13,6 +13,7 @@ from transformers import AutoConfig
 
 from ..config import ConfigError
 from ..model import load_tokenizer, load_model_and_tokenizer, select_attn_implementation
+from .distributed import device
 from .internals import build_from_config, causal_lm_class, init_buffers, no_init_weights, partition_of
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def parameters_finite(engine) -> bool:
     zero3 = engine.zero_optimization_stage() == 3
     local = all(bool(torch.isfinite(partition_of(p) if zero3 else p.detach()).all())
                 for p in engine.module.parameters())
-    flag = torch.tensor([0.0 if local else 1.0], device=next(engine.module.parameters()).device)
+    flag = torch.tensor([0.0 if local else 1.0], device=device())
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag)
     return flag.item() == 0

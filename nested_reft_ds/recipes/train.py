@@ -437,9 +437,9 @@ def plan_resume(resume: str, out_dir: Path, overwrite: bool) -> ResumePlan:
     checkpoints): that committed tag. none, or DIR elsewhere: a fresh start in `out_dir`, refused while it holds an
     earlier run (`run_dir.earlier_run`) unless `overwrite`, which moves that run aside first."""
     ckpt_dir = out_dir / "checkpoints"
-    fresh = resume == "none" or (resume != "auto" and "/" in resume and Path(resume).resolve() != ckpt_dir.resolve())
     as_tag = resume not in ("auto", "none") and "/" not in resume and (
         backend.tag_order(resume) is not None or (ckpt_dir / resume).is_dir())
+    fresh = resume == "none" or (resume != "auto" and not as_tag and Path(resume).resolve() != ckpt_dir.resolve())
     if overwrite and not fresh:
         raise ConfigError(f"--overwrite moves an earlier run aside to start afresh: it goes with --resume none or "
                           f"--resume DIR (a checkpoint directory elsewhere), not --resume {resume}")
@@ -456,6 +456,8 @@ def plan_resume(resume: str, out_dir: Path, overwrite: bool) -> ResumePlan:
         return ResumePlan(str(ckpt_dir), [resume], pinned=True, warnings=notes)
     if not fresh:
         tags, note = backend.resume_candidates(ckpt_dir)
+        if not tags and resume != "auto":
+            raise ConfigError(f"--resume {resume}: no committed checkpoint there")
         notes = [f"{note}; resuming from the newest committed checkpoint, {tags[0]}"] if note and tags else []
         return ResumePlan(str(ckpt_dir), tags, warnings=notes)
     notes = []
