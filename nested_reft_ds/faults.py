@@ -5,11 +5,13 @@ POINT is where the fault fires on rank RANK:
     rl        after the rollout and reward of RL step STEP, before its backward
     checkpoint  while the checkpoint of progress STEP (RL step, or SFT step when RL has not begun) is being
               written: after this rank's shard is on disk, before `latest` moves
-KIND is `raise` (a RuntimeError, as a bug would) or `kill` (SIGKILL of this process, as the OOM killer or a
-lost node would). Unset, nothing happens and nothing is parsed beyond one environment lookup.
+KIND is `raise` (a RuntimeError, as a bug would), `kill` (SIGKILL of this process, as the OOM killer or a
+lost node would) or `enospc` (an OSError "No space left on device", as a full disk would where a small tmpfs cannot
+be mounted). Unset, nothing happens and nothing is parsed beyond one environment lookup.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -17,7 +19,7 @@ from .config import ConfigError
 
 ENV = "NESTED_REFT_FAULT"
 POINTS = ("sft", "rl", "checkpoint")
-KINDS = ("raise", "kill")
+KINDS = ("raise", "kill", "enospc")
 
 
 class InjectedFault(RuntimeError):
@@ -58,4 +60,7 @@ def maybe_fail(point: str, step: int, rank: int) -> None:
         if (fault_rank, fault_point, fault_step) == (rank, point, step):
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "enospc":
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {point} step {step} on rank "
+                                            f"{rank}, {ENV}={spec})")
             raise InjectedFault(f"injected fault at {point} step {step} on rank {rank} ({ENV}={spec})")

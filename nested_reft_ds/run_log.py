@@ -50,11 +50,15 @@ def truncate_metrics(path: Path, resume_at: tuple[int, int]) -> int:
         else:
             dropped += bool(line.strip())
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "w") as handle:
-        handle.writelines(kept)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "w") as handle:
+            handle.writelines(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)  # e.g. a full disk: leave the old file whole and no partial copy
+        raise
     return dropped
 
 

@@ -83,7 +83,8 @@ def _modules_after(code: str) -> set[str]:
 def test_pure_layers_import_without_deepspeed_at_any_depth():
     loaded = _modules_after("import nested_reft_ds.config, nested_reft_ds.data, nested_reft_ds.reward, "
                             "nested_reft_ds.nested, nested_reft_ds.rl, nested_reft_ds.rollout, "
-                            "nested_reft_ds.fingerprint, nested_reft_ds.faults, nested_reft_ds.run_log")
+                            "nested_reft_ds.fingerprint, nested_reft_ds.faults, nested_reft_ds.run_log, "
+                            "nested_reft_ds.run_dir")
     assert "deepspeed" not in loaded  # (torch itself loads torch.distributed; the source rule above covers ours)
 
 

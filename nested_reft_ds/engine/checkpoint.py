@@ -9,6 +9,14 @@ atomically after each commit; a crash between the two is healed on the next read
 Retention (`keep`) keeps the last N of that list and always the tag `latest` names; a tag directory in neither
 (a save that crashed before its commit) is removed too, so it can never be chosen nor linger. A directory written
 before `committed_tags` existed is listed in tag order (`sft_step{n}` before `rl_step{n}`, by step) up to `latest`.
+
+A save that fails (a full disk, a rank's error) leaves nothing behind: every rank removes the uncommitted tag
+directory and our temp files before the error propagates, and a full disk is named as such (`ConfigError`: one line,
+exit 2), where torch's own message is only a stream position.
+
+Resuming (`resume_candidates`, `load_first_loadable`) tries the tag `latest` names, then the other committed tags,
+newest commit first: a missing or empty `latest`, or a tag with a truncated or empty file, is passed over with a
+one-line warning naming it, so a damaged checkpoint costs the steps since the previous one and nothing more.
 """
 from __future__ import annotations
 
@@ -16,27 +24,74 @@ import errno
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .distributed import barrier
+from .distributed import all_gather_object, barrier
 from .internals import has_zero_optimizer_shards, load_model_states, model_states_files
 from ..config import ConfigError
-from ..fingerprint import check_compatible, read_fingerprint, write_fingerprint
+from ..fingerprint import FILENAME as FINGERPRINT_FILE, check_compatible, read_fingerprint, write_fingerprint
 
 COMMITTED = "committed_tags"
 TAG_PATTERN = re.compile(r"^(sft|rl)_step(\d+)$")  # the tags the training loop writes (train.Progress.tag)
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# torch.save's C++ writer reports a short write (a full disk, among others) with these words and no errno.
+SHORT_WRITE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+# A DeepSpeed or reference file that one rank writes and reads: `zero_pp_rank_<r>_...`, `zero3_rank<rrr>_of...`.
+RANK_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_|zero3_rank(\d+)_of)")
+
+
 def _atomic_write(path: Path, text: str) -> None:
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _can_write(directory: Path, size: int) -> bool:
+    """Whether `size` more bytes fit in `directory`'s filesystem: written, synced and removed again (a short write
+    of torch.save carries no errno, and free-space figures lie on network and quota-limited filesystems)."""
+    while not directory.is_dir() and directory != directory.parent:
+        directory = directory.parent
+    probe = directory / f".space-probe.{os.getpid()}.tmp"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(bytes(size))
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
+    except OSError as error:
+        return error.errno not in NO_SPACE
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether `error`, raised while writing into `directory`, comes from a full disk (or exhausted quota)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return (isinstance(error, RuntimeError) and any(words in str(error) for words in SHORT_WRITE)
+            and not _can_write(directory, 1 << 20))
+
+
+def no_space_error(error: BaseException, path: Path) -> ConfigError:
+    """The one-line error for a write into `path` that found the disk full."""
+    named = getattr(error, "filename", None) or path
+    return ConfigError(f"no space left on device writing {named}")
 
 
 def tag_order(tag: str) -> tuple[int, int] | None:
@@ -116,26 +171,139 @@ def save_checkpoint(engine, save_dir: str | Path, tag: str, client_state: dict[s
     may be collective, e.g. `save_reference`). An earlier copy of `tag` is removed first (`clear_tag`)."""
     save_dir = Path(save_dir)
     rank0 = engine.global_rank == 0
-    if rank0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        clear_tag(save_dir, tag)
-    barrier()  # no rank writes into `tag` before its earlier copy is gone
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
-    if write_extra is not None:
-        write_extra(save_dir / tag)
-    if rank0 and fingerprint is not None:
-        write_fingerprint(save_dir / tag, fingerprint)
+    try:
+        if rank0:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            clear_tag(save_dir, tag)
+        barrier()  # no rank writes into `tag` before its earlier copy is gone
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+        if write_extra is not None:
+            write_extra(save_dir / tag)
+        if rank0 and fingerprint is not None:
+            write_fingerprint(save_dir / tag, fingerprint)
+    except Exception as error:
+        full = disk_full(error, save_dir / tag)  # before the partial files are removed: they fill the disk
+        # Uncommitted, so never chosen; removed so that it neither lingers nor fills the disk again on a rerun.
+        shutil.rmtree(save_dir / tag, ignore_errors=True)
+        if full:
+            raise no_space_error(error, save_dir / tag) from error
+        raise
     barrier()  # every rank's shard is on disk before `latest` moves
     if rank0:
-        _commit(save_dir, tag)
+        try:
+            _commit(save_dir, tag)
+        except OSError as error:
+            if error.errno in NO_SPACE:
+                raise no_space_error(error, save_dir / "latest") from error
+            raise
         prune_checkpoints(save_dir, keep)
     barrier()
     return save_dir / tag
 
 
+def remove_uncommitted(save_dir: str | Path) -> list[str]:
+    """Remove loop-tag directories no commit records (saves that died before their commit). Nothing is removed when
+    the directory holds no commit record at all (no `latest`, no `committed_tags`): which of its tags were complete
+    is then unknown. Rank 0 only, while it holds the run directory; returns the removed tags."""
+    save_dir = Path(save_dir)
+    if latest_tag(save_dir) is None and not (save_dir / COMMITTED).is_file():
+        return []
+    return prune_checkpoints(save_dir, keep=0)
+
+
+def make_current(save_dir: str | Path, tag: str) -> None:
+    """Commit `tag` again, so that `latest` names it and it is the newest in `committed_tags` (a run resumed from an
+    older tag continues from there after a crash too). Rank 0 only."""
+    _commit(Path(save_dir), tag)
+
+
+def resume_candidates(save_dir: str | Path) -> tuple[list[str], str | None]:
+    """The committed tags of `save_dir` to resume from, in the order to try them (the one `latest` names, then the
+    others, newest commit first), and a note when `latest` itself cannot be followed (missing, empty, or naming no
+    directory). A directory whose tags no commit record covers is a ConfigError: which were complete is unknown."""
+    save_dir = Path(save_dir)
+    latest = save_dir / "latest"
+    named = latest.read_text().strip() if latest.is_file() else None
+    tags = committed_tags(save_dir)
+    if not tags:
+        unrecorded = sorted((d.name for d in save_dir.iterdir() if d.is_dir() and tag_order(d.name)),
+                            key=tag_order) if save_dir.is_dir() else []
+        if unrecorded and not named and not (save_dir / COMMITTED).is_file():
+            raise ConfigError(f"{str(save_dir)!r} holds checkpoints ({', '.join(unrecorded)}) but no record of which "
+                              f"were committed (no 'latest', no '{COMMITTED}'): resume one with --resume TAG, or "
+                              "start afresh with --resume none --overwrite")
+        return [], None
+    note = None
+    if named == "":
+        note = f"{str(latest)!r} is empty"
+    elif named is None:
+        note = f"{str(latest)!r} is missing"
+    elif named not in tags:
+        note = f"{str(latest)!r} names {named!r}, which is not a checkpoint there"
+    return ([named] if named in tags else []) + [t for t in reversed(tags) if t != named], note
+
+
+def damaged_files(tag_dir: str | Path, rank: int) -> list[str]:
+    """'<path> (<what is wrong>)' for each file of checkpoint `tag_dir` that rank `rank` reads and cannot: a missing
+    model-states file or own optimizer shard, a truncated or empty torch file (its zip directory, at the end, is
+    gone), an unreadable fingerprint. Cheap: reads no tensor data. Files of other ranks are theirs to check."""
+    tag_dir = Path(tag_dir)
+    problems = []
+    files = sorted(p for p in tag_dir.rglob("*.pt") if p.is_file())
+    if not model_states_files(tag_dir):
+        problems.append(f"{tag_dir / 'mp_rank_00_model_states.pt'} (missing)")
+    if has_zero_optimizer_shards(tag_dir) and not list(tag_dir.glob(f"zero_pp_rank_{rank}_*optim_states.pt")):
+        problems.append(f"{tag_dir / f'zero_pp_rank_{rank}_mp_rank_00_optim_states.pt'} (missing)")
+    for path in files:
+        owner = RANK_FILE.match(path.name)
+        if owner and int(owner.group(1) or owner.group(2)) != rank:
+            continue
+        if path.stat().st_size == 0:
+            problems.append(f"{path} (empty)")
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+                if not pickles:
+                    raise zipfile.BadZipFile("no data.pkl")
+                archive.read(pickles[0])  # checks its CRC
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            problems.append(f"{path} (truncated or corrupt: {error})")
+    fingerprint = tag_dir / FINGERPRINT_FILE
+    if fingerprint.is_file():
+        try:
+            read_fingerprint(tag_dir)
+        except ValueError as error:
+            problems.append(f"{fingerprint} (unreadable: {error})")
+    return problems
+
+
+def load_first_loadable(engine, save_dir: str | Path, tags: list[str], *, fingerprint: dict[str, Any] | None = None,
+                        warn: Callable[[str], None] = lambda text: None) -> tuple[dict[str, Any], str]:
+    """Load the first of `tags` (in `save_dir`) whose files every rank can read; returns (client state, tag).
+    Collective: every rank checks its own files (`damaged_files`), the verdict is shared, and only a tag no rank
+    finds damaged is loaded, so no rank is left waiting inside DeepSpeed's load for one that failed. Each tag
+    passed over is `warn`ed in one line naming its file; a ConfigError when none loads. A fingerprint that differs
+    is refused (ConfigError) rather than passed over: the run, not the checkpoint, has changed."""
+    save_dir = Path(save_dir)
+    failures = []
+    for index, tag in enumerate(tags):
+        problems = [p for rank_problems in all_gather_object(damaged_files(save_dir / tag, engine.global_rank))
+                    for p in rank_problems]
+        if problems:
+            failures.append(f"{tag}: {problems[0]}")
+            nxt = f"falling back to {tags[index + 1]}" if index + 1 < len(tags) else "no older checkpoint is left"
+            warn(f"checkpoint file {problems[0]} cannot be loaded; {nxt}")
+            continue
+        return load_checkpoint(engine, save_dir, tag, fingerprint=fingerprint), tag
+    raise ConfigError(f"no checkpoint in {str(save_dir)!r} can be loaded ({'; '.join(failures)}); start afresh with "
+                      "--resume none --overwrite")
+
+
 def latest_tag(save_dir: str | Path) -> str | None:
+    """The tag `<save_dir>/latest` names; None when it is missing or empty."""
     latest = Path(save_dir) / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    return (latest.read_text().strip() or None) if latest.is_file() else None
 
 
 def load_checkpoint(engine, save_dir: str | Path, tag: str | None = None, *,

@@ -165,6 +165,24 @@ def barrier() -> None:
     dist.barrier()
 
 
+def broadcast_object(value):
+    """Rank 0's `value` (any picklable object) on every rank. Collective."""
+    if dist.get_world_size() == 1:
+        return value
+    holder = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_gather_object(value) -> list:
+    """Every rank's `value`, in rank order, on every rank. Collective."""
+    if dist.get_world_size() == 1:
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def shutdown_distributed() -> None:
     """Destroy the process group (if any) so launchers see a clean exit on every rank."""
     if dist.is_initialized():

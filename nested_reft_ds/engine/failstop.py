@@ -10,6 +10,10 @@ node (pdsh, srun without --kill-on-bad-exit) never notices. Here:
 - every rank runs a watchdog thread that polls the store; on an abort record, or when the store itself is gone
   (its host rank died, e.g. killed with SIGKILL), it prints one line naming the failed rank and leaves;
 - a rank failing after that (typically in a collective broken by the first failure) prints one line;
+- the watchdog also leaves when the job's launcher is gone (`launcher_processes`): a SIGINT or SIGTERM sent only to
+  the `deepspeed` command ends that process at once (it has no handler in a single-node run) and leaves
+  `deepspeed.launcher.launch` and the ranks running, so each rank watches its launcher and the process that
+  started it, and stops within a poll of either ending (and so releases the run directory's lock);
 - `ConfigError` (bad config, data or path) is a user error: one line, exit 2, no traceback. Every rank usually
   raises it alike, so only the first rank to publish it prints.
 
@@ -22,6 +26,7 @@ import os
 import sys
 import threading
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.distributed as dist
@@ -52,16 +57,68 @@ def tagged(text: str, rank: int) -> str:
     return "".join(f"[rank {rank}] {line}\n" for line in text.rstrip("\n").splitlines())
 
 
-class _Watchdog(threading.Thread):
-    """Polls the store for an abort record from another rank; leaves the process when it finds one."""
+def _parent_of(pid: int) -> int | None:
+    """The parent PID of process `pid` (Linux /proc), or None when it is gone or unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the command name (field 2) may hold spaces and ')'
 
-    def __init__(self, store, rank: int):
+
+def _is_deepspeed_runner(pid: int) -> bool:
+    """Whether process `pid` runs the `deepspeed` command (deepspeed/launcher/runner.py)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name == "deepspeed" or arg == b"deepspeed.launcher.runner"
+               for arg in argv[:3])
+
+
+def launcher_processes() -> list[tuple[int, int]]:
+    """(pid, its parent pid) of each process this rank's life depends on, to watch: under a per-node launcher
+    (deepspeed.launcher.launch, torchrun: they export LOCAL_SIZE / LOCAL_WORLD_SIZE) the launcher, this process's
+    parent; and when that launcher was started by the `deepspeed` command, that command too. Empty for a bare
+    process, and off Linux: a process started from a shell (or nohup) must not end with that shell."""
+    if not (os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")) or not Path("/proc").is_dir():
+        return []
+    launcher = os.getppid()
+    runner = _parent_of(launcher)
+    if runner is None:
+        return []
+    watched = [(os.getpid(), launcher)]
+    if runner > 1 and _is_deepspeed_runner(runner):
+        watched.append((launcher, runner))
+    return watched
+
+
+def _gone_launcher(watched: list[tuple[int, int]]) -> int | None:
+    """The first watched launcher that is gone: its child (or this process) has been re-parented."""
+    for child, parent in watched:
+        now = os.getppid() if child == os.getpid() else _parent_of(child)
+        if now != parent:
+            return parent
+    return None
+
+
+class _Watchdog(threading.Thread):
+    """Polls the store for an abort record from another rank, and the launcher processes for their end; leaves the
+    process when it finds either."""
+
+    def __init__(self, store, rank: int, launchers: list[tuple[int, int]] = ()):
         super().__init__(name="nested-reft-failstop", daemon=True)
-        self.store, self.rank = store, rank
+        self.store, self.rank, self.launchers = store, rank, list(launchers)
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(POLL_SECONDS):
+            gone = _gone_launcher(self.launchers)
+            if gone is not None and not self.stopped.is_set():
+                _emit(f"[rank {self.rank}] stopping: the job's launcher (PID {gone}) is gone")
+                os._exit(FAILURE_EXIT)
+            if self.store is None:
+                continue
             try:
                 if not self.store.check([ABORT_KEY]):
                     continue
@@ -148,11 +205,15 @@ _watchdog: _Watchdog | None = None
 
 
 def start_watchdog() -> None:
-    """Start this rank's abort watchdog (no-op for a single process). Call after the process group exists."""
+    """Start this rank's watchdog: the abort record in a multi-rank job, the launcher under a launcher (no-op for a
+    bare single process). Call after the process group exists."""
     global _watchdog
-    if _watchdog is not None or not dist.is_initialized() or dist.get_world_size() == 1:
+    if _watchdog is not None or not dist.is_initialized():
         return
-    _watchdog = _Watchdog(_store(), dist.get_rank())
+    launchers = launcher_processes()
+    if dist.get_world_size() == 1 and not launchers:
+        return
+    _watchdog = _Watchdog(_store() if dist.get_world_size() > 1 else None, dist.get_rank(), launchers)
     _watchdog.start()
 
 

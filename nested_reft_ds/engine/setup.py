@@ -13,8 +13,10 @@ from transformers import AutoConfig, GenerationConfig
 
 from ..config import ConfigError
 from ..model import check_model_dir, load_tokenizer, load_model_and_tokenizer, select_attn_implementation
+from .distributed import device
 from .ds_config import inference_ds_config
-from .internals import build_from_config, causal_lm_class, init_buffers, no_init_weights, zero3_gradient_partitions
+from .internals import (build_from_config, causal_lm_class, init_buffers, no_init_weights, partition_of,
+                        zero3_gradient_partitions)
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,24 @@ def optimizer_step(engine) -> float | None:
             partitions.zero_()
     if norm is None:
         norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def parameters_finite(engine) -> bool:
+    """Whether every parameter of `engine`'s model is finite on every rank (under ZeRO-3 each rank checks its own
+    partitions). Collective: one all-reduce."""
+    zero3 = engine.zero_optimization_stage() == 3
+    local = all(bool(torch.isfinite(partition_of(p) if zero3 else p.detach()).all())
+                for p in engine.module.parameters())
+    flag = torch.tensor([0.0 if local else 1.0], device=device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag)
+    return flag.item() == 0
+
+
+def last_grad_norm(engine) -> float | None:
+    """The global gradient norm of the last optimizer step where DeepSpeed keeps it (ZeRO 1-3, bf16); None else."""
+    norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
 
 

@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .. import engine as backend
+from .. import run_dir
 from ..checks import check_model_inputs, check_output_dir, check_solutions
 from ..config import ConfigError, ExperimentConfig, load_config
 from ..data import MathProblem, problems_from_config
@@ -201,9 +203,121 @@ def start_reference(engine, cfg: ExperimentConfig, ds_config: dict, model_dir: P
     return backend.build_reference(model_dir, ds_config, cfg.model.attn_implementation, saved=resumed_from)
 
 
-def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[str, float | None]:
+def warn(text: str) -> None:
+    """A one-line warning on stderr (the caller decides which rank prints)."""
+    print(f"nested-reft: warning: {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ResumePlan:
+    """What a run continues from, decided by rank 0 once it owns the run directory (`plan_resume`)."""
+    save_dir: str | None = None  # the checkpoint directory to load from; None: start afresh
+    tags: list[str] = field(default_factory=list)  # its tags to try, in order: the first that loads is resumed
+    pinned: bool = False  # --resume TAG: that tag or nothing, made current once loaded
+    warnings: list[str] = field(default_factory=list)  # one line each, printed by rank 0
+
+
+def plan_resume(resume: str, out_dir: Path, overwrite: bool) -> ResumePlan:
+    """Read `--resume` against what `out_dir` holds. Rank 0, holding the run directory's lock.
+
+    auto (or DIR naming <output_dir>/checkpoints): the committed tags, newest first (`resume_candidates`; a missing or
+    empty `latest` is warned about and the newest committed tag is used). TAG (a tag name in <output_dir>/
+    checkpoints): that committed tag. none, or DIR elsewhere: a fresh start in `out_dir`, refused while it holds an
+    earlier run (`run_dir.earlier_run`) unless `overwrite`, which moves that run aside first."""
+    ckpt_dir = out_dir / "checkpoints"
+    as_tag = resume not in ("auto", "none") and "/" not in resume and (
+        backend.tag_order(resume) is not None or (ckpt_dir / resume).is_dir())
+    fresh = resume == "none" or (resume != "auto" and not as_tag and Path(resume).resolve() != ckpt_dir.resolve())
+    if overwrite and not fresh:
+        raise ConfigError(f"--overwrite moves an earlier run aside to start afresh: it goes with --resume none or "
+                          f"--resume DIR (a checkpoint directory elsewhere), not --resume {resume}")
+    if as_tag:
+        committed = backend.committed_tags(ckpt_dir)
+        unrecorded = not committed and backend.latest_tag(ckpt_dir) is None and (ckpt_dir / resume).is_dir()
+        if resume not in committed and not unrecorded:
+            raise ConfigError(f"--resume {resume}: no committed checkpoint {resume!r} in {str(ckpt_dir)!r} "
+                              f"(committed: {', '.join(committed) or 'none'})")
+        newer = committed[committed.index(resume) + 1:] if resume in committed else []
+        notes = [f"resuming from {resume}, older than {', '.join(newer)}: metrics.jsonl drops the records after it, "
+                 "and the newer checkpoints stay until this run writes over them or train.keep_checkpoints prunes "
+                 "them"] if newer else []
+        return ResumePlan(str(ckpt_dir), [resume], pinned=True, warnings=notes)
+    if not fresh:
+        tags, note = backend.resume_candidates(ckpt_dir)
+        if not tags and resume != "auto":
+            raise ConfigError(f"--resume {resume}: no committed checkpoint there")
+        notes = [f"{note}; resuming from the newest committed checkpoint, {tags[0]}"] if note and tags else []
+        return ResumePlan(str(ckpt_dir), tags, warnings=notes)
+    notes = []
+    earlier = run_dir.earlier_run(out_dir)
+    if earlier and not overwrite:
+        raise ConfigError(f"--resume {resume}: train.output_dir {str(out_dir)!r} holds an earlier run "
+                          f"({'; '.join(earlier)}); continue it with --resume auto, or pass --overwrite to move it "
+                          f"aside into {str(out_dir / run_dir.PREVIOUS_DIR)!r}")
+    if earlier:
+        notes.append(f"moved the earlier run in {str(out_dir)!r} aside to {str(run_dir.move_aside(out_dir))!r}")
+    if resume == "none":
+        return ResumePlan(warnings=notes)
+    tags, note = backend.resume_candidates(Path(resume))
+    if not tags:
+        raise ConfigError(f"--resume {resume}: no committed checkpoint there")
+    return ResumePlan(resume, tags, warnings=notes + ([f"{note}; resuming from the newest committed checkpoint, "
+                                                       f"{tags[0]}"] if note else []))
+
+
+def claim_output_dir(out_dir: Path, resume: str, overwrite: bool, rank: int
+                     ) -> tuple[run_dir.RunDirLock | None, ResumePlan]:
+    """Rank 0 takes the run directory (`run_dir.acquire`: a second job on it stops here with one line naming the
+    holder), decides what to resume (`plan_resume`) and removes what dead processes left half-written (temp files,
+    uncommitted tags); every rank then gets the plan, or raises the same ConfigError. Collective: one broadcast.
+    Ranks other than 0 never touch the lock, so a job spanning nodes takes it once."""
+    lock, verdict = None, None
+    if rank == 0:
+        try:
+            lock = run_dir.acquire(out_dir)
+            verdict = plan_resume(resume, out_dir, overwrite)
+            if lock.previous:
+                verdict.warnings.insert(0, f"took over {str(lock.path)!r} from a run that has ended without "
+                                           f"releasing it ({run_dir.describe_holder(lock.previous)})")
+            run_dir.remove_temp_files(out_dir)
+            backend.remove_uncommitted(out_dir / "checkpoints")
+        except ConfigError as error:
+            verdict = str(error)
+    verdict = backend.broadcast_object(verdict)
+    if isinstance(verdict, str):
+        if lock is not None:
+            lock.release()
+        raise ConfigError(verdict)
+    if rank == 0:
+        for text in verdict.warnings:
+            warn(text)
+    return lock, verdict
+
+
+def stop_if_diverged(engine, phase: str, step: int, metrics: dict[str, float], keys: tuple[str, ...]) -> None:
+    """A ConfigError (one line, exit 2) when a loss in `metrics` or the step's gradient norm is not finite: training
+    has diverged at `phase` step `step`, deterministically (a rerun with the same settings diverges again, hence a
+    user error and not a crash), and nothing from this step on is logged or committed. Every rank checks the same
+    all-reduced numbers and stops alike."""
+    values = {key: metrics[key] for key in keys if metrics.get(key) is not None}
+    if "grad_norm" not in values and backend.last_grad_norm(engine) is not None:
+        values["grad_norm"] = backend.last_grad_norm(engine)
+    bad = [f"{key} {value}" for key, value in values.items() if not math.isfinite(value)]
+    if bad:
+        lr = "train.sft_lr" if phase == "sft" else "train.lr"
+        raise ConfigError(f"non-finite {', '.join(bad)} at {phase} step {step}: training diverged; nothing from "
+                          f"this step on is logged or committed (lower {lr} or set train.grad_clip > 0; a rerun "
+                          "resumes from the last committed checkpoint)")
+
+
+def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str,
+        overwrite: bool = False) -> dict[str, float | None]:
     """Train per `cfg`; returns summary numbers (reward and accuracy before/after; None where nothing was held
-    out). Collective."""
+    out). Collective.
+
+    `resume`: auto, none, a checkpoint directory or a tag name (`plan_resume`); `overwrite`: move an earlier run in
+    train.output_dir aside instead of refusing to start afresh there. The job owns train.output_dir from before
+    anything in it is read until it returns (`claim_output_dir`)."""
     check_output_dir(cfg.train.output_dir)
     if cfg.train.cpu_threads is not None:
         torch.set_num_threads(backend.cpu_threads_per_rank(cfg.train.cpu_threads))
@@ -212,6 +326,21 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
     backend.start_watchdog()
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
+    lock, plan = claim_output_dir(out_dir, resume, overwrite, rank)
+    try:
+        return train_in_output_dir(cfg, ds_config_path, plan, out_dir, rank, world)
+    except OSError as error:
+        if error.errno in backend.NO_SPACE:
+            raise backend.no_space_error(error, out_dir) from error
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan: ResumePlan, out_dir: Path,
+                        rank: int, world: int) -> dict[str, float]:
+    """The body of `run`, once this job owns `out_dir`. Collective."""
     ds_config = backend.fill_ds_config(backend.load_ds_config(ds_config_path, cfg), cfg, world)
     train_problems, eval_problems = problems_from_config(cfg.data, cfg.train.seed)
     check_solutions(cfg, train_problems)
@@ -229,15 +358,14 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
 
     progress = Progress()
     resumed_from = None  # the checkpoint directory <dir>/<tag> this run continues from
-    if resume != "none":
-        resume_dir = ckpt_dir if resume == "auto" else Path(resume)
-        state = backend.load_checkpoint(engine, resume_dir, fingerprint=fingerprint[None])
-        if state is None and resume != "auto":
-            raise ConfigError(f"--resume {resume}: no committed checkpoint there")
-        if state is not None:
-            progress = Progress(**state["progress"])
-            skip.load_state_dict(state["skip"])
-            resumed_from = resume_dir / backend.latest_tag(resume_dir)
+    if plan.tags:
+        state, tag = backend.load_first_loadable(engine, Path(plan.save_dir), plan.tags, fingerprint=fingerprint[None],
+                                                 warn=warn if rank == 0 else lambda text: None)
+        progress = Progress(**state["progress"])
+        skip.load_state_dict(state["skip"])
+        resumed_from = Path(plan.save_dir) / tag
+        if plan.pinned and rank == 0 and backend.latest_tag(plan.save_dir) != tag:
+            backend.make_current(plan.save_dir, tag)  # a crash before the next commit resumes here again
     # After the resume check, so that a refused resume never touches metrics.jsonl; records past the resume
     # point (written before a crash) are dropped, so each step is in the files once.
     run_log = RunLog(out_dir, rank == 0, tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
@@ -256,6 +384,11 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
             if reference is not None:
                 backend.save_reference(reference, tag_dir)
             maybe_fail("checkpoint", progress.rl_step or progress.sft_step, rank)
+        if not backend.parameters_finite(engine):
+            phase, step = ("rl", progress.rl_step - 1) if progress.rl_step else ("sft", progress.sft_step - 1)
+            raise ConfigError(f"non-finite weights after {phase} step {step}: training diverged; checkpoint "
+                              f"{progress.tag()} is not written (lower train.{'lr' if phase == 'rl' else 'sft_lr'} or "
+                              "set train.grad_clip > 0; a rerun resumes from the last committed checkpoint)")
         state = {"progress": vars(progress), "skip": skip.state_dict(), "config": cfg.to_dict()}
         backend.save_checkpoint(engine, ckpt_dir, progress.tag(), state, keep=cfg.train.keep_checkpoints,
                                 fingerprint=fingerprint["rl" if progress.rl_step else "sft"], write_extra=finish_tag)
@@ -266,6 +399,7 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
     run_log.start_phase("warm-up", cfg.train.sft_steps, progress.sft_step)
     while progress.sft_step < cfg.train.sft_steps:
         metrics = sft_step(engine, tokenizer, train_problems, cfg, progress.sft_step, rank, world)
+        stop_if_diverged(engine, "sft", progress.sft_step, metrics, ("sft_loss", "sft_question_loss"))
         if progress.sft_step % cfg.logging.log_every == 0:
             run_log.log(progress.sft_step, metrics, phase="sft")
         progress.sft_step += 1
@@ -289,6 +423,7 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str) -> dict[
         step = progress.rl_step
         backend.set_learning_rate(engine, cfg.train.lr * min(1.0, (step + 1) / max(cfg.train.warmup_steps, 1)))
         metrics = rl_step(StepContext(engine, tokenizer, cfg, train_problems, skip, rank, world, reference), step)
+        stop_if_diverged(engine, "rl", step, metrics, ("loss", "grad_norm"))
         (first_rewards if step < cfg.train.steps / 2 else last_rewards).append(metrics["reward_mean"])
         if step % cfg.logging.log_every == 0:
             run_log.log(step, metrics)
@@ -317,9 +452,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set rollout.group_size=8 (repeatable)")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON (\"auto\" values are filled from the config)")
-    parser.add_argument("--resume", default="auto", metavar="auto|none|DIR",
-                        help="auto: continue from <output_dir>/checkpoints if committed there (default); "
-                             "none: start fresh; DIR: a checkpoint directory")
+    parser.add_argument("--resume", default="auto", metavar="auto|none|TAG|DIR",
+                        help="auto: continue from the newest committed checkpoint in <output_dir>/checkpoints that "
+                             "loads (default; a damaged one is passed over with a warning); none: start fresh "
+                             "(refused where output_dir holds a run, unless --overwrite); TAG: a committed tag of "
+                             "<output_dir>/checkpoints, e.g. rl_step20; DIR: another run's checkpoint directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --resume none or DIR: move an earlier run in output_dir aside into "
+                             "<output_dir>/previous/<timestamp>/ instead of refusing")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -330,7 +470,8 @@ def train_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return backend.fail_stop(lambda: run(load_config(args.config, args.overrides), args.deepspeed, args.resume))
+        return backend.fail_stop(lambda: run(load_config(args.config, args.overrides), args.deepspeed, args.resume,
+                                                   args.overwrite))
     finally:
         backend.shutdown_distributed()
 

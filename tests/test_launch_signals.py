@@ -1,0 +1,78 @@
+"""A SIGINT sent only to the `deepspeed` command of a 2-rank job (not to its process group, as a scheduler or `kill`
+does) ends every rank and releases the run directory, which the next run then takes.
+
+In a single-node run the `deepspeed` command has no signal handler: it dies at once and leaves
+deepspeed.launcher.launch and the ranks running. Each rank's watchdog watches the launcher and the command that
+started it (`engine.failstop.launcher_processes`)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.distributed
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sigint_to_the_launcher_alone_ends_both_ranks_and_frees_the_directory(tmp_path):
+    out = tmp_path / "run"
+    port = free_port()
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module", "nested_reft_ds.train",
+               "--config", "configs/tiny_zero3_2rank.yaml", "--deepspeed", "ds_configs/zero3.json"]
+    for setting in ("train.sft_steps=100000", "train.steps=1", "train.cpu_threads=1", f"train.output_dir={out}"):
+        command += ["--set", setting]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # its own group: only our kill reaches it
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and launcher.poll() is None:
+            lock = out / ".lock"
+            if lock.is_file() and lock.read_text().strip():
+                break
+            time.sleep(0.5)
+        assert launcher.poll() is None, "the job ended before it took its run directory"
+        holder = json.loads((out / ".lock").read_text())
+        assert f"rendezvous 127.0.0.1:{port}" in holder["job"]
+        descendants = psutil.Process(launcher.pid).children(recursive=True)
+        ranks = [p for p in descendants if "nested_reft_ds.train" in " ".join(p.cmdline())
+                 and "deepspeed.launcher" not in " ".join(p.cmdline())]
+        assert len(ranks) == 2 and holder["pid"] in [p.pid for p in ranks]
+        time.sleep(3)  # well into the warm-up
+        os.kill(launcher.pid, signal.SIGINT)
+        launcher.wait(timeout=60)
+        gone, alive = psutil.wait_procs(descendants, timeout=60)
+        assert not alive, f"still running 60 s after the launcher's SIGINT: {[p.cmdline() for p in alive]}"
+    finally:
+        for process in psutil.Process().children(recursive=True):
+            if process.pid == launcher.pid or launcher.pid in [p.pid for p in process.parents()]:
+                process.kill()
+        if launcher.poll() is None:
+            launcher.kill()
+        for process in psutil.process_iter():  # ranks re-parented away from the launcher
+            try:
+                if f"train.output_dir={out}" in " ".join(process.cmdline()):
+                    process.kill()
+            except psutil.Error:
+                pass
+    # The next run takes the directory over: the lock is free, and its record is rank 0's, which died holding it.
+    from nested_reft_ds import run_dir
+    taken = run_dir.acquire(out)
+    try:
+        assert taken.previous is not None and taken.previous["pid"] == holder["pid"]
+    finally:
+        taken.release()
