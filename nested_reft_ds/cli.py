@@ -1,4 +1,4 @@
-"""`nested-reft train | eval | bench [nested | rollout] | compare | export`.
+"""`nested-reft train | eval | bench [nested | rollout | step] | compare | config | export`.
 
 Each subcommand's recipe is imported only when that subcommand runs: `nested-reft --help` imports no recipe, and
 `eval` on plain processes never imports DeepSpeed.
@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "eval": ("recipes.evaluate", "add_eval_arguments", "run_eval", "pass@k / maj@k on math benchmarks"),
     "compare": ("recipes.compare", "add_compare_arguments", "compare_main",
                 "Nested-ReFT vs ReFT over skip ratios, corrections and seeds: table, JSONL, plots"),
+    "config": ("cli", "add_config_arguments", "config_main",
+               "the configuration reference: every key's type, default, allowed values and meaning"),
     "export": ("cli", "add_export_arguments", "export_main",
                "consolidate a (ZeRO-3) checkpoint into a HF model directory"),
 }
@@ -28,6 +30,18 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
     "step": ("recipes.bench_step", "add_step_arguments", "run_step_bench",
              "the whole RL step on a long-tailed workload: phase times, padding, memory, each saving's speed-up"),
 }
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--markdown", action="store_true", help="as Markdown (docs/configuration.md)")
+    return parser
+
+
+def config_main(args: argparse.Namespace) -> int:
+    from .config import reference_markdown, reference_text
+
+    print(reference_markdown() if args.markdown else reference_text())
+    return 0
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

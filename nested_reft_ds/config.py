@@ -29,17 +29,22 @@ def _require(ok: bool, key: str, value: Any, expected: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # A local HF checkpoint directory; None builds the embedded tiny model (see nested_reft_ds.model).
     path: str | None = None
-    # Architecture and size of the embedded model (ignored when `path` is set).
+    """A local HF checkpoint directory; None builds the embedded tiny model (see nested_reft_ds.model)."""
     arch: Literal["qwen2", "llama", "qwen3", "mistral"] = "qwen2"
+    """Architecture and size of the embedded model (ignored when `path` is set)."""
     hidden_size: int = 128
+    """Hidden size of the embedded model."""
     num_layers: int = 6
+    """Decoder layers of the embedded model."""
     num_heads: int = 4
+    """Attention heads of the embedded model (hidden_size must divide by it)."""
     num_kv_heads: int = 2
+    """Key/value heads of the embedded model (grouped-query attention; divides num_heads)."""
     intermediate_size: int = 384
-    # "auto": flash_attention_2 on CUDA when flash-attn imports, else sdpa.
+    """MLP width of the embedded model."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel: "auto" picks flash_attention_2 on CUDA when flash-attn imports, else sdpa."""
 
     def __post_init__(self) -> None:
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
@@ -53,38 +58,46 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Built-in source name, or "json" for a local JSONL/JSON/parquet file given by `path`.
     source: Literal["synthetic", "gsm8k", "math500", "svamp", "aime24", "amc23", "asdiv", "mawps", "json"] = \
         "synthetic"
-    # Data file (JSONL/JSON/parquet) or a hub dataset id; required for every source but "synthetic".
+    """Built-in source name, or "json" for a local JSONL/JSON/parquet file given by `path`."""
     path: str | None = None
+    """Data file (JSONL/JSON/parquet) or a hub dataset id; required for every source but "synthetic"."""
     split: str = "train"
-    # Field mapping for "json" sources (built-in sources know their own layout).
+    """Split of a hub dataset id (file sources ignore it)."""
     question_field: str | None = None
+    """Field holding the question, for "json" sources (built-in sources know their own layout)."""
     answer_field: str | None = None
-    # How to read the reference answer out of `answer_field`: as is, or after GSM8K's "#### ".
+    """Field holding the reference answer, for "json" sources."""
     answer_format: Literal["plain", "gsm8k"] = "plain"
-    # Synthetic arithmetic task: number of problems and difficulty knobs.
+    """How to read the reference answer out of `answer_field`: as is, or after GSM8K's "#### "."""
     num_problems: int = 4000
+    """Training problems: how many synthetic problems to draw, or at most how many rows of a file train."""
     eval_problems: int = 128
+    """Held-out problems, evaluated greedily before and after RL (and every logging.eval_every steps): fresh
+    synthetic draws, or the first rows of a file (the rest train)."""
     min_operand: int = 1
+    """Smallest operand of the synthetic task."""
     max_operand: int = 20
+    """Largest operand of the synthetic task."""
     min_steps: int = 1
+    """Fewest arithmetic steps in a synthetic problem."""
     max_steps: int = 2
-    # None: the step count is uniform in [min_steps, max_steps]; q in [0, 1): min_steps plus a geometric count
-    # (each further step with probability q) capped at max_steps, a long-tailed chain length.
+    """Most arithmetic steps in a synthetic problem."""
     step_continue_probability: float | None = None
-    # Imperfect demonstrator: this fraction of the synthetic worked solutions (SFT targets only; reference
-    # answers stay true) computes the last step off by one. SFT then imitates the mistake at that rate and RL,
-    # rewarded against the true answer, has a verifiable error to remove, as ReFT does beyond SFT.
+    """Synthetic chain lengths. null: the step count is uniform in [min_steps, max_steps]; q in [0, 1): min_steps plus a geometric count
+    (each further step with probability q) capped at max_steps, a long-tailed chain length."""
     solution_error_rate: float = 0.0
-    # Synthetic steps lettered (a), (b), ... in the question and the worked solution alike (one letter per step).
+    """Imperfect demonstrator: this fraction of the synthetic worked solutions (SFT targets only; reference answers
+    stay true) computes the last step off by one. SFT then imitates the mistake at that rate and RL, rewarded
+    against the true answer, has a verifiable error to remove, as ReFT does beyond SFT."""
     step_labels: bool = False
-    # Synthetic worked solutions repeat each step's sentence before its arithmetic (`synthetic_problems`).
+    """Synthetic steps lettered (a), (b), ... in the question and the worked solution alike (one letter per step)."""
     restate_steps: bool = False
-    # "auto": the tokenizer's chat template when it has one, else the plain template; "plain", "chat", or a custom
-    # template string with a {question} (and optionally {instruction}) placeholder.
+    """Synthetic worked solutions repeat each step's sentence before its arithmetic (`synthetic_problems`)."""
     prompt_template: str = "auto"
+    """Prompt template: "auto" uses the tokenizer's chat template when it has one, else the plain template;
+    "plain", "chat", or a custom template string with a {question} (and optionally {instruction}) placeholder."""
 
     def __post_init__(self) -> None:
         if self.source != "synthetic":
@@ -115,22 +128,27 @@ MAX_SEED = 2**32 - 1
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    # Prompts per optimizer step, summed over all data-parallel ranks (must divide evenly by the world size).
     prompts_per_step: int = 16
+    """Prompts per optimizer step, summed over all data-parallel ranks (must divide evenly by the world size)."""
     group_size: int = 8
+    """Samples per prompt (G): the group whose rewards give each other's advantages."""
     max_new_tokens: int = 48
+    """Longest completion; a row that has not emitted EOS by then stops there."""
     temperature: float = 1.0
+    """Sampling temperature; every policy's log-probs are taken at it."""
     top_p: float = 1.0
-    # ZeRO-3 parameter handling during generation (see nested_reft_ds.engine.gather).
+    """Nucleus sampling mass (1: the whole vocabulary). Below 1 only with algorithm.correction: none
+    (docs/estimators.md)."""
     gather: Literal["once", "streamed", "auto"] = "once"
-    # "auto" gathers once when the kept layers take at most this fraction of the smallest free device memory
-    # over ranks (gather-once holds them next to the KV cache and activations), else it streams.
+    """ZeRO-3 parameter handling during generation (see nested_reft_ds.engine.gather)."""
     gather_memory_fraction: float = 0.5
-    # Exact decode savings (sampling noise is keyed per token, so neither changes a sampled token): finished rows
-    # leave the batch once the rows still decoding are at most `compact_below` of it (0: never), and each prompt
-    # is prefilled once for its group_size samples (`shared_prefill`).
+    """With rollout.gather "auto": gather once when the kept layers take at most this fraction of the smallest
+    free device memory over ranks (gather-once holds them next to the KV cache and activations), else stream."""
     compact_below: float = 0.75
+    """Exact decode saving (sampling noise is keyed per token, so it changes no sampled token): finished rows
+    leave the batch once the rows still decoding are at most this fraction of it (0: never)."""
     shared_prefill: bool = True
+    """Prefill each prompt once for its group_size samples (exact: sampling is keyed per token)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.compact_below <= 1, "rollout.compact_below", self.compact_below, "a float in [0, 1]")
@@ -147,38 +165,44 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class SkipConfig:
-    # Fraction of decoder layers the behaviour model skips (0 = standard ReFT, on-policy); the starting ratio
-    # of the adaptive schedule.
     ratio: float = 0.25
-    # Which layers: uniform subset, one contiguous block, or weighted toward layers whose skipping cost the
-    # least measured KL so far ("learned").
+    """Fraction of decoder layers the behaviour model skips (0 = standard ReFT, on-policy); the starting ratio of
+    the adaptive schedule."""
     strategy: Literal["random", "contiguous", "learned"] = "random"
-    # "fixed": `ratio` every step; "linear": ramps from 0 to `ratio` over `warmup_steps`; "adaptive": moves
-    # toward the largest ratio whose raw token ESS/N stays near target_ess and KL(beta || pi) near target_kl
-    # (nested.controller.AdaptiveSkipController: smoothed statistics, a hysteresis band).
+    """Which layers: uniform subset, one contiguous block, or weighted toward layers whose skipping cost the least
+    measured KL so far ("learned")."""
     schedule: Literal["fixed", "linear", "adaptive"] = "fixed"
-    warmup_steps: int = 0
+    """How the ratio evolves: "fixed", `ratio` every step; "linear", ramped from 0 to `ratio` over `ramp_steps`;
+    "adaptive", moved toward the largest ratio whose raw token ESS/N stays near target_ess and KL(beta || pi) near
+    target_kl (nested.controller.AdaptiveSkipController: smoothed statistics, a hysteresis band)."""
+    ramp_steps: int = 0
+    """Steps over which the "linear" schedule ramps the ratio from 0 to `ratio`."""
     ratio_min: float = 0.0
+    """Lowest ratio the adaptive schedule may choose."""
     ratio_max: float = 0.5
-    # Targets of the adaptive schedule: the raw (untruncated) token-level ESS/N of pi_prox / beta, whatever the
-    # correction, and the per-token KL(beta || pi_prox).
+    """Highest ratio the adaptive schedule may choose."""
     target_ess: float | None = None
+    """Target of the adaptive schedule: the raw (untruncated) token-level ESS/N of pi_prox / beta, whatever the
+    correction (null: not a target)."""
     target_kl: float | None = None
-    # How far the adaptive ratio moves in one step.
+    """Target of the adaptive schedule: per-token KL(beta || pi_prox) (null: not a target)."""
     step_size: float = 0.05
-    # Weight of the newest step in the moving average of each statistic the adaptive schedule reads.
+    """How far the adaptive ratio moves in one step."""
     smoothing: float = 0.3
-    # Relative half-width of the band around each target inside which the adaptive ratio holds.
+    """Weight of the newest step in the moving average of each statistic the adaptive schedule reads."""
     tolerance: float = 0.5
+    """Relative half-width of the band around each target inside which the adaptive ratio holds."""
     protect_first: int = 1
+    """The first this many decoder layers are never skipped."""
     protect_last: int = 1
+    """The last this many decoder layers are never skipped."""
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.ratio < 1.0, "skip.ratio", self.ratio, "a float in [0, 1)")
-        _require(self.warmup_steps >= 0, "skip.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _require(self.ramp_steps >= 0, "skip.ramp_steps", self.ramp_steps, "an integer >= 0")
         _require(self.protect_first >= 0, "skip.protect_first", self.protect_first, "an integer >= 0")
         _require(self.protect_last >= 0, "skip.protect_last", self.protect_last, "an integer >= 0")
-        _require(self.schedule != "linear" or self.warmup_steps > 0, "skip.warmup_steps", self.warmup_steps,
+        _require(self.schedule != "linear" or self.ramp_steps > 0, "skip.ramp_steps", self.ramp_steps,
                  "an integer > 0 when skip.schedule='linear'")
         if self.schedule == "adaptive":
             _require(0.0 <= self.ratio_min <= self.ratio <= self.ratio_max < 1.0, "skip.ratio_min/ratio/ratio_max",
@@ -200,34 +224,42 @@ class SkipConfig:
 class AlgorithmConfig:
     """The policy-gradient estimator; docs/estimators.md gives each correction's formula and normaliser."""
     advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
-    # Off-policy correction for behaviour (nested) samples; weights use pi_prox / behaviour, detached.
+    """Group-relative advantage: grpo (mean/std normalised), dr_grpo (mean-centred), rloo (leave-one-out)."""
     correction: Literal["none", "seq_is", "token_tis", "token_mis", "seq_mis"] = "token_tis"
-    # Truncation cap C for seq_is / token_tis (None: no cap).
+    """Off-policy correction for behaviour (nested) samples; weights use pi_prox / behaviour, detached."""
     is_cap: float | None = 2.0
-    # Masking band [mask_low, mask_high] for token_mis / seq_mis.
+    """Truncation cap C for seq_is / token_tis (None: no cap)."""
     mask_low: float = 0.5
+    """Lower end of the masking band [mask_low, mask_high] for token_mis / seq_mis."""
     mask_high: float = 2.0
-    # seq_mis: test the geometric-mean ratio exp(mean_t log rho_t) instead of the raw product.
+    """Upper end of the masking band (see mask_low)."""
     seq_mis_geometric: bool = True
+    """For seq_mis: test the geometric-mean ratio exp(mean_t log rho_t) instead of the raw product."""
     self_normalize: bool = False
-    # PPO trust region on pi_theta / pi_prox (decoupled from the off-policy weight).
+    """For seq_is only: rescale the weights so each prompt group's valid sequences average 1 (biased, lower variance)."""
     clip_eps_low: float = 0.2
+    """Lower PPO clip: r_t = pi_theta / pi_prox is clipped at 1 - clip_eps_low (the trust region acts on
+    optimisation drift only, never on the nested-model mismatch, which the off-policy weight corrects)."""
     clip_eps_high: float = 0.28
+    """Upper PPO clip: r_t is clipped at 1 + clip_eps_high."""
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
-    # What the loss aggregation counts: every completion token (a token_mis / seq_mis mask then scales the
-    # gradient by the kept fraction), or only the tokens the mask keeps (verl's rejection-sampling form; costs one
-    # no-grad forward of the policy per step, to know the kept count before the update).
+    """How token losses are aggregated: token_mean, seq_mean_token_mean, or seq_mean_token_sum_norm (Dr. GRPO);
+    docs/estimators.md gives each normaliser."""
     normalize_over: Literal["completion_tokens", "kept_tokens"] = "completion_tokens"
-    # Weight of the KL penalty to the frozen reference (0: no reference model).
+    """What the loss aggregation counts: every completion token (a token_mis / seq_mis mask then scales the gradient
+    by the kept fraction), or only the tokens the mask keeps (verl's rejection-sampling form; costs one no-grad
+    forward of the policy per step, to know the kept count before the update)."""
     kl_coef: float = 0.0
-    # Where the penalty goes: false, a per-token loss term (weighted like the policy-gradient term); true, the
-    # sequence's summed k1 KL subtracted from its reward before the advantages (verl's use_kl_in_reward; costs one
-    # no-grad forward of the policy and the reference per step, before the update).
+    """Weight of the KL penalty to the frozen reference (0: no reference model)."""
     kl_in_reward: bool = False
-    # KL estimator (rl/kl.py). "auto" picks the one whose expected gradient is that of KL(pi_theta || pi_ref) where
-    # the penalty goes: k2 in the loss, k1 in the reward. k3 in the loss follows the forward KL(pi_ref || pi_theta);
-    # k1 in the loss has zero expected gradient, and k2 / k3 in the reward follow no KL, so those are refused.
+    """Where the penalty goes: false, a per-token loss term (weighted like the policy-gradient term); true, the
+    sequence's summed k1 KL subtracted from its reward before the advantages (verl's use_kl_in_reward; costs one
+    no-grad forward of the policy and the reference per step, before the update)."""
     kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
+    """KL estimator (rl/kl.py). "auto" picks the one whose expected gradient is that of KL(pi_theta || pi_ref) where
+    the penalty goes: k2 in the loss, k1 in the reward. k3 in the loss follows the forward KL(pi_ref ||
+    pi_theta); k1 in the loss has zero expected gradient, and k2 / k3 in the reward follow no KL, so those are
+    refused."""
 
     def __post_init__(self) -> None:
         _require(self.is_cap is None or self.is_cap >= 1.0, "algorithm.is_cap", self.is_cap, "null or a float >= 1")
@@ -256,14 +288,14 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    # Per-comparison time bound for symbolic equivalence (worker process, hard kill past it).
     timeout: float = 5.0
-    # Relative tolerance when either side is a decimal (exact numbers must match exactly).
+    """Per-comparison time bound for symbolic equivalence (worker process, hard kill past it)."""
     rel_tol: float = 1e-4
-    # Added to the 0/1 correctness reward when the completion has a well-formed \boxed{} answer.
+    """Relative tolerance when either side is a decimal (exact numbers must match exactly)."""
     format_weight: float = 0.0
-    # Fall back to the last number in the completion when it states no explicit final answer.
+    """Added to the 0/1 correctness reward when the completion has a well-formed \boxed{} answer."""
     last_number: bool = True
+    """Fall back to the last number in the completion when it states no explicit final answer."""
 
     def __post_init__(self) -> None:
         _require(self.timeout > 0, "reward.timeout", self.timeout, "a float > 0 (seconds)")
@@ -273,54 +305,63 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 30  # RL steps (0: stop after the SFT warm-up)
-    # Sequences per forward/backward on each rank; gradient accumulation follows from the rollout size.
+    steps: int = 30
+    """RL steps (0: stop after the SFT warm-up)."""
     micro_batch_size: int = 32
-    # Exact: micro-batches take rows of similar length and each is trimmed to its own longest row, so training
-    # computes little padding. Rows move in whole prompt groups (when a micro-batch holds whole groups) under
-    # algorithm.self_normalize or a shared_prompt_forward other than "never", else singly.
+    """Sequences per forward/backward on each rank; gradient accumulation follows from the rollout size."""
     bucket_by_length: bool = True
-    # Exact: score each prompt's samples in one packed sequence [prompt, c_1 .. c_G] with a block attention mask,
-    # so the prompt is encoded once: "always", "never", or "auto": in the micro-batches where that computes fewer
-    # FLOPs. Needs SDPA or eager attention (flash-attention-2 takes no custom mask; "auto" then never packs).
+    """Exact: micro-batches take rows of similar length and each is trimmed to its own longest row, so training
+    computes little padding. Rows move in whole prompt groups (when a micro-batch holds whole groups) under
+    algorithm.self_normalize or a shared_prompt_forward other than "never", else singly."""
     shared_prompt_forward: Literal["auto", "always", "never"] = "auto"
+    """Exact: score each prompt's samples in one packed sequence [prompt, c_1 .. c_G] with a block attention mask,
+    so the prompt is encoded once: "always", "never", or "auto": in the micro-batches where that computes fewer
+    FLOPs. Needs SDPA or eager attention (flash-attention-2 takes no custom mask; "auto" then never packs)."""
     lr: float = 2e-4
+    """RL learning rate (AdamW)."""
     weight_decay: float = 0.0
-    warmup_steps: int = 0
+    """AdamW weight decay."""
+    lr_warmup_steps: int = 0
+    """RL steps over which the learning rate ramps linearly to `lr` (0: none)."""
     grad_clip: float = 1.0
+    """Gradient-norm clip (0 disables clipping)."""
     seed: int = 1234
-    # ZeRO stage used when no DeepSpeed JSON is given (`--deepspeed`).
+    """Seeds the data order, skip plans, sampling noise, the synthetic problems and the embedded model's initial
+    weights."""
     zero_stage: Literal[0, 1, 2, 3] = 0
-    # "auto": bf16 on CUDA when supported, fp32 on CPU.
+    """ZeRO stage used when no DeepSpeed JSON is given (`--deepspeed`)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # Supervised warm-up on worked solutions before RL (gives a from-scratch model non-zero reward).
+    """Precision: "auto" is bf16 on CUDA when supported, fp32 on CPU."""
     sft_steps: int = 0
+    """Supervised warm-up on worked solutions before RL (gives a from-scratch model non-zero reward)."""
     sft_lr: float = 3e-3
-    # LayerDrop in the warm-up: every other SFT step trains a random nested view with this fraction of the
-    # decoder layers skipped. Pretrained LLMs tolerate skipping middle layers; a model trained from scratch
-    # without this does not, and its nested behaviour model would sample almost nothing correct. 0 disables.
+    """Learning rate at the warm-up's first step; it decays linearly to `lr` by its last."""
     sft_layer_drop: float = 0.0
-    # First warm-up step of LayerDrop: the steps before it train the full model only.
+    """LayerDrop in the warm-up: every other SFT step trains a random nested view with this fraction of the decoder
+    layers skipped. Pretrained LLMs tolerate skipping middle layers; a model trained from scratch without this
+    does not, and its nested behaviour model would sample almost nothing correct. 0 disables."""
     sft_layer_drop_from: int = 0
-    # The warm-up's loss covers the prompt's tokens as well as the worked solution's (language modelling on the
-    # question, for a model trained from scratch); off, the prompt is only context, as in RL.
+    """First warm-up step of LayerDrop: the steps before it train the full model only."""
     sft_question_loss: bool = False
+    """The warm-up's loss covers the prompt's tokens as well as the worked solution's (language modelling on the
+    question, for a model trained from scratch); off, the prompt is only context, as in RL."""
     save_every: int = 0
-    # Committed checkpoints kept in <output_dir>/checkpoints, newest by commit order (0: keep all). Older ones are
-    # removed only after a newer one is committed; the one `latest` names is never removed.
+    """Checkpoint every this many steps of each phase (0: only at the end of each phase)."""
     keep_checkpoints: int = 3
+    """Committed checkpoints kept in <output_dir>/checkpoints, newest by commit order (0: keep all). Older ones are
+    removed only after a newer one is committed; the one `latest` names is never removed."""
     output_dir: str = "runs/tiny_arith"
-    # torch intra-op CPU threads per rank (null: torch's default), capped at cores / ranks on the machine so ranks
-    # sharing a CPU do not oversubscribe it. Tiny models decode fastest on 1 thread (synchronisation costs more
-    # than their matmuls) but train ~2x faster on 2 (measured: a plain-torch forward+backward of the default
-    # model on an SFT batch, 0.44 s on 1 thread, 0.20 s on 2).
+    """The run directory: metrics.jsonl, TensorBoard events, checkpoints, the embedded base model. One job owns it
+    at a time."""
     cpu_threads: int | None = None
+    """Torch intra-op CPU threads per rank (null: torch's default), capped at cores / ranks on the machine so ranks
+    sharing a CPU do not oversubscribe it."""
 
     def __post_init__(self) -> None:
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, "an integer >= 1")
         _require(self.steps + self.sft_steps >= 1, "train.steps", self.steps,
                  f"an integer >= 1 (0 only with train.sft_steps >= 1: SFT only; sft_steps is {self.sft_steps})")
-        for key in ("steps", "warmup_steps", "sft_steps", "sft_layer_drop_from", "save_every", "keep_checkpoints"):
+        for key in ("steps", "lr_warmup_steps", "sft_steps", "sft_layer_drop_from", "save_every", "keep_checkpoints"):
             _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "an integer >= 0")
         _require(0.0 <= self.sft_layer_drop < 1.0, "train.sft_layer_drop", self.sft_layer_drop,
                  "a float in [0, 1)")
@@ -339,12 +380,15 @@ class TrainConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     log_every: int = 1
+    """Log (and print) every this many steps."""
     tensorboard: bool = True
+    """Write TensorBoard events to <output_dir>/tensorboard."""
     progress_bar: bool = True
-    # Held-out greedy accuracy every N steps (0: only before and after training).
+    """Show a progress bar per phase on rank 0."""
     eval_every: int = 0
-    # Every rank also prints its step lines (prefixed "[rank R]"); files are written by rank 0 only.
+    """Held-out greedy evaluation every N RL steps (0: only before and after RL)."""
     all_ranks: bool = False
+    """Every rank also prints its step lines (prefixed "[rank R]"); files are written by rank 0 only."""
 
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "logging.log_every", self.log_every, "an integer >= 1")
@@ -354,13 +398,21 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training and held-out problems."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling the completions of each RL step."""
     skip: SkipConfig = field(default_factory=SkipConfig)
+    """Which decoder layers the behaviour model skips."""
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """The policy-gradient estimator."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """The verifier."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, phases, checkpoints and the run directory."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """What each step writes and prints."""
 
     def __post_init__(self) -> None:
         # Checks that span sections; each would otherwise fail only at the first RL step.
@@ -448,12 +500,20 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key '{key}' has invalid value {value!r}: expected {_allowed(tp)}")
 
 
+# Keys renamed so that each word has one meaning ("warm-up" is the SFT phase): old name -> new name.
+RENAMED_KEYS = {"train.warmup_steps": "train.lr_warmup_steps", "skip.warmup_steps": "skip.ramp_steps"}
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
+    for key in unknown:
+        if f"{prefix}{key}" in RENAMED_KEYS:
+            raise ConfigError(f"config key '{prefix}{key}' is now '{RENAMED_KEYS[prefix + key]}' (the old name "
+                              "meant another 'warm-up' than the SFT phase)")
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}': allowed keys in "
                           f"'{prefix.rstrip('.') or '<root>'}' are {', '.join(names)}")
@@ -509,3 +569,59 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for override in overrides:
         _apply_override(tree, override)
     return _build(ExperimentConfig, tree, "")
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), read from the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for item, following in zip(body, body[1:] + [None]):
+        if (isinstance(item, ast.AnnAssign) and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+            docs[item.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def reference_entries() -> list[tuple[str, str, list[tuple[str, str, str, str]]]]:
+    """(section, its docstring, [(dotted key, allowed values, default as YAML, docstring)]) for every section."""
+    hints = typing.get_type_hints(ExperimentConfig)
+    section_docs = field_docs(ExperimentConfig)
+    entries = []
+    for section in dataclasses.fields(ExperimentConfig):
+        cls = hints[section.name]
+        docs, types_ = field_docs(cls), typing.get_type_hints(cls)
+        keys = [(f"{section.name}.{item.name}", _allowed(types_[item.name]),
+                 yaml.safe_dump(item.default, default_flow_style=True).strip().removesuffix("...").strip(),
+                 docs.get(item.name, "")) for item in dataclasses.fields(cls)]
+        entries.append((section.name, section_docs[section.name], keys))
+    return entries
+
+
+def reference_markdown() -> str:
+    """The configuration reference as Markdown (docs/configuration.md, `nested-reft config --markdown`)."""
+    out = ["# Configuration reference", "",
+           "Generated by `nested-reft config --markdown` from `nested_reft_ds/config.py` (a test checks it is current).",
+           "Set a key in a YAML file (`section:` then `key: value`) or with `--set section.key=value`.", ""]
+    cell = lambda text: text.replace("|", "\\|")
+    for section, doc, keys in reference_entries():
+        out += [f"## {section}", "", doc, "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        out += [f"| `{key}` | {cell(allowed)} | `{cell(default)}` | {cell(text)} |" for key, allowed, default, text in keys]
+        out.append("")
+    return "\n".join(out)
+
+
+def reference_text() -> str:
+    """The configuration reference as plain text (`nested-reft config`)."""
+    out = []
+    for section, doc, keys in reference_entries():
+        out.append(f"{section}: {doc}")
+        for key, allowed, default, text in keys:
+            out += [f"  {key} = {default}    ({allowed})", f"      {text}"]
+        out.append("")
+    return "\n".join(out)

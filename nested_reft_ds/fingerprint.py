@@ -27,7 +27,7 @@ What a checkpoint pins (`run_fingerprint`), and why each is in:
   layout of a step), `skip.schedule` and `skip.strategy` (whose state, the adaptive controller / the learned
   layer costs, is in the checkpoint and is silently dropped or left unset when they change).
   An SFT checkpoint does not pin these: no RL state exists yet, so RL may start from it with another layout.
-Safe to change on resume (deliberately not in): train.steps, lr, sft_lr, warmup_steps, weight_decay, grad_clip,
+Safe to change on resume (deliberately not in): train.steps, lr, sft_lr, lr_warmup_steps, weight_decay, grad_clip,
 micro_batch_size (gradient accumulation follows; losses are normalised by global counts), save_every,
 keep_checkpoints, output_dir, cpu_threads, sft_layer_drop, sft_layer_drop_from, sft_question_loss, every logging.*
 key, evaluation

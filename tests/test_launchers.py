@@ -481,7 +481,7 @@ def test_two_nodes_trained_the_seeded_skip_plans_with_finite_losses(two_nodes):
     sft = [m for m in metrics if m["phase"] == "sft"]
     assert [m["step"] for m in sft] == [0, 1] and [m["step"] for m in rl] == [0, 1]
     for record in rl:
-        ratio = scheduled_ratio(cfg.skip.ratio, record["step"], cfg.skip.schedule, cfg.skip.warmup_steps)
+        ratio = scheduled_ratio(cfg.skip.ratio, record["step"], cfg.skip.schedule, cfg.skip.ramp_steps)
         plan = sample_skip_plan(cfg.model.num_layers, ratio, record["step"], cfg.train.seed, cfg.skip.protect_first,
                                 cfg.skip.protect_last, cfg.skip.strategy)
         assert record["skipped_layers"] == list(plan.skipped)

@@ -98,10 +98,10 @@ def sample_skip_plan(num_layers: int, ratio: float, step: int, seed: int, protec
     return SkipPlan(num_layers, tuple(sorted(chosen)))
 
 
-def scheduled_ratio(target_ratio: float, step: int, schedule: str, warmup_steps: int) -> float:
-    """Skip ratio at `step`: constant ("fixed") or ramped linearly from 0 over `warmup_steps` ("linear")."""
-    if schedule == "fixed" or step >= warmup_steps:
+def scheduled_ratio(target_ratio: float, step: int, schedule: str, ramp_steps: int) -> float:
+    """Skip ratio at `step`: constant ("fixed") or ramped linearly from 0 over `ramp_steps` ("linear")."""
+    if schedule == "fixed" or step >= ramp_steps:
         return target_ratio
     if schedule == "linear":
-        return target_ratio * step / warmup_steps
+        return target_ratio * step / ramp_steps
     raise ValueError(f"unknown skip schedule {schedule!r}")

@@ -28,7 +28,7 @@ class SkipScheduler:
     def ratio(self, step: int) -> float:
         if self.controller is not None:
             return self.controller.ratio
-        return scheduled_ratio(self.cfg.ratio, step, self.cfg.schedule, self.cfg.warmup_steps)
+        return scheduled_ratio(self.cfg.ratio, step, self.cfg.schedule, self.cfg.ramp_steps)
 
     def plan(self, step: int) -> SkipPlan:
         cfg = self.cfg

@@ -421,7 +421,7 @@ def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan:
     run_log.start_phase("rl", cfg.train.steps, progress.rl_step)
     while progress.rl_step < cfg.train.steps:
         step = progress.rl_step
-        backend.set_learning_rate(engine, cfg.train.lr * min(1.0, (step + 1) / max(cfg.train.warmup_steps, 1)))
+        backend.set_learning_rate(engine, cfg.train.lr * min(1.0, (step + 1) / max(cfg.train.lr_warmup_steps, 1)))
         metrics = rl_step(StepContext(engine, tokenizer, cfg, train_problems, skip, rank, world, reference), step)
         stop_if_diverged(engine, "rl", step, metrics, ("loss", "grad_norm"))
         (first_rewards if step < cfg.train.steps / 2 else last_rewards).append(metrics["reward_mean"])
