@@ -4,8 +4,8 @@ A fingerprint is a flat JSON-able dict of dotted keys -> values. It is written n
 (`<dir>/nested_reft_fingerprint.json`) and compared before anything is loaded, so an incompatible resume or a
 stale `<output_dir>/base_model` is refused with one line naming each differing key and both values instead of
 failing deep inside DeepSpeed, or worse, silently training something else. Only keys present on both sides are
-compared: a fingerprint from an older version (fewer keys) still checks what it has, and a state without one
-(written before fingerprints existed) is not checked at all.
+compared, so a fingerprint with fewer keys still checks what it has; a state without one is not checked at all
+(`read_fingerprint` warns that the checks are off).
 
 What a checkpoint pins (`run_fingerprint`), and why each is in:
 - the model's architecture and tokenizer (`model_fingerprint`): the saved weights/optimizer state only fit that
@@ -60,7 +60,7 @@ MODEL_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_
                 "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
 # ModelConfig fields the embedded model is built from (path and attn_implementation do not change the weights).
 EMBEDDED_FIELDS = ("arch", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
-# The same, as a Hugging Face config.json names them (for base models built before fingerprints existed).
+# The same, as a Hugging Face config.json names them (for a base model directory without a recorded fingerprint).
 _EMBEDDED_FROM_HF = {"model_type": "arch", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
                      "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads",
                      "intermediate_size": "intermediate_size"}
@@ -175,7 +175,7 @@ def read_fingerprint(directory: str | Path) -> dict[str, Any] | None:
 def check_base_model(path: str | Path, model_cfg: ModelConfig, seed: int) -> None:
     """Refuse a built embedded base model that the current `model.*` settings (or seed) would not build.
 
-    Reads its recorded fingerprint; a base model built before fingerprints existed is checked by its config.json
+    Reads its recorded fingerprint; a base model directory without one is checked by its config.json
     (architecture only: its seed is unknown)."""
     path = Path(path)
     saved = read_fingerprint(path)

@@ -7,8 +7,8 @@ leaves `latest` pointing at the previous complete checkpoint, so nothing is lost
 `latest` is the one commit point. `<dir>/committed_tags` lists the committed tags in commit order (rewritten
 atomically after each commit; a crash between the two is healed on the next read, which appends `latest`).
 Retention (`keep`) keeps the last N of that list and always the tag `latest` names; a tag directory in neither
-(a save that crashed before its commit) is removed too, so it can never be chosen nor linger. A directory written
-before `committed_tags` existed is listed in tag order (`sft_step{n}` before `rl_step{n}`, by step) up to `latest`.
+(a save that crashed before its commit) is removed too, so it can never be chosen nor linger. A directory with
+`latest` but no `committed_tags` is listed in tag order (`sft_step{n}` before `rl_step{n}`, by step) up to `latest`.
 
 A save that fails (a full disk, a rank's error) leaves nothing behind: every rank removes the uncommitted tag
 directory and our temp files before the error propagates, and a full disk is named as such (`ConfigError`: one line,
@@ -107,7 +107,7 @@ def committed_tags(save_dir: str | Path) -> list[str]:
     listing = save_dir / COMMITTED
     if listing.is_file():
         tags = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-    else:  # written before the list existed: every loop tag up to `latest`, in tag order
+    else:  # no list: every loop tag up to `latest`, in tag order
         bound = tag_order(latest) if latest else None
         tags = sorted((d.name for d in save_dir.iterdir() if d.is_dir() and tag_order(d.name) and bound
                        and tag_order(d.name) <= bound), key=tag_order) if save_dir.is_dir() else []

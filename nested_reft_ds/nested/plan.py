@@ -1,7 +1,7 @@
 """Which decoder layers the behaviour model skips at a given step.
 
 A plan is a pure function of (seed, step, ratio, strategy): every rank derives the same plan with no
-communication, and a resumed run derives the plan it would have used. `engine.comm.check_same_plan` verifies
+communication, and a resumed run derives the plan it would have used. `engine.check_same_plan` verifies
 the agreement at run time (a mismatch raises on every rank rather than silently sampling different models).
 """
 from __future__ import annotations

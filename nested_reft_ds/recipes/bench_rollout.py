@@ -168,7 +168,7 @@ def machine(module: torch.nn.Module) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import engine as backend
+    from .. import engine as ds
     from ..config import load_config
     from . import comm_stats
     from ..engine import internals
@@ -177,25 +177,25 @@ def run(args: argparse.Namespace) -> int:
     from ..nested import decoder_layers, nested_view, sample_skip_plan
     from ..rollout import generate
 
-    rank, world = backend.init_distributed()
+    rank, world = ds.init_distributed()
     load_at_start, began = os.getloadavg()[0], time.perf_counter()
     out = Path(args.workdir) / "model"
     if rank == 0:
         model_path(args, out)
-    backend.barrier()
+    ds.barrier()
     cfg = load_config(None, [f"rollout.prompts_per_step={world}", f"rollout.group_size={args.batch_size}",
                              f"train.micro_batch_size={args.batch_size}", "train.zero_stage=3"])
     # The built-in ZeRO-3 config (no file outside the package: this runs from a plain `pip install` too).
-    ds_config = backend.fill_ds_config(backend.load_ds_config(None, cfg), cfg, world)
-    model, _ = backend.load_model_for_engine(args.model or out, ds_config, select_attn_implementation("auto"))
-    engine = backend.build_engine(model, ds_config)
+    ds_config = ds.fill_ds_config(ds.load_ds_config(None, cfg), cfg, world)
+    model, _ = ds.load_model_for_engine(args.model or out, ds_config, select_attn_implementation("auto"))
+    engine = ds.build_engine(model, ds_config)
     engine.eval()
     module = engine.module
     parent, attr = decoder_layers(module)
     num_layers = len(getattr(parent, attr))
     generator = torch.Generator().manual_seed(rank)
     ids = torch.randint(2, module.config.vocab_size, (args.batch_size, PROMPT_LENGTH), generator=generator)
-    ids = ids.to(backend.device())
+    ids = ids.to(ds.device())
     mask = torch.ones_like(ids)
     pad = module.config.pad_token_id if module.config.pad_token_id is not None else 0
     ratios, modes = args.ratios, args.modes.split(",")
@@ -246,12 +246,12 @@ def run(args: argparse.Namespace) -> int:
                 traced = case[1]
             if repeat and case[0] == "once":
                 expected[case[1]] = needed(case[1])
-            backend.barrier()
+            ds.barrier()
             start = time.perf_counter()
             with memory_probe(module) if repeat == 0 else nullcontext() as peak, comm_stats.record() as comm:
                 gathered_at = rollout(*case, new_tokens=args.new_tokens if repeat else min(WARMUP_TOKENS,
                                                                                           args.new_tokens))
-            backend.barrier()
+            ds.barrier()
             elapsed = time.perf_counter() - start
             if repeat:
                 times[case].append(elapsed)
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         for before, comm in trace:
             print(f"training step after {before:<24}: {comm.all_gather_calls:>4} all-gathers, "
                   f"{comm.all_gather_bytes / 2**20:7.1f} MB gathered, {comm.total_calls:>4} collectives")
-    backend.shutdown_distributed()
+    ds.shutdown_distributed()
     return 0
 
 

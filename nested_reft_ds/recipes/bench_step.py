@@ -132,7 +132,7 @@ def logprob_memory(vocab: int, rows: int, prompt: int, completion: int, device: 
 
 
 def run_step_bench(args: argparse.Namespace) -> int:
-    from .. import engine as backend
+    from .. import engine as ds
     from ..data import problems_from_config
     from ..nested import SkipScheduler
     from .rl_step import StepContext, rl_step
@@ -145,16 +145,16 @@ def run_step_bench(args: argparse.Namespace) -> int:
                          f"{', '.join(VARIANTS)}; got {args.variants!r}")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_step_"))
     cfg = step_config(args, workdir)
-    rank, world = backend.init_distributed()
+    rank, world = ds.init_distributed()
     if world != 1:
         raise SystemExit("nested-reft bench step runs in one process")
-    ds_config = backend.fill_ds_config(backend.load_ds_config(None, cfg), cfg, world)
+    ds_config = ds.fill_ds_config(ds.load_ds_config(None, cfg), cfg, world)
     problems, _ = problems_from_config(cfg.data, cfg.train.seed)
     model_dir = prepare_model_dir(cfg, workdir, rank)
-    model, tokenizer = backend.load_model_for_engine(model_dir, ds_config, cfg.model.attn_implementation)
-    engine = backend.build_engine(model, ds_config)
-    backend.set_learning_rate(engine, 0.0)  # every variant must decode with the same weights
-    device = backend.device()
+    model, tokenizer = ds.load_model_for_engine(model_dir, ds_config, cfg.model.attn_implementation)
+    engine = ds.build_engine(model, ds_config)
+    ds.set_learning_rate(engine, 0.0)  # every variant must decode with the same weights
+    device = ds.device()
     num_layers = model.config.num_hidden_layers
     cases = [(ratio, name) for ratio in args.ratios for name in names]
     records: dict[tuple[float, str], list[dict]] = {case: [] for case in cases}
@@ -179,7 +179,7 @@ def run_step_bench(args: argparse.Namespace) -> int:
         print(f"  full [b, P+T, V] logits      {full / 2**20:8.0f} MB")
         print(f"  completion_logprobs          {chunked / 2**20:8.0f} MB   ratio {chunked / max(full, 1):.3f} "
               f"(target <= 0.25: {'met' if chunked <= full / 4 else 'NOT met'})")
-    backend.shutdown_distributed()
+    ds.shutdown_distributed()
     return 0
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .. import engine as backend
+from .. import engine as ds
 from .. import run_dir
 from ..checks import check_model_inputs, check_output_dir, check_solutions
 from ..config import ConfigError, ExperimentConfig, load_config
@@ -93,17 +93,17 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
 
     `sft_loss` is the solution's token-mean loss whether or not the question is trained on
     (`train.sft_question_loss`, which adds `sft_question_loss`), so warm-ups compare on one measure."""
-    # Linear decay from sft_lr to the RL lr: annealed to 0, the warm-up would settle where the landscape is too
-    # sharp for any RL step (measured on the tiny default: RL at lr 1e-4 then halved greedy accuracy).
+    # Linear decay from sft_lr to the RL lr, not to 0: RL continues at the lr the warm-up ends with, and a warm-up
+    # annealed to 0 settles where the landscape is too sharp for RL's steps (docs/results/default_run.md).
     lr = cfg.train.sft_lr + (cfg.train.lr - cfg.train.sft_lr) * step / cfg.train.sft_steps
-    backend.set_learning_rate(engine, lr)
+    ds.set_learning_rate(engine, lr)
     micro = engine.train_micro_batch_size_per_gpu()
     local_rows = micro * engine.gradient_accumulation_steps()
     chosen = batch_indices(len(problems), local_rows * world, step, cfg.train.seed + 1)
     batch, solution_mask = teacher_forced(tokenizer, [problems[i] for i in local_share(chosen, rank, world)],
-                                          cfg.data.prompt_template, backend.device(),
+                                          cfg.data.prompt_template, ds.device(),
                                           question_loss=cfg.train.sft_question_loss)
-    (num_global_tokens,) = backend.all_reduce_sum([batch.num_completion_tokens])
+    (num_global_tokens,) = ds.all_reduce_sum([batch.num_completion_tokens])
     # Odd steps from train.sft_layer_drop_from on train a random nested view (LayerDrop), a pure function of
     # (seed, step) like RL skip plans.
     num_layers = engine.module.config.num_hidden_layers
@@ -118,13 +118,13 @@ def sft_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConf
         with nested_view(engine.module, plan):
             logprobs = completion_logprobs(engine, micro_batch, 1.0, chunked_head=unpartitioned(engine))
         nll = -(logprobs * micro_batch.completion_mask)
-        engine.backward(nll.sum() / num_global_tokens * backend.loss_scale_for_engine(engine))
-        backend.optimizer_step(engine)  # skipped layers take a zero-gradient step at every ZeRO stage
+        engine.backward(nll.sum() / num_global_tokens * ds.loss_scale_for_engine(engine))
+        ds.optimizer_step(engine)  # skipped layers take a zero-gradient step at every ZeRO stage
         total_nll = total_nll + nll.detach().sum()
         solution_nll = solution_nll + (nll.detach() * solution_mask[rows][:, :nll.shape[1]]).sum()
     maybe_fail("sft", step, rank)
     solution_tokens = int(solution_mask.sum())
-    solution_nll, total_nll, solution_tokens, total_tokens = backend.all_reduce_sum(
+    solution_nll, total_nll, solution_tokens, total_tokens = ds.all_reduce_sum(
         [float(solution_nll), float(total_nll), solution_tokens, batch.num_completion_tokens])
     metrics = {"sft_loss": solution_nll / solution_tokens, "lr": lr, "sft_skipped": len(plan.skipped)}
     if cfg.train.sft_question_loss:
@@ -145,13 +145,13 @@ def heldout_evaluation(engine, tokenizer, problems: list[MathProblem], cfg: Expe
     engine.eval()
 
     def decoding(plan: SkipPlan):
-        return backend.skip_aware_gather(engine, plan, cfg.rollout.gather,
+        return ds.skip_aware_gather(engine, plan, cfg.rollout.gather,
                                          memory_fraction=cfg.rollout.gather_memory_fraction)
 
     local, _ = evaluate_problems(engine.module, tokenizer, problems, settings, reward_timeout=cfg.reward.timeout,
                                  rel_tol=cfg.reward.rel_tol, last_number=cfg.reward.last_number, rank=rank,
                                  world=world, decoding=decoding)
-    metrics = EvalSums.from_list(1, backend.all_reduce_sum(local.as_list())).metrics()
+    metrics = EvalSums.from_list(1, ds.all_reduce_sum(local.as_list())).metrics()
     return {"heldout_accuracy": metrics["pass@1"], "heldout_completion_length": metrics["mean_completion_tokens"],
             "heldout_truncated": metrics["truncated_rate"], "heldout_no_answer": metrics["no_answer_rate"]}
 
@@ -180,7 +180,7 @@ def prepare_model_dir(cfg: ExperimentConfig, out_dir: Path, rank: int) -> Path:
     if rank == 0 and not (path / "config.json").is_file():
         build_tiny_model(cfg.model, path, cfg.train.seed)
         write_fingerprint(path, base_model_fingerprint(cfg.model, cfg.train.seed))
-    backend.barrier()
+    ds.barrier()
     check_base_model(path, cfg.model, cfg.train.seed)  # a stale base_model: ConfigError naming keys and values
     return path
 
@@ -194,13 +194,13 @@ def start_reference(engine, cfg: ExperimentConfig, ds_config: dict, model_dir: P
     if cfg.algorithm.kl_coef == 0 or progress.rl_step >= cfg.train.steps:
         return None
     if progress.rl_step == 0:
-        return backend.build_reference(model_dir, ds_config, cfg.model.attn_implementation, policy=engine)
-    if resumed_from is None or not backend.has_saved_reference(resumed_from):
+        return ds.build_reference(model_dir, ds_config, cfg.model.attn_implementation, policy=engine)
+    if resumed_from is None or not ds.has_saved_reference(resumed_from):
         raise ConfigError(f"config key 'algorithm.kl_coef' has invalid value {cfg.algorithm.kl_coef!r} for resuming "
                           f"from {str(resumed_from)!r}: that checkpoint holds no KL reference (it was written with "
                           "algorithm.kl_coef=0), and the reference (the policy at RL step 0) cannot be rebuilt "
                           "from a later step; resume with algorithm.kl_coef=0 or start RL from an SFT checkpoint")
-    return backend.build_reference(model_dir, ds_config, cfg.model.attn_implementation, saved=resumed_from)
+    return ds.build_reference(model_dir, ds_config, cfg.model.attn_implementation, saved=resumed_from)
 
 
 def warn(text: str) -> None:
@@ -226,14 +226,14 @@ def plan_resume(resume: str, out_dir: Path, overwrite: bool) -> ResumePlan:
     earlier run (`run_dir.earlier_run`) unless `overwrite`, which moves that run aside first."""
     ckpt_dir = out_dir / "checkpoints"
     as_tag = resume not in ("auto", "none") and "/" not in resume and (
-        backend.tag_order(resume) is not None or (ckpt_dir / resume).is_dir())
+        ds.tag_order(resume) is not None or (ckpt_dir / resume).is_dir())
     fresh = resume == "none" or (resume != "auto" and not as_tag and Path(resume).resolve() != ckpt_dir.resolve())
     if overwrite and not fresh:
         raise ConfigError(f"--overwrite moves an earlier run aside to start afresh: it goes with --resume none or "
                           f"--resume DIR (a checkpoint directory elsewhere), not --resume {resume}")
     if as_tag:
-        committed = backend.committed_tags(ckpt_dir)
-        unrecorded = not committed and backend.latest_tag(ckpt_dir) is None and (ckpt_dir / resume).is_dir()
+        committed = ds.committed_tags(ckpt_dir)
+        unrecorded = not committed and ds.latest_tag(ckpt_dir) is None and (ckpt_dir / resume).is_dir()
         if resume not in committed and not unrecorded:
             raise ConfigError(f"--resume {resume}: no committed checkpoint {resume!r} in {str(ckpt_dir)!r} "
                               f"(committed: {', '.join(committed) or 'none'})")
@@ -243,7 +243,7 @@ def plan_resume(resume: str, out_dir: Path, overwrite: bool) -> ResumePlan:
                  "them"] if newer else []
         return ResumePlan(str(ckpt_dir), [resume], pinned=True, warnings=notes)
     if not fresh:
-        tags, note = backend.resume_candidates(ckpt_dir)
+        tags, note = ds.resume_candidates(ckpt_dir)
         if not tags and resume != "auto":
             raise ConfigError(f"--resume {resume}: no committed checkpoint there")
         notes = [f"{note}; resuming from the newest committed checkpoint, {tags[0]}"] if note and tags else []
@@ -258,7 +258,7 @@ def plan_resume(resume: str, out_dir: Path, overwrite: bool) -> ResumePlan:
         notes.append(f"moved the earlier run in {str(out_dir)!r} aside to {str(run_dir.move_aside(out_dir))!r}")
     if resume == "none":
         return ResumePlan(warnings=notes)
-    tags, note = backend.resume_candidates(Path(resume))
+    tags, note = ds.resume_candidates(Path(resume))
     if not tags:
         raise ConfigError(f"--resume {resume}: no committed checkpoint there")
     return ResumePlan(resume, tags, warnings=notes + ([f"{note}; resuming from the newest committed checkpoint, "
@@ -280,10 +280,10 @@ def claim_output_dir(out_dir: Path, resume: str, overwrite: bool, rank: int
                 verdict.warnings.insert(0, f"took over {str(lock.path)!r} from a run that has ended without "
                                            f"releasing it ({run_dir.describe_holder(lock.previous)})")
             run_dir.remove_temp_files(out_dir)
-            backend.remove_uncommitted(out_dir / "checkpoints")
+            ds.remove_uncommitted(out_dir / "checkpoints")
         except ConfigError as error:
             verdict = str(error)
-    verdict = backend.broadcast_object(verdict)
+    verdict = ds.broadcast_object(verdict)
     if isinstance(verdict, str):
         if lock is not None:
             lock.release()
@@ -300,8 +300,8 @@ def stop_if_diverged(engine, phase: str, step: int, metrics: dict[str, float], k
     user error and not a crash), and nothing from this step on is logged or committed. Every rank checks the same
     all-reduced numbers and stops alike."""
     values = {key: metrics[key] for key in keys if metrics.get(key) is not None}
-    if "grad_norm" not in values and backend.last_grad_norm(engine) is not None:
-        values["grad_norm"] = backend.last_grad_norm(engine)
+    if "grad_norm" not in values and ds.last_grad_norm(engine) is not None:
+        values["grad_norm"] = ds.last_grad_norm(engine)
     bad = [f"{key} {value}" for key, value in values.items() if not math.isfinite(value)]
     if bad:
         lr = "train.sft_lr" if phase == "sft" else "train.lr"
@@ -320,18 +320,18 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str,
     anything in it is read until it returns (`claim_output_dir`)."""
     check_output_dir(cfg.train.output_dir)
     if cfg.train.cpu_threads is not None:
-        torch.set_num_threads(backend.cpu_threads_per_rank(cfg.train.cpu_threads))
-    rank, world = backend.init_distributed()
+        torch.set_num_threads(ds.cpu_threads_per_rank(cfg.train.cpu_threads))
+    rank, world = ds.init_distributed()
     check_fault_ranks(world)
-    backend.start_watchdog()
+    ds.start_watchdog()
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
     lock, plan = claim_output_dir(out_dir, resume, overwrite, rank)
     try:
         return train_in_output_dir(cfg, ds_config_path, plan, out_dir, rank, world)
     except OSError as error:
-        if error.errno in backend.NO_SPACE:
-            raise backend.no_space_error(error, out_dir) from error
+        if error.errno in ds.NO_SPACE:
+            raise ds.no_space_error(error, out_dir) from error
         raise
     finally:
         if lock is not None:
@@ -341,13 +341,13 @@ def run(cfg: ExperimentConfig, ds_config_path: str | None, resume: str,
 def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan: ResumePlan, out_dir: Path,
                         rank: int, world: int) -> dict[str, float]:
     """The body of `run`, once this job owns `out_dir`. Collective."""
-    ds_config = backend.fill_ds_config(backend.load_ds_config(ds_config_path, cfg), cfg, world)
+    ds_config = ds.fill_ds_config(ds.load_ds_config(ds_config_path, cfg), cfg, world)
     train_problems, eval_problems = problems_from_config(cfg.data, cfg.train.seed)
     check_solutions(cfg, train_problems)
     model_dir = prepare_model_dir(cfg, out_dir, rank)
-    model, tokenizer = backend.load_model_for_engine(model_dir, ds_config, cfg.model.attn_implementation)
+    model, tokenizer = ds.load_model_for_engine(model_dir, ds_config, cfg.model.attn_implementation)
     warnings = check_model_inputs(cfg, model.config, tokenizer, train_problems, eval_problems)
-    engine = backend.build_engine(model, ds_config)
+    engine = ds.build_engine(model, ds_config)
     skip = SkipScheduler(cfg.skip, model.config.num_hidden_layers, cfg.train.seed)
     ckpt_dir = out_dir / "checkpoints"
     # What a checkpoint pins (nested_reft_ds.fingerprint): checked before a resume loads anything, recorded by
@@ -359,13 +359,13 @@ def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan:
     progress = Progress()
     resumed_from = None  # the checkpoint directory <dir>/<tag> this run continues from
     if plan.tags:
-        state, tag = backend.load_first_loadable(engine, Path(plan.save_dir), plan.tags, fingerprint=fingerprint[None],
+        state, tag = ds.load_first_loadable(engine, Path(plan.save_dir), plan.tags, fingerprint=fingerprint[None],
                                                  warn=warn if rank == 0 else lambda text: None)
         progress = Progress(**state["progress"])
         skip.load_state_dict(state["skip"])
         resumed_from = Path(plan.save_dir) / tag
-        if plan.pinned and rank == 0 and backend.latest_tag(plan.save_dir) != tag:
-            backend.make_current(plan.save_dir, tag)  # a crash before the next commit resumes here again
+        if plan.pinned and rank == 0 and ds.latest_tag(plan.save_dir) != tag:
+            ds.make_current(plan.save_dir, tag)  # a crash before the next commit resumes here again
     # After the resume check, so that a refused resume never touches metrics.jsonl; records past the resume
     # point (written before a crash) are dropped, so each step is in the files once.
     run_log = RunLog(out_dir, rank == 0, tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
@@ -382,15 +382,15 @@ def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan:
     def checkpoint() -> None:
         def finish_tag(tag_dir: Path) -> None:  # every rank, once its shard is on disk, before the commit
             if reference is not None:
-                backend.save_reference(reference, tag_dir)
+                ds.save_reference(reference, tag_dir)
             maybe_fail("checkpoint", progress.rl_step or progress.sft_step, rank)
-        if not backend.parameters_finite(engine):
+        if not ds.parameters_finite(engine):
             phase, step = ("rl", progress.rl_step - 1) if progress.rl_step else ("sft", progress.sft_step - 1)
             raise ConfigError(f"non-finite weights after {phase} step {step}: training diverged; checkpoint "
                               f"{progress.tag()} is not written (lower train.{'lr' if phase == 'rl' else 'sft_lr'} or "
                               "set train.grad_clip > 0; a rerun resumes from the last committed checkpoint)")
         state = {"progress": vars(progress), "skip": skip.state_dict(), "config": cfg.to_dict()}
-        backend.save_checkpoint(engine, ckpt_dir, progress.tag(), state, keep=cfg.train.keep_checkpoints,
+        ds.save_checkpoint(engine, ckpt_dir, progress.tag(), state, keep=cfg.train.keep_checkpoints,
                                 fingerprint=fingerprint["rl" if progress.rl_step else "sft"], write_extra=finish_tag)
 
     def due(step: int, last: int) -> bool:  # a checkpoint every train.save_every steps and at the end of a phase
@@ -421,7 +421,7 @@ def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan:
     run_log.start_phase("rl", cfg.train.steps, progress.rl_step)
     while progress.rl_step < cfg.train.steps:
         step = progress.rl_step
-        backend.set_learning_rate(engine, cfg.train.lr * min(1.0, (step + 1) / max(cfg.train.lr_warmup_steps, 1)))
+        ds.set_learning_rate(engine, cfg.train.lr * min(1.0, (step + 1) / max(cfg.train.lr_warmup_steps, 1)))
         metrics = rl_step(StepContext(engine, tokenizer, cfg, train_problems, skip, rank, world, reference), step)
         stop_if_diverged(engine, "rl", step, metrics, ("loss", "grad_norm"))
         (first_rewards if step < cfg.train.steps / 2 else last_rewards).append(metrics["reward_mean"])
@@ -441,8 +441,8 @@ def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan:
                        reward_second_half=sum(last_rewards) / len(last_rewards))
     run_log.message("summary: " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in summary.items()))
     run_log.close()
-    backend.stop_watchdog()
-    backend.barrier()  # no rank tears down while another still communicates (nor while its watchdog still polls)
+    ds.stop_watchdog()
+    ds.barrier()  # no rank tears down while another still communicates (nor while its watchdog still polls)
     return summary
 
 
@@ -470,10 +470,10 @@ def train_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return backend.fail_stop(lambda: run(load_config(args.config, args.overrides), args.deepspeed, args.resume,
+        return ds.fail_stop(lambda: run(load_config(args.config, args.overrides), args.deepspeed, args.resume,
                                                    args.overwrite))
     finally:
-        backend.shutdown_distributed()
+        ds.shutdown_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:
