@@ -7,7 +7,6 @@ plus its resume. Each test below asserts on what the ranks recorded.
 import json
 import math
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -15,15 +14,10 @@ import pytest
 import torch
 
 from nested_reft_ds.engine import consolidated_state_dict, export_hf_model
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

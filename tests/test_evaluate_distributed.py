@@ -6,24 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data"
 TIMING_KEYS = {"tokens_per_s"}  # wall-clock based: differs between runs
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _arguments(model: Path, rigged: Path, out: Path) -> list[str]:
@@ -63,7 +57,7 @@ def runs(tiny_models, tmp_path_factory):
     single.mkdir()
     double.mkdir()
     assert evaluate.main(_arguments(model, rigged, single)) == 0  # `python -m nested_reft_ds.evaluate`
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "nested_reft_ds.cli",
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "nested_reft_ds.cli",
                "eval", *_arguments(model, rigged, double)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     began = time.monotonic()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from nested_reft_ds.engine import consolidated_state_dict
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.distributed
 SETTINGS = ["train.sft_steps=4", "train.steps=6", "train.save_every=2", "train.keep_checkpoints=2",
             "logging.log_every=1", "logging.eval_every=0", "logging.tensorboard=true"]
 RECORDED = ("loss", "reward_mean", "skipped_layers", "ess", "kl_behavior_k3", "completion_length", "grad_norm")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(out: Path, fault: str | None = None, extra: tuple[str, ...] = ()) -> dict:

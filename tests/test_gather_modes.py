@@ -5,7 +5,6 @@ Collectives are counted by wrapping torch.distributed (recipes/comm_stats.py), n
 """
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -17,15 +16,10 @@ from torch import nn
 from nested_reft_ds.recipes import comm_stats
 from nested_reft_ds.engine.gather import choose_gather_mode, free_device_memory, lockstep_for
 from nested_reft_ds.engine.hooks import hooks_suspended
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW = 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------- unit tests

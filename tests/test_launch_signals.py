@@ -9,23 +9,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from conftest import free_port
 
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_sigint_to_the_launcher_alone_ends_both_ranks_and_frees_the_directory(tmp_path):

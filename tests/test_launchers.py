@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = REPO / "launchers"
@@ -397,14 +398,6 @@ def test_slurm_usr1_before_time_limit_requeues_the_job(fake_slurm, script):
 LINE = re.compile(r"^(?:\[rank (\d+)\] )?\[(sft|rl|eval) (\d+)\] (.*)$")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _all_ranks_logging() -> bool:
     """Whether the trainer can print its step lines on every rank (a `logging.all_ranks` option)."""
     import dataclasses
@@ -425,7 +418,7 @@ def two_nodes(tmp_path_factory):
     extra = ["--set", f"train.output_dir={out / 'run'}", "--set", "train.sft_question_loss=true"]
     if _all_ranks_logging():
         extra += ["--set", "logging.all_ranks=true"]
-    port = str(_free_port())
+    port = str(free_port())
     procs, logs = [], []
     start = time.monotonic()
     for node in (0, 1):

@@ -9,7 +9,6 @@ final weights 1e-4 absolute (the runs differ only in float summation order acros
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from nested_reft_ds.engine import consolidated_state_dict
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
@@ -29,12 +29,6 @@ SETTINGS = ["train.sft_steps=20", "train.steps=0", "train.sft_layer_drop=0.5", "
             "model.num_layers=4", "model.hidden_size=32", "model.intermediate_size=64", "data.num_problems=200",
             "data.eval_problems=0", "train.save_every=0", "train.cpu_threads=1", "logging.tensorboard=false",
             "logging.progress_bar=false"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def warm_up(out: Path, zero_stage: int, ranks: int) -> tuple[list[dict], dict[str, torch.Tensor]]:

@@ -261,13 +261,6 @@ def test_grade_school_answers_never_need_a_worker():
     assert all(result.correct)
 
 
-def test_reward_package_does_not_import_torch_or_deepspeed():
-    code = ("import sys, nested_reft_ds.reward as r; r.math_equal('\\\\sqrt{4}', '2'); "
-            "bad = [m for m in ('torch', 'deepspeed', 'torch.distributed') if m in sys.modules]; "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
-
-
 @needs_data
 def test_every_gsm8k_test_reference_parses_to_a_number():
     references = [row["answer"].rsplit("####", 1)[1].strip() for row in _rows("gsm8k")]

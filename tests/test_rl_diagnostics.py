@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from nested_reft_ds.rl import finalize, importance_weight_parts, importance_weights, merge
 from nested_reft_ds.rl.diagnostics import DiagnosticParts, ess, quantiles
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("diagnostics_worker", REPO / "tests" / "distributed" /
@@ -129,15 +129,9 @@ def test_micro_batch_size_and_simulated_ranks_do_not_change_the_diagnostics(name
 
 # --- two real ranks --------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_reduce_diagnostics_on_two_ranks_equals_the_whole_batch(tmp_path):
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
                str(REPO / "tests" / "distributed" / "diagnostics_worker.py"), "--out", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
