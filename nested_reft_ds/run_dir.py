@@ -171,6 +171,23 @@ def move_aside(out_dir: str | Path) -> Path | None:
     return target
 
 
+def atomic_write(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` atomically: written to `.<name>.<pid>.tmp` beside it, fsynced, renamed over it. A
+    failed write (a full disk) leaves the old file whole and removes its partial copy; a process killed mid-write
+    leaves a temp file `remove_temp_files` clears."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
 def remove_temp_files(out_dir: str | Path) -> list[Path]:
     """Remove the `.<name>.<pid>.tmp` files our atomic writers leave in `out_dir` and `out_dir/checkpoints` when a
     process dies mid-write. Call while holding the lock: no live writer of this run directory exists then."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from .run_dir import atomic_write
 
 # The fields of the one-line step summary, in order (all metrics still go to JSONL and TensorBoard).
 SUMMARY = (("sft_loss", "sft loss {:.4f}"), ("reward_mean", "reward {:.3f}"), ("sample_accuracy", "acc {:.3f}"),
@@ -49,16 +50,7 @@ def truncate_metrics(path: Path, resume_at: tuple[int, int]) -> int:
             kept.append(line + "\n")
         else:
             dropped += bool(line.strip())
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "w") as handle:
-            handle.writelines(kept)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)  # e.g. a full disk: leave the old file whole and no partial copy
-        raise
+    atomic_write(path, "".join(kept))  # a full disk leaves the old file whole and no partial copy
     return dropped
 
 

@@ -34,6 +34,7 @@ from .distributed import all_gather_object, barrier
 from .internals import has_zero_optimizer_shards, load_model_states, model_states_files
 from ..config import ConfigError
 from ..fingerprint import FILENAME as FINGERPRINT_FILE, check_compatible, read_fingerprint, write_fingerprint
+from ..run_dir import atomic_write
 
 COMMITTED = "committed_tags"
 TAG_PATTERN = re.compile(r"^(sft|rl)_step(\d+)$")  # the tags the training loop writes (train.Progress.tag)
@@ -44,19 +45,6 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 SHORT_WRITE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
 # A DeepSpeed or reference file that one rank writes and reads: `zero_pp_rank_<r>_...`, `zero3_rank<rrr>_of...`.
 RANK_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_|zero3_rank(\d+)_of)")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def _can_write(directory: Path, size: int) -> bool:
@@ -119,8 +107,8 @@ def committed_tags(save_dir: str | Path) -> list[str]:
 def _commit(save_dir: Path, tag: str) -> None:
     """Make `tag` current (`latest`, the commit point), then record it last in `committed_tags`."""
     tags = [t for t in committed_tags(save_dir) if t != tag]
-    _atomic_write(save_dir / "latest", tag)
-    _atomic_write(save_dir / COMMITTED, "".join(f"{t}\n" for t in tags + [tag]))
+    atomic_write(save_dir / "latest", tag)
+    atomic_write(save_dir / COMMITTED, "".join(f"{t}\n" for t in tags + [tag]))
 
 
 def clear_tag(save_dir: str | Path, tag: str) -> None:
@@ -133,10 +121,10 @@ def clear_tag(save_dir: str | Path, tag: str) -> None:
         rest = [t for t in tags if t != tag]
         if latest_tag(save_dir) == tag:
             if rest:
-                _atomic_write(save_dir / "latest", rest[-1])
+                atomic_write(save_dir / "latest", rest[-1])
             else:
                 (save_dir / "latest").unlink()
-        _atomic_write(save_dir / COMMITTED, "".join(f"{t}\n" for t in rest))
+        atomic_write(save_dir / COMMITTED, "".join(f"{t}\n" for t in rest))
     if (save_dir / tag).exists():
         shutil.rmtree(save_dir / tag)
 
@@ -154,7 +142,7 @@ def prune_checkpoints(save_dir: str | Path, keep: int) -> list[str]:
                      key=tag_order)
     if save_dir.is_dir() and (removed or (save_dir / COMMITTED).is_file()):
         # The list first: a crash after it leaves the removed directories uncommitted, removed next time.
-        _atomic_write(save_dir / COMMITTED, "".join(f"{t}\n" for t in tags if t in kept))
+        atomic_write(save_dir / COMMITTED, "".join(f"{t}\n" for t in tags if t in kept))
     for tag in removed:
         shutil.rmtree(save_dir / tag, ignore_errors=True)
     return removed
