@@ -3,7 +3,7 @@
 #
 # Usage:
 #   launchers/local.sh [--num-gpus N] [--config FILE] [--deepspeed FILE] [--master-port PORT]
-#                      [--resume auto|none|DIR] [--set SECTION.KEY=VALUE]... [--dry-run] [-- TRAIN_ARGS...]
+#                      [--resume auto|none|DIR|TAG] [--set SECTION.KEY=VALUE]... [--dry-run] [-- TRAIN_ARGS...]
 #
 # Every option has an environment equivalent: NUM_GPUS, CONFIG, DS_CONFIG, MASTER_PORT, RESUME, DRY_RUN=1.
 #   --num-gpus     processes to start (default: the GPUs in CUDA_VISIBLE_DEVICES, else those nvidia-smi lists,

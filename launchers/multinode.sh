@@ -9,7 +9,7 @@
 #
 # Usage:
 #   launchers/multinode.sh --hostfile FILE [--no-ssh --node-rank R] [--master-addr ADDR] [--master-port PORT]
-#                          [--num-gpus N] [--config FILE] [--deepspeed FILE] [--resume auto|none|DIR]
+#                          [--num-gpus N] [--config FILE] [--deepspeed FILE] [--resume auto|none|DIR|TAG]
 #                          [--set SECTION.KEY=VALUE]... [--dry-run] [-- TRAIN_ARGS...]
 #
 # Environment equivalents: HOSTFILE, NO_SSH=1, NODE_RANK, MASTER_ADDR, MASTER_PORT, NUM_GPUS, CONFIG, DS_CONFIG,
