@@ -255,3 +255,16 @@ def test_zero3_streamed_eval_equals_the_plain_single_process_eval(ranks, tmp_pat
     chunks = evaluate.generation_chunks(lengths, 2, 4)
     longest = [max(s["tokens"] for i in chunk for s in records[i]["samples"]) for chunk in chunks]
     assert len(chunks) == 3 and longest[2] != longest[0], longest
+
+
+def test_kl_in_reward_and_kept_token_normaliser_under_zero3(ranks):
+    """pi_prox and the reference scored before the update (collective forwards) on 2 ranks: the reduced metrics
+    agree across ranks, the penalty is 0 where the reference is the policy (step 0) and finite after."""
+    _, (r0, r1) = ranks
+    steps0, steps1 = r0["steps_kl_in_reward"], r1["steps_kl_in_reward"]
+    assert [s["step"] for s in steps0] == [0, 1]
+    for a, b in zip(steps0, steps1):
+        for key in ("loss", "kl_penalty_mean", "reward_mean", "accept", "frac_masked"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    assert abs(steps0[0]["kl_penalty_mean"]) < 1e-6
+    assert all(math.isfinite(s["loss"]) and math.isfinite(s["kl_penalty_mean"]) for s in steps0)

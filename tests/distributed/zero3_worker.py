@@ -2,7 +2,7 @@
 
 Training runs: (1) 3 steps with the default estimator (token_tis), checkpointing every step, (2) a resume of it,
 (6) 2 steps with correction=seq_is and KL to a frozen reference (a ZeRO-3 inference engine), every parameter
-partitioned, (7) a resume of that one from its step-1 checkpoint (the reference restored from partitions), and
+partitioned, (6b) 2 steps with the KL penalty in the reward and the kept-token normaliser, (7) a resume of that one from its step-1 checkpoint (the reference restored from partitions), and
 (8) run 1's RL phase once per rollout mode (once / streamed / auto forced to stream), (9) run 1 at ZeRO-0 (the
 built-in config), and (10) `nested-reft eval` sharded with ZeRO-3 in streamed mode.
 
@@ -44,7 +44,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=6", "model.num_heads=2", "mode
 # What each recorded RL step keeps: the estimator's diagnostics, and kl_ref when a reference exists.
 RECORDED = ("skipped_layers", "loss", "train_packed_micro_batches", "longest_completion_min", "longest_completion_max", "rollout_lockstep", "reward_mean", "completion_length", "grad_norm", "pg_loss", "ess",
             "ess_seq_raw", "ess_tok_raw", "frac_truncated", "frac_masked", "kl_behavior_k1", "kl_behavior_k3",
-            "accept", "weight_mean", "nonfinite_count", "kl_ref",
+            "accept", "weight_mean", "nonfinite_count", "kl_ref", "kl_penalty_mean",
             *(f"ratio_{unit}_{stat}" for unit in ("tok", "seq") for stat in ("mean", "min", "max", "p10", "p50", "p90")))
 
 
@@ -188,6 +188,21 @@ def main() -> None:
     result["steps_kl"] = list(records_a)
     result["reference_kl"] = describe_reference(references[-1])
     result["reference_files_kl"] = sorted(p.name for p in (run_c / "checkpoints" / "rl_step1" / "reference").iterdir())
+
+    # 6b. The KL penalty in the reward and the kept-token normaliser: pi_prox and the reference are scored before the
+    # update (collective no-grad forwards under ZeRO-3, every parameter partitioned), from run 1's SFT checkpoint.
+    run_e = out / "run_kl_in_reward"
+    if rank == 0:
+        shutil.copytree(out / "run_a" / "base_model", run_e / "base_model")
+        shutil.copytree(out / "run_a" / "checkpoints" / "sft_step30", run_e / "checkpoints" / "sft_step30")
+        (run_e / "checkpoints" / "latest").write_text("sft_step30")
+    ds.barrier()
+    records_a.clear()
+    cfg_e = load_config(None, TINY + ["train.steps=2", "algorithm.kl_coef=0.1", "algorithm.kl_in_reward=true",
+                                      "algorithm.correction=token_mis", "algorithm.normalize_over=kept_tokens",
+                                      "train.save_every=0", f"train.output_dir={run_e}"])
+    train.run(cfg_e, str(kl_config), resume="auto")
+    result["steps_kl_in_reward"] = list(records_a)
 
     # 7. Resume that run from its step-1 checkpoint: the reference comes back from the saved partitions.
     run_d = out / "run_d"
