@@ -132,6 +132,11 @@ class RolloutConfig:
     # is prefilled once for its group_size samples (`shared_prefill`).
     compact_below: float = 0.75
     shared_prefill: bool = True
+    # Decode engine of `rollout.generate`. "static": static shapes over the model's own weights (nested_reft_ds/
+    # decode.py; qwen2 / qwen3 / llama / mistral, other models are refused); "reference": the model's forward with a
+    # growing cache, for any model. Same tokens and behaviour log-probs (up to float summation order); streamed
+    # ZeRO-3 decoding always runs the reference engine.
+    engine: Literal["static", "reference"] = "static"
 
     def __post_init__(self) -> None:
         _require(0 <= self.compact_below <= 1, "rollout.compact_below", self.compact_below, "a float in [0, 1]")

@@ -289,7 +289,7 @@ def rl_step(engine, tokenizer, problems: list[MathProblem], cfg: ExperimentConfi
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            seed=step_seed, row_keys=row_keys, group_size=G if cfg.rollout.shared_prefill else 1,
-                           compact_below=cfg.rollout.compact_below, stats=decode)
+                           compact_below=cfg.rollout.compact_below, stats=decode, engine=cfg.rollout.engine)
         lockstep = lockstep_rule(model) is not None  # streamed: decoding ran collectives
     t_rollout = timer()
 
@@ -414,7 +414,7 @@ def greedy_accuracy(engine, tokenizer, problems: list[MathProblem], cfg: Experim
             ids, mask = encode_prompts(tokenizer, prompts, backend.device())
             rollout = generate(model, ids, mask, SkipPlan(model.config.num_hidden_layers),
                                max_new_tokens=cfg.rollout.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id, greedy=True)
+                               pad_token_id=tokenizer.pad_token_id, greedy=True, engine=cfg.rollout.engine)
             real = shard[start:start + 64]
             texts = tokenizer.batch_decode(rollout.completions[:len(real)], skip_special_tokens=True)
             correct += sum(score(texts, [p.answer for p in real], cfg).correct)

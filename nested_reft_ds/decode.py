@@ -1,0 +1,383 @@
+"""The static decode engine: `rollout.generate(..., engine="static")`.
+
+Decoding a small batch is bound by per-operation overhead, not arithmetic: transformers' decoder layer runs about
+260 aten calls per layer-step (cache growth by concatenation, mask construction, casts, rotary, RMSNorm), while the
+seven matmuls of a layer-step are a few percent of the time. This engine drives the model's own weights through a
+functional per-layer step with static shapes:
+
+- the prompt is prefilled by the model's own forward (the very call the reference engine makes, so the first token
+  and the prompt's keys and values are the reference's), then copied into a static KV cache;
+- the KV cache holds the kept layers only (`StaticKVCache`), every row writes its next key at the same column (rows
+  are left padded to one prompt width) while its rotary position is its own (`position`, a tensor per row);
+- per layer-step: one fused q/k/v matmul, one RMSNorm call per norm (QK-norm for Qwen3 on q and k together),
+  rotary by a precomputed cos/sin table, an in-place cache write, attention over the filled columns only (on the
+  CPU attending to every slot of a static cache costs a third of the step), and the output and down projections
+  fused with their residual adds (`addmm`);
+- sampling, behaviour log-probs and EOS bookkeeping are tensor operations into preallocated [B, T] buffers; the
+  keyed uniforms of every (row, position) are computed once before the loop (`sampling.keyed_uniform_table`);
+- the batch runs at a size from `BATCH_BUCKETS`: padding slots repeat a real row and write to a discarded output
+  row, so compaction moves the batch to a smaller bucket, never to a new shape;
+- the host reads one device value (which rows are still alive) every `sync_every` steps: finished rows keep
+  producing padding until then, and compaction happens at those reads.
+
+Sampling is keyed per (row, position), so the tokens and behaviour log-probs equal the reference engine's up to
+float summation order (tests/test_decode.py). Supported architectures: qwen2, qwen3, llama, mistral (checked
+against the model's config: activation, rotary type, sliding window); any other model is refused with an error
+that names `rollout.engine=reference`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from .nested import SkipPlan, decoder_layers, nested_view
+from .sampling import keyed_uniform_table, sample_tokens, sampling_logprobs
+
+ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral")
+# Rotary types whose frequencies do not depend on the sequence length seen so far ("dynamic" and "longrope" rescale
+# with it, so a table computed once would differ from the reference's per-step values).
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Batch sizes a decode step runs at: powers of two and 1.5 times powers of two (at most a third of a step is
+# padding). A compiled step or a captured graph is specialised on the batch size, so every batch is padded up to a
+# bucket, and compaction moves to a smaller bucket.
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+# Decode steps between two host reads of the rows still alive (each read is a device->host sync on a GPU).
+SYNC_EVERY = 8
+
+
+def batch_bucket(rows: int) -> int:
+    """The smallest bucket >= `rows` (a multiple of 1024 past the table)."""
+    if rows < 1:
+        raise ValueError(f"batch_bucket: rows must be >= 1, got {rows}")
+    for bucket in BATCH_BUCKETS:
+        if bucket >= rows:
+            return bucket
+    return -(-rows // 1024) * 1024
+
+
+class UnsupportedModelError(ValueError):
+    """The static engine cannot decode this model; the reference engine (`rollout.engine=reference`) can."""
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What the functional step needs to know of a model's text config."""
+    model_type: str
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qk_norm: bool
+    sliding_window: int | None  # the smallest window of any layer, None if no layer slides
+
+
+def _text_config(model: torch.nn.Module):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def decoder_shape(model: torch.nn.Module) -> DecoderShape:
+    """The shape of `model`'s decoder, or UnsupportedModelError naming what the static engine cannot run."""
+    config = _text_config(model)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    refuse = f"; decode it with rollout.engine=reference"
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(f"the static decode engine supports {', '.join(ARCHITECTURES)}, not "
+                                    f"model_type={model_type!r}{refuse}")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"static decode engine: hidden_act={config.hidden_act!r} is not 'silu'{refuse}")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise UnsupportedModelError(f"static decode engine: rope_type={rope_type!r} rescales with the sequence "
+                                    f"length (supported: {', '.join(STATIC_ROPE_TYPES)}){refuse}")
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if model_type in ("qwen2", "qwen3") and not (layer_types and "sliding_attention" in layer_types):
+        window = None
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return DecoderShape(model_type=model_type, hidden_size=config.hidden_size, num_heads=heads,
+                        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                        rms_norm_eps=config.rms_norm_eps, qk_norm=model_type == "qwen3", sliding_window=window)
+
+
+def _whole(param: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    # A ZeRO-3 parameter outside `engine.skip_aware_gather` is an empty placeholder: reading it would decode garbage.
+    if param is not None and param.numel() == 0:
+        raise ValueError(f"static decode engine: parameter {name} is partitioned (ZeRO-3); decode inside "
+                         "engine.skip_aware_gather, which gathers the kept layers")
+    return param
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's weights laid out for the functional step: projections transposed to [in, out] (one `mm`
+    or `addmm` each, no transpose per call), q/k/v fused and gate/up fused. Copies, made once per rollout."""
+    input_norm: torch.Tensor        # [H]
+    qkv: torch.Tensor               # [H, (Hq + 2 Hkv) D]
+    qkv_bias: torch.Tensor | None   # [(Hq + 2 Hkv) D]
+    qk_norm: torch.Tensor | None    # [Hq + Hkv, D]: q_norm's weight for each query head, then k_norm's (Qwen3)
+    o: torch.Tensor                 # [Hq D, H]
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor         # [H]
+    gate_up: torch.Tensor           # [H, 2 I]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor              # [I, H]
+    down_bias: torch.Tensor | None
+
+
+def _cat_bias(*linears: torch.nn.Linear) -> torch.Tensor | None:
+    biases = [linear.bias for linear in linears]
+    if all(bias is None for bias in biases):
+        return None
+    return torch.cat([bias if bias is not None else torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                                 device=linear.weight.device)
+                      for bias, linear in zip(biases, linears)])
+
+
+def layer_weights(layer: torch.nn.Module, shape: DecoderShape, name: str) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    for param_name, param in layer.named_parameters():
+        _whole(param, f"{name}.{param_name}")
+    qk_norm = None
+    if shape.qk_norm:
+        qk_norm = torch.cat([attn.q_norm.weight.expand(shape.num_heads, -1),
+                             attn.k_norm.weight.expand(shape.num_kv_heads, -1)])
+    return LayerWeights(
+        input_norm=layer.input_layernorm.weight,
+        qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t().contiguous(),
+        qkv_bias=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj), qk_norm=qk_norm,
+        o=attn.o_proj.weight.t().contiguous(), o_bias=attn.o_proj.bias,
+        post_norm=layer.post_attention_layernorm.weight,
+        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t().contiguous(),
+        gate_up_bias=_cat_bias(mlp.gate_proj, mlp.up_proj),
+        down=mlp.down_proj.weight.t().contiguous(), down_bias=mlp.down_proj.bias)
+
+
+class StaticKVCache:
+    """Keys and values of the kept layers only, [kept layers, rows, KV heads, columns, head dim] each, allocated once
+    per rollout at the largest batch bucket. Columns are shared by all rows (left padding aligns them); a bucket's
+    views are the leading rows, so compaction copies rows forward and the step's shapes stay those of a bucket.
+
+    Why not `deepspeed.utils.static_cache.DeepSpeedStaticCache`: its per-row `update` checks the positions'
+    bounds by reading them on the host at every call outside graph capture (one device sync per layer-step in eager
+    mode), returns the whole `max_cache_len` slab (attention then spans every slot, which on the CPU is a third of the
+    step), sizes itself from `num_hidden_layers` (all layers, not the kept ones), and importing it imports DeepSpeed,
+    which rollout code outside `engine/` must not (`nested-reft eval` on plain processes never imports it)."""
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, columns: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.keys = torch.zeros((layers, rows, kv_heads, columns, head_dim), dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+
+    def fill(self, layer: int, keys: torch.Tensor, values: torch.Tensor, sources: torch.Tensor) -> None:
+        """Write a prefill's keys/values [b, Hkv, P, D] into columns [0, P) of `layer`: slot i gets row sources[i]."""
+        width = keys.shape[2]
+        self.keys[layer, :len(sources), :, :width] = keys.index_select(0, sources)
+        self.values[layer, :len(sources), :, :width] = values.index_select(0, sources)
+
+    def compact(self, slots: torch.Tensor) -> None:
+        """Slot i takes what slot `slots[i]` held, for i < len(slots)."""
+        count = len(slots)
+        self.keys[:, :count] = self.keys.index_select(1, slots)
+        self.values[:, :count] = self.values.index_select(1, slots)
+
+    def views(self, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.keys[i, :rows], self.values[i, :rows]) for i in range(self.keys.shape[0])]
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm over the last dimension, `weight` * x / sqrt(mean(x^2) + eps), normalised in float32 and
+    cast back before the weight. `weight` is the last dimension's size or broadcasts to `x`'s trailing dimensions
+    (the per-head QK-norm weights). Five aten calls (the fused `rms_norm` makes about ten on the CPU)."""
+    xf = x.float()
+    norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+    scale = torch.addcmul(torch.full((), eps, device=x.device), norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
+    return weight * (xf * scale).to(x.dtype)
+
+
+def layer_step(x: torch.Tensor, w: LayerWeights, keys: torch.Tensor, values: torch.Tensor, column: int,
+               cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, shape: DecoderShape) -> torch.Tensor:
+    """One decoder layer for one new token per row. x [b, H] -> [b, H]; writes the token's key and value into
+    column `column` of `keys`/`values` [b, Hkv, S, D] and attends over columns [0, column] where `mask` allows
+    (`mask` [b Hkv, 1, column + 1]: 0 where a key may be attended to, the dtype's minimum where not). `cos`, `sin` [b, 1, D]: the rows' rotary tables, `sin` with its first half negated (so that
+    rotate_half(q) * sin is flip(q) * sin)."""
+    heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    rows = x.shape[0]
+    h = _rms_norm(x, w.input_norm, shape.rms_norm_eps)
+    qkv = torch.mm(h, w.qkv) if w.qkv_bias is None else torch.addmm(w.qkv_bias, h, w.qkv)
+    qkv = qkv.view(rows, heads + 2 * kv_heads, head_dim)
+    qk = qkv[:, :heads + kv_heads]
+    if w.qk_norm is not None:
+        qk = _rms_norm(qk, w.qk_norm, shape.rms_norm_eps)
+    flipped = qk.unflatten(-1, (2, head_dim // 2)).flip(-2).flatten(-2)
+    qk = qk * cos
+    qk += flipped * sin
+    keys[:, :, column] = qk[:, heads:]
+    values[:, :, column] = qkv[:, heads + kv_heads:]
+    length = column + 1
+    # Attention on the KV heads without repeating them: the query heads of one KV head form its [G, D] query block.
+    # Batched matmuls over the filled columns with the step's additive mask; the softmax runs in float32.
+    group = heads // kv_heads
+    query = qk[:, :heads].reshape(rows * kv_heads, group, head_dim)
+    scores = torch.baddbmm(mask, query, keys[:, :, :length].reshape(rows * kv_heads, length, head_dim).transpose(1, 2),
+                           alpha=head_dim ** -0.5)  # [b Hkv, G, n]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
+    attended = torch.bmm(probs, values[:, :, :length].reshape(rows * kv_heads, length, head_dim))
+    attended = attended.view(rows, heads * head_dim)
+    x = torch.addmm(x, attended, w.o) if w.o_bias is None else x + torch.addmm(w.o_bias, attended, w.o)
+    h = _rms_norm(x, w.post_norm, shape.rms_norm_eps)
+    gate_up = torch.mm(h, w.gate_up) if w.gate_up_bias is None else torch.addmm(w.gate_up_bias, h, w.gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = F.silu(gate) * up
+    return torch.addmm(x, act, w.down) if w.down_bias is None else x + torch.addmm(w.down_bias, act, w.down)
+
+
+def _rotary_tables(model: torch.nn.Module, length: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, D] of positions 0..length-1 from the model's own rotary module (its scaling included);
+    sin's first half negated (see `layer_step`)."""
+    rotary = getattr(model, "model", model).rotary_emb
+    positions = torch.arange(length, device=device)[None]
+    cos, sin = rotary(torch.zeros((), dtype=dtype, device=device), positions)
+    half = sin.shape[-1] // 2
+    sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+    return cos[0].contiguous(), sin.contiguous()
+
+
+@dataclass
+class DecodeCounters:
+    """What one static decode did, for `rollout.DecodeStats` and the benchmarks."""
+    steps: int = 0
+    row_steps: int = 0
+    prefill_rows: int = 0
+    compactions: int = 0
+    host_reads: int = 0
+    seconds_prefill: float = 0.0
+
+
+@torch.no_grad()
+def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask: torch.Tensor, plan: SkipPlan, *,
+                    max_new_tokens: int, temperature: float, top_p: float, eos_ids: torch.Tensor, pad_token_id: int,
+                    greedy: bool, seed: int, row_keys: torch.Tensor, group_size: int, compact_below: float,
+                    sync_every: int = SYNC_EVERY,
+                    counters: DecodeCounters | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens, completion mask and behaviour log-probs [B, T] of `rollout.generate`'s contract (arguments checked
+    there): padded to `max_new_tokens` columns, the caller trims them."""
+    if sync_every < 1:
+        raise ValueError(f"static decode engine: sync_every must be >= 1, got {sync_every}")
+    counters = counters if counters is not None else DecodeCounters()
+    shape = decoder_shape(model)
+    batch_size, prompt_width = input_ids.shape
+    device = input_ids.device
+    columns = prompt_width + max_new_tokens
+    if shape.sliding_window is not None and columns >= shape.sliding_window:
+        raise UnsupportedModelError(f"static decode engine: {columns} tokens reach the sliding window "
+                                    f"({shape.sliding_window}); decode with rollout.engine=reference")
+    parent, attr = decoder_layers(model)
+    all_layers = getattr(parent, attr)
+    weights = [layer_weights(all_layers[i], shape, f"layers.{i}") for i in plan.kept]
+    base = getattr(model, "model", model)
+    embed = _whole(base.embed_tokens.weight, "embed_tokens.weight")
+    final_norm = _whole(base.norm.weight, "norm.weight")
+    head = _whole(model.get_output_embeddings().weight, "lm_head.weight")
+    head_t = head.t()
+
+    # Prefill: the model's own forward over the prompts (one per group with shared prefill), as the reference does.
+    started = time.perf_counter()
+    shared = group_size > 1
+    prefill_ids = input_ids[::group_size] if shared else input_ids
+    prefill_mask = prompt_mask[::group_size] if shared else prompt_mask
+    positions = (prefill_mask.cumsum(-1) - 1).clamp(min=0)
+    with nested_view(model, plan):
+        prefill_cache = DynamicCache(config=_text_config(model))
+        out = model(input_ids=prefill_ids, attention_mask=prefill_mask, position_ids=positions, cache=prefill_cache,
+                    use_cache=True, logits_to_keep=1)
+    counters.prefill_rows += prefill_ids.shape[0]
+    first_logits = out.logits[:, -1]
+    if shared:
+        first_logits = first_logits.repeat_interleave(group_size, dim=0)
+
+    # Slots: the rows of the running batch. slot_rows[i] is the output row slot i writes to (batch_size: discarded).
+    bucket = batch_bucket(batch_size)
+    slot_rows = torch.cat([torch.arange(batch_size, device=device),
+                           torch.full((bucket - batch_size,), batch_size, device=device)])
+    slot_sources = torch.cat([torch.arange(batch_size, device=device),
+                              torch.zeros(bucket - batch_size, dtype=torch.long, device=device)])
+    dtype = embed.dtype
+    cache = StaticKVCache(len(plan.kept), bucket, shape.num_kv_heads, columns, shape.head_dim, dtype, device)
+    prefill_sources = slot_sources // group_size if shared else slot_sources
+    for i, layer in enumerate(prefill_cache.layers):
+        cache.fill(i, layer.keys, layer.values, prefill_sources)
+    del prefill_cache, out
+    # The attention mask as added to the scores: 0 where a key may be attended to, the dtype's minimum on left padding.
+    additive = torch.zeros((bucket, 1, 1, columns), dtype=dtype, device=device)
+    additive[:, 0, 0, :prompt_width].masked_fill_(prompt_mask.index_select(0, slot_sources) == 0,
+                                                  torch.finfo(dtype).min)
+    position = prompt_mask.long().sum(-1).index_select(0, slot_sources)  # rotary position of the next fed token
+    cos_table, sin_table = _rotary_tables(model, columns, dtype, device)
+    uniforms = keyed_uniform_table(seed, row_keys, max_new_tokens)  # [B, T] float64
+    slot_uniforms = uniforms.index_select(0, slot_sources)
+
+    tokens = torch.full((batch_size + 1, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs_out = torch.zeros((batch_size + 1, max_new_tokens), device=device)
+    completion_mask = torch.zeros((batch_size + 1, max_new_tokens), dtype=torch.long, device=device)
+    alive = slot_rows < batch_size
+    pad = torch.tensor(pad_token_id, device=device)
+    zero = torch.zeros((), device=device)
+    live = batch_size  # real rows in the batch (alive or not), as the host last saw them
+
+    def emit(logits: torch.Tensor, t: int) -> torch.Tensor:
+        step_logprobs = sampling_logprobs(logits, temperature, top_p)  # [b, V]
+        token = step_logprobs.argmax(-1) if greedy else sample_tokens(step_logprobs, slot_uniforms[:, t])
+        token_logprob = step_logprobs.gather(-1, token[:, None]).squeeze(-1)
+        tokens[:, t].index_copy_(0, slot_rows, torch.where(alive, token, pad))
+        logprobs_out[:, t].index_copy_(0, slot_rows, torch.where(alive, token_logprob, zero))
+        completion_mask[:, t].index_copy_(0, slot_rows, alive.long())
+        alive.logical_and_(~torch.isin(token, eos_ids))
+        return token
+
+    token = emit(first_logits.index_select(0, slot_sources), 0)
+    counters.seconds_prefill += time.perf_counter() - started
+    views = cache.views(bucket)
+    for t in range(1, max_new_tokens):
+        if t % sync_every == 1 or sync_every == 1:
+            alive_host = alive.cpu()  # the one device read of these `sync_every` steps
+            counters.host_reads += 1
+            alive_slots = alive_host.nonzero().squeeze(-1)
+            if not len(alive_slots):
+                break
+            smaller = batch_bucket(len(alive_slots))
+            if compact_below > 0 and len(alive_slots) <= compact_below * live and smaller < bucket:
+                # Alive slots move to the front; the rest of the smaller bucket repeats the first alive slot and
+                # writes to the discarded output row.
+                keep = torch.cat([alive_slots, alive_slots[:1].expand(smaller - len(alive_slots))]).to(device)
+                cache.compact(keep)
+                slot_rows = slot_rows.index_select(0, keep)
+                slot_rows[len(alive_slots):] = batch_size
+                alive = alive.index_select(0, keep)
+                alive[len(alive_slots):] = False
+                additive[:smaller] = additive.index_select(0, keep)
+                position, token = position.index_select(0, keep), token.index_select(0, keep)
+                slot_uniforms = slot_uniforms.index_select(0, keep)
+                bucket, live, views = smaller, len(alive_slots), cache.views(smaller)
+                counters.compactions += 1
+        column = prompt_width + t - 1  # where the fed token's key goes
+        x = F.embedding(token, embed)
+        cos, sin = cos_table[position].unsqueeze(1), sin_table[position].unsqueeze(1)
+        step_mask = additive[:bucket, :, :, :column + 1].expand(-1, shape.num_kv_heads, -1, -1).reshape(
+            bucket * shape.num_kv_heads, 1, column + 1)
+        for w, (keys, values) in zip(weights, views):
+            x = layer_step(x, w, keys, values, column, cos, sin, step_mask, shape)
+        logits = torch.mm(_rms_norm(x, final_norm, shape.rms_norm_eps), head_t)
+        position += 1
+        token = emit(logits, t)
+        counters.steps += 1
+        counters.row_steps += bucket
+    return tokens[:batch_size], completion_mask[:batch_size], logprobs_out[:batch_size]
