@@ -161,78 +161,92 @@ def layer_weights(layer: torch.nn.Module, shape: DecoderShape, name: str) -> Lay
 
 
 class StaticKVCache:
-    """Keys and values of the kept layers only, [kept layers, rows, KV heads, columns, head dim] each, allocated once
-    per rollout at the largest batch bucket. Columns are shared by all rows (left padding aligns them); a bucket's
-    views are the leading rows, so compaction copies rows forward and the step's shapes stay those of a bucket.
+    """Keys and values of the kept layers only, [kept layers, rows x KV heads, columns, head dim] each, allocated once
+    per rollout at the batch's bucket. Columns are shared by all rows (left padding aligns them) while each row's
+    rotary position is its own; a smaller bucket's views are the leading rows, so compaction copies rows forward and
+    every step runs at the shapes of a bucket.
 
     Why not `deepspeed.utils.static_cache.DeepSpeedStaticCache`: its per-row `update` checks the positions'
     bounds by reading them on the host at every call outside graph capture (one device sync per layer-step in eager
     mode), returns the whole `max_cache_len` slab (attention then spans every slot, which on the CPU is a third of the
-    step), sizes itself from `num_hidden_layers` (all layers, not the kept ones), and importing it imports DeepSpeed,
-    which rollout code outside `engine/` must not (`nested-reft eval` on plain processes never imports it)."""
+    step), sizes itself from `num_hidden_layers` (all layers, not the kept ones), is updated one layer at a time
+    (here one view per step serves every layer), and importing it imports DeepSpeed, which rollout code outside
+    `engine/` must not (`nested-reft eval` on plain processes never imports it)."""
 
     def __init__(self, layers: int, rows: int, kv_heads: int, columns: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
-        self.keys = torch.zeros((layers, rows, kv_heads, columns, head_dim), dtype=dtype, device=device)
+        self.kv_heads = kv_heads
+        self.keys = torch.zeros((layers, rows * kv_heads, columns, head_dim), dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
 
     def fill(self, layer: int, keys: torch.Tensor, values: torch.Tensor, sources: torch.Tensor) -> None:
         """Write a prefill's keys/values [b, Hkv, P, D] into columns [0, P) of `layer`: slot i gets row sources[i]."""
-        width = keys.shape[2]
-        self.keys[layer, :len(sources), :, :width] = keys.index_select(0, sources)
-        self.values[layer, :len(sources), :, :width] = values.index_select(0, sources)
+        rows, width = len(sources) * self.kv_heads, keys.shape[2]
+        self.keys[layer, :rows, :width] = keys.index_select(0, sources).flatten(0, 1)
+        self.values[layer, :rows, :width] = values.index_select(0, sources).flatten(0, 1)
 
     def compact(self, slots: torch.Tensor) -> None:
         """Slot i takes what slot `slots[i]` held, for i < len(slots)."""
-        count = len(slots)
-        self.keys[:, :count] = self.keys.index_select(1, slots)
-        self.values[:, :count] = self.values.index_select(1, slots)
+        heads = torch.arange(self.kv_heads, device=slots.device)
+        rows = (slots[:, None] * self.kv_heads + heads).flatten()
+        self.keys[:, :len(rows)] = self.keys.index_select(1, rows)
+        self.values[:, :len(rows)] = self.values.index_select(1, rows)
 
-    def views(self, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(self.keys[i, :rows], self.values[i, :rows]) for i in range(self.keys.shape[0])]
+    def step_views(self, rows: int, column: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """Per kept layer, for a step of `rows` slots writing column `column`: where the new key and value go
+        ([rows, Hkv, D] each), and the filled keys transposed ([rows Hkv, D, column + 1]) and values
+        ([rows Hkv, column + 1, D]) the step attends over. A handful of view operations per step for all layers."""
+        keys, values = self.keys[:, :rows * self.kv_heads], self.values[:, :rows * self.kv_heads]
+        new_shape = (keys.shape[0], rows, self.kv_heads, keys.shape[-1])
+        return (keys[:, :, column].view(new_shape).unbind(0), values[:, :, column].view(new_shape).unbind(0),
+                keys[:, :, :column + 1].transpose(2, 3).unbind(0), values[:, :, :column + 1].unbind(0))
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """transformers' RMSNorm over the last dimension, `weight` * x / sqrt(mean(x^2) + eps), normalised in float32 and
     cast back before the weight. `weight` is the last dimension's size or broadcasts to `x`'s trailing dimensions
-    (the per-head QK-norm weights). Five aten calls (the fused `rms_norm` makes about ten on the CPU)."""
-    xf = x.float()
-    norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-    scale = torch.addcmul(torch.full((), eps, device=x.device), norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
-    return weight * (xf * scale).to(x.dtype)
+    (the per-head QK-norm weights); `eps` a 0-d float32 tensor. Five aten calls in float32 (the fused `rms_norm`
+    makes about ten on the CPU)."""
+    if x.dtype != torch.float32:
+        return weight * _rms_norm(x.float(), torch.ones((), device=x.device), eps).to(x.dtype)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    scale = torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
+    return weight * (x * scale)
 
 
-def layer_step(x: torch.Tensor, w: LayerWeights, keys: torch.Tensor, values: torch.Tensor, column: int,
-               cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, shape: DecoderShape) -> torch.Tensor:
-    """One decoder layer for one new token per row. x [b, H] -> [b, H]; writes the token's key and value into
-    column `column` of `keys`/`values` [b, Hkv, S, D] and attends over columns [0, column] where `mask` allows
-    (`mask` [b Hkv, 1, column + 1]: 0 where a key may be attended to, the dtype's minimum where not). `cos`, `sin` [b, 1, D]: the rows' rotary tables, `sin` with its first half negated (so that
-    rotate_half(q) * sin is flip(q) * sin)."""
+def layer_step(x: torch.Tensor, w: LayerWeights, new_key: torch.Tensor, new_value: torch.Tensor,
+               keys_t: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+               shape: DecoderShape, eps: torch.Tensor) -> torch.Tensor:
+    """One decoder layer for one new token per row: x [b, H] -> [b, H].
+
+    The token's rotated key and its value are written into `new_key` / `new_value` [b, Hkv, D] (views of the cache
+    column being filled), then attention runs over the filled columns: `keys_t` [b Hkv, D, n], `values`
+    [b Hkv, n, D] (views of the cache including that column), with the additive `mask` [b Hkv, 1, n] (0 where a key
+    may be attended to, the dtype's minimum on left padding). `cos`, `sin` [b, 1, D]: the rows' rotary tables,
+    `sin` with its first half negated, so that rotate_half(q) * sin is flip(q) * sin."""
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     rows = x.shape[0]
-    h = _rms_norm(x, w.input_norm, shape.rms_norm_eps)
+    h = _rms_norm(x, w.input_norm, eps)
     qkv = torch.mm(h, w.qkv) if w.qkv_bias is None else torch.addmm(w.qkv_bias, h, w.qkv)
     qkv = qkv.view(rows, heads + 2 * kv_heads, head_dim)
     qk = qkv[:, :heads + kv_heads]
     if w.qk_norm is not None:
-        qk = _rms_norm(qk, w.qk_norm, shape.rms_norm_eps)
+        qk = _rms_norm(qk, w.qk_norm, eps)
     flipped = qk.unflatten(-1, (2, head_dim // 2)).flip(-2).flatten(-2)
     qk = qk * cos
     qk += flipped * sin
-    keys[:, :, column] = qk[:, heads:]
-    values[:, :, column] = qkv[:, heads + kv_heads:]
-    length = column + 1
+    new_key.copy_(qk[:, heads:])
+    new_value.copy_(qkv[:, heads + kv_heads:])
     # Attention on the KV heads without repeating them: the query heads of one KV head form its [G, D] query block.
-    # Batched matmuls over the filled columns with the step's additive mask; the softmax runs in float32.
-    group = heads // kv_heads
-    query = qk[:, :heads].reshape(rows * kv_heads, group, head_dim)
-    scores = torch.baddbmm(mask, query, keys[:, :, :length].reshape(rows * kv_heads, length, head_dim).transpose(1, 2),
-                           alpha=head_dim ** -0.5)  # [b Hkv, G, n]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
-    attended = torch.bmm(probs, values[:, :, :length].reshape(rows * kv_heads, length, head_dim))
-    attended = attended.view(rows, heads * head_dim)
+    query = qk[:, :heads].reshape(rows * kv_heads, heads // kv_heads, head_dim)
+    scores = torch.baddbmm(mask, query, keys_t, alpha=head_dim ** -0.5)  # [b Hkv, G, n]
+    if x.dtype == torch.float32:
+        probs = torch.softmax(scores, dim=-1)
+    else:  # as transformers does: the softmax in float32
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
+    attended = torch.bmm(probs, values).view(rows, heads * head_dim)
     x = torch.addmm(x, attended, w.o) if w.o_bias is None else x + torch.addmm(w.o_bias, attended, w.o)
-    h = _rms_norm(x, w.post_norm, shape.rms_norm_eps)
+    h = _rms_norm(x, w.post_norm, eps)
     gate_up = torch.mm(h, w.gate_up) if w.gate_up_bias is None else torch.addmm(w.gate_up_bias, h, w.gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     act = F.silu(gate) * up
@@ -322,6 +336,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
                                                   torch.finfo(dtype).min)
     position = prompt_mask.long().sum(-1).index_select(0, slot_sources)  # rotary position of the next fed token
     cos_table, sin_table = _rotary_tables(model, columns, dtype, device)
+    eps = torch.tensor(shape.rms_norm_eps, device=device)
     uniforms = keyed_uniform_table(seed, row_keys, max_new_tokens)  # [B, T] float64
     slot_uniforms = uniforms.index_select(0, slot_sources)
 
@@ -345,7 +360,6 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
 
     token = emit(first_logits.index_select(0, slot_sources), 0)
     counters.seconds_prefill += time.perf_counter() - started
-    views = cache.views(bucket)
     for t in range(1, max_new_tokens):
         if t % sync_every == 1 or sync_every == 1:
             alive_host = alive.cpu()  # the one device read of these `sync_every` steps
@@ -366,16 +380,16 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
                 additive[:smaller] = additive.index_select(0, keep)
                 position, token = position.index_select(0, keep), token.index_select(0, keep)
                 slot_uniforms = slot_uniforms.index_select(0, keep)
-                bucket, live, views = smaller, len(alive_slots), cache.views(smaller)
+                bucket, live = smaller, len(alive_slots)
                 counters.compactions += 1
         column = prompt_width + t - 1  # where the fed token's key goes
         x = F.embedding(token, embed)
         cos, sin = cos_table[position].unsqueeze(1), sin_table[position].unsqueeze(1)
         step_mask = additive[:bucket, :, :, :column + 1].expand(-1, shape.num_kv_heads, -1, -1).reshape(
             bucket * shape.num_kv_heads, 1, column + 1)
-        for w, (keys, values) in zip(weights, views):
-            x = layer_step(x, w, keys, values, column, cos, sin, step_mask, shape)
-        logits = torch.mm(_rms_norm(x, final_norm, shape.rms_norm_eps), head_t)
+        for w, new_key, new_value, keys_t, values in zip(weights, *cache.step_views(bucket, column)):
+            x = layer_step(x, w, new_key, new_value, keys_t, values, cos, sin, step_mask, shape, eps)
+        logits = torch.mm(_rms_norm(x, final_norm, eps), head_t)
         position += 1
         token = emit(logits, t)
         counters.steps += 1
