@@ -27,7 +27,6 @@ that names `rollout.engine=reference`.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -192,6 +191,11 @@ class StaticKVCache:
         self.keys[:, :len(rows)] = self.keys.index_select(1, rows)
         self.values[:, :len(rows)] = self.values.index_select(1, rows)
 
+    def layer_views(self, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per kept layer, the keys and values [rows Hkv, S, D] of the first `rows` slots (fixed-shape steps)."""
+        count = rows * self.kv_heads
+        return list(zip(self.keys[:, :count].unbind(0), self.values[:, :count].unbind(0)))
+
     def step_views(self, rows: int, column: int) -> tuple[tuple[torch.Tensor, ...], ...]:
         """Per kept layer, for a step of `rows` slots writing column `column`: where the new key and value go
         ([rows, Hkv, D] each), and the filled keys transposed ([rows Hkv, D, column + 1]) and values
@@ -214,16 +218,12 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch
     return weight * (x * scale)
 
 
-def layer_step(x: torch.Tensor, w: LayerWeights, new_key: torch.Tensor, new_value: torch.Tensor,
-               keys_t: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-               shape: DecoderShape, eps: torch.Tensor) -> torch.Tensor:
-    """One decoder layer for one new token per row: x [b, H] -> [b, H].
-
-    The token's rotated key and its value are written into `new_key` / `new_value` [b, Hkv, D] (views of the cache
-    column being filled), then attention runs over the filled columns: `keys_t` [b Hkv, D, n], `values`
-    [b Hkv, n, D] (views of the cache including that column), with the additive `mask` [b Hkv, 1, n] (0 where a key
-    may be attended to, the dtype's minimum on left padding). `cos`, `sin` [b, 1, D]: the rows' rotary tables,
-    `sin` with its first half negated, so that rotate_half(q) * sin is flip(q) * sin."""
+def _rotated_qkv(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, shape: DecoderShape,
+                 eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input norm, the fused q/k/v projection, QK-norm (Qwen3) and rotary: x [b, H] -> query [b Hkv, G, D] (the
+    query heads of one KV head form its block, so attention runs on the KV heads without repeating them), key and
+    value [b, Hkv, D]. `cos`, `sin` [b, 1, D]: the rows' rotary tables, `sin` with its first half negated, so that
+    rotate_half(q) * sin is flip(q) * sin."""
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     rows = x.shape[0]
     h = _rms_norm(x, w.input_norm, eps)
@@ -235,22 +235,56 @@ def layer_step(x: torch.Tensor, w: LayerWeights, new_key: torch.Tensor, new_valu
     flipped = qk.unflatten(-1, (2, head_dim // 2)).flip(-2).flatten(-2)
     qk = qk * cos
     qk += flipped * sin
-    new_key.copy_(qk[:, heads:])
-    new_value.copy_(qkv[:, heads + kv_heads:])
-    # Attention on the KV heads without repeating them: the query heads of one KV head form its [G, D] query block.
     query = qk[:, :heads].reshape(rows * kv_heads, heads // kv_heads, head_dim)
-    scores = torch.baddbmm(mask, query, keys_t, alpha=head_dim ** -0.5)  # [b Hkv, G, n]
+    return query, qk[:, heads:], qkv[:, heads + kv_heads:]
+
+
+def _attention_and_mlp(x: torch.Tensor, w: LayerWeights, query: torch.Tensor, keys_t: torch.Tensor,
+                       values: torch.Tensor, mask: torch.Tensor, shape: DecoderShape,
+                       eps: torch.Tensor) -> torch.Tensor:
+    """Attention of `query` [b Hkv, G, D] over `keys_t` [b Hkv, D, n] and `values` [b Hkv, n, D] with the additive
+    `mask` [b Hkv, 1, n], the output projection and residual, the post-attention norm and the MLP: -> x [b, H]."""
+    rows = x.shape[0]
+    scores = torch.baddbmm(mask, query, keys_t, alpha=shape.head_dim ** -0.5)  # [b Hkv, G, n]
     if x.dtype == torch.float32:
         probs = torch.softmax(scores, dim=-1)
     else:  # as transformers does: the softmax in float32
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
-    attended = torch.bmm(probs, values).view(rows, heads * head_dim)
+    attended = torch.bmm(probs, values).view(rows, shape.num_heads * shape.head_dim)
     x = torch.addmm(x, attended, w.o) if w.o_bias is None else x + torch.addmm(w.o_bias, attended, w.o)
     h = _rms_norm(x, w.post_norm, eps)
     gate_up = torch.mm(h, w.gate_up) if w.gate_up_bias is None else torch.addmm(w.gate_up_bias, h, w.gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     act = F.silu(gate) * up
     return torch.addmm(x, act, w.down) if w.down_bias is None else x + torch.addmm(w.down_bias, act, w.down)
+
+
+def layer_step(x: torch.Tensor, w: LayerWeights, new_key: torch.Tensor, new_value: torch.Tensor,
+               keys_t: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+               shape: DecoderShape, eps: torch.Tensor) -> torch.Tensor:
+    """One decoder layer for one new token per row, attending over the filled columns only: x [b, H] -> [b, H].
+
+    The token's rotated key and its value are written into `new_key` / `new_value` [b, Hkv, D] (views of the cache
+    column being filled), then attention runs over `keys_t` [b Hkv, D, n], `values` [b Hkv, n, D] (views of the
+    cache including that column) with the additive `mask` [b Hkv, 1, n] (0 where a key may be attended to, the
+    dtype's minimum on left padding)."""
+    query, key, value = _rotated_qkv(x, w, cos, sin, shape, eps)
+    new_key.copy_(key)
+    new_value.copy_(value)
+    return _attention_and_mlp(x, w, query, keys_t, values, mask, shape, eps)
+
+
+def fixed_layer_step(x: torch.Tensor, w: LayerWeights, keys: torch.Tensor, values: torch.Tensor,
+                     column: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                     shape: DecoderShape, eps: torch.Tensor) -> torch.Tensor:
+    """`layer_step` with every shape fixed for the rollout, for `torch.compile` and CUDA-graph capture: the key and
+    value go to the column held in the tensor `column` [1] (a graph reads its current value at replay), and
+    attention spans every column of `keys` / `values` [b Hkv, S, D], the `mask` [b Hkv, 1, S] hiding the columns not
+    filled yet."""
+    query, key, value = _rotated_qkv(x, w, cos, sin, shape, eps)
+    keys.index_copy_(1, column, key.reshape(-1, 1, shape.head_dim))
+    values.index_copy_(1, column, value.reshape(-1, 1, shape.head_dim))
+    return _attention_and_mlp(x, w, query, keys.transpose(1, 2), values, mask, shape, eps)
 
 
 def _rotary_tables(model: torch.nn.Module, length: int, dtype: torch.dtype,
@@ -273,26 +307,194 @@ class DecodeCounters:
     prefill_rows: int = 0
     compactions: int = 0
     host_reads: int = 0
-    seconds_prefill: float = 0.0
+    compilations: int = 0  # graphs `torch.compile` built during this decode (STEP_MODES "compiled")
+    captures: int = 0      # CUDA graphs captured during this decode (STEP_MODES "graphs")
+
+
+# How the per-layer step runs. "eager": `layer_step`, attention over the filled columns only. "fixed":
+# `fixed_layer_step` eagerly (every shape fixed for the rollout; what "compiled" and "graphs" run). "compiled":
+# `fixed_layer_step` under `torch.compile` (inductor, static shapes): one compilation per (batch bucket, cache
+# length bucket, dtype, architecture), shared by every layer and every skip set, because the layer's weights are
+# inputs of the compiled graph, not constants in it. "graphs" (CUDA): `fixed_layer_step` captured in one CUDA graph
+# per decoder layer and batch bucket, plus one for the embedding and one for the head per bucket (`DecodeGraphs`);
+# a rollout replays the graphs of its kept layers, so no skip set needs a capture of its own.
+STEP_MODES = ("eager", "fixed", "compiled", "graphs")
+# The compiled step's cache length is rounded up to a multiple of this, so rollouts with different prompt widths
+# reuse one compilation.
+COLUMN_BUCKET = 64
+_compiled_layer_step = None
+COMPILATIONS = [0]  # graphs compiled so far by `_compiled_layer_step`, in this process
+
+
+def _counting_inductor(graph_module, example_inputs):
+    """torch.compile backend: inductor, counting every graph it compiles (a recompilation is one more)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    COMPILATIONS[0] += 1
+    return compile_fx(graph_module, example_inputs)
+
+
+def compiled_layer_step():
+    """`fixed_layer_step` compiled (built on first use; compilation happens at each call with new shapes)."""
+    global _compiled_layer_step
+    if _compiled_layer_step is None:
+        _compiled_layer_step = torch.compile(fixed_layer_step, dynamic=False, backend=_counting_inductor)
+    return _compiled_layer_step
+
+
+@dataclass
+class _BucketInputs:
+    """The fixed-address inputs and outputs of one batch bucket's graphs."""
+    token: torch.Tensor     # [b] the fed tokens
+    position: torch.Tensor  # [b] their rotary positions
+    mask: torch.Tensor      # [b Hkv, 1, S] additive attention mask
+    x: torch.Tensor         # [b, H] the residual stream, updated in place by each layer's graph
+    cos: torch.Tensor       # [b, 1, D]
+    sin: torch.Tensor       # [b, 1, D]
+    logits: torch.Tensor    # [b, V]
+
+
+class DecodeGraphs:
+    """CUDA graphs of the fixed-shape decode step of one model, kept on the model across rollouts.
+
+    One graph per (decoder layer, batch bucket), captured for every layer when a bucket is first used, plus an
+    embedding graph and a head graph per bucket. A rollout copies its kept layers' weights into the fixed buffers
+    the graphs read (one pass over the kept weights, as ZeRO-3 gathers them to fresh storage each rollout anyway)
+    and replays the graphs of its kept layers only: a new skip set captures nothing. The KV cache has a slot for
+    every decoder layer (the graphs' addresses must not depend on the skip set), at the largest bucket and cache
+    length seen; a rollout needing more rebuilds everything (counted as captures)."""
+
+    def __init__(self, model: torch.nn.Module, shape: DecoderShape, rows: int, columns: int, template: LayerWeights,
+                 num_layers: int, embed: torch.Tensor, device: torch.device):
+        dtype = embed.dtype
+        self.shape, self.rows, self.columns, self.dtype, self.num_layers = shape, rows, columns, dtype, num_layers
+        self.cache = StaticKVCache(num_layers, rows, shape.num_kv_heads, columns, shape.head_dim, dtype, device)
+        self.weights = [LayerWeights(**{name: None if value is None else torch.empty_like(value)
+                                        for name, value in vars(template).items()}) for _ in range(num_layers)]
+        self.embed = torch.empty_like(embed)
+        self.final_norm = torch.empty(shape.hidden_size, dtype=dtype, device=device)
+        self.head = torch.empty_like(embed)
+        self.eps = torch.tensor(shape.rms_norm_eps, device=device)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.cos_table, self.sin_table = _rotary_tables(model, columns, dtype, device)
+        self.inputs: dict[int, _BucketInputs] = {}
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def fits(self, rows: int, columns: int, template: LayerWeights, num_layers: int, embed: torch.Tensor) -> bool:
+        return (rows <= self.rows and columns <= self.columns and num_layers == self.num_layers
+                and embed.shape == self.embed.shape and embed.dtype == self.dtype and embed.device == self.embed.device
+                and all((value is None) == (getattr(self.weights[0], name) is None)
+                        and (value is None or value.shape == getattr(self.weights[0], name).shape)
+                        for name, value in vars(template).items()))
+
+    def load(self, layers: dict[int, LayerWeights], embed: torch.Tensor, final_norm: torch.Tensor,
+             head: torch.Tensor) -> None:
+        """Copy this rollout's weights (the kept layers', by decoder layer index) into the graphs' buffers."""
+        for index, weights in layers.items():
+            for name, value in vars(weights).items():
+                if value is not None:
+                    getattr(self.weights[index], name).copy_(value)
+        self.embed.copy_(embed)
+        self.final_norm.copy_(final_norm)
+        self.head.copy_(head)
+
+    def _capture(self, fn) -> torch.cuda.CUDAGraph:
+        # A warm-up run on a side stream first (allocator and library handles), as capture requires.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            fn()
+        return graph
+
+    def ensure_bucket(self, bucket: int) -> int:
+        """Capture the graphs of `bucket` unless they exist; returns the number captured. `self.column` must hold the
+        column the next step writes: each layer's warm-up writes garbage there, which that step overwrites."""
+        if bucket in self.inputs:
+            return 0
+        shape, device = self.shape, self.embed.device
+        inputs = _BucketInputs(
+            token=torch.zeros(bucket, dtype=torch.long, device=device),
+            position=torch.zeros(bucket, dtype=torch.long, device=device),
+            mask=torch.zeros((bucket * shape.num_kv_heads, 1, self.columns), dtype=self.dtype, device=device),
+            x=torch.zeros((bucket, shape.hidden_size), dtype=self.dtype, device=device),
+            cos=torch.zeros((bucket, 1, shape.head_dim), dtype=self.dtype, device=device),
+            sin=torch.zeros((bucket, 1, shape.head_dim), dtype=self.dtype, device=device),
+            logits=torch.zeros((bucket, self.embed.shape[0]), dtype=self.dtype, device=device))
+        self.inputs[bucket] = inputs
+
+        def embed_step():
+            inputs.x.copy_(F.embedding(inputs.token, self.embed))
+            inputs.cos.copy_(self.cos_table[inputs.position].unsqueeze(1))
+            inputs.sin.copy_(self.sin_table[inputs.position].unsqueeze(1))
+
+        def head_step():
+            inputs.logits.copy_(torch.mm(_rms_norm(inputs.x, self.final_norm, self.eps), self.head.t()))
+
+        self.graphs["embed", bucket] = self._capture(embed_step)
+        for index, (keys, values) in enumerate(self.cache.layer_views(bucket)):
+            def layer(weights=self.weights[index], keys=keys, values=values):
+                inputs.x.copy_(fixed_layer_step(inputs.x, weights, keys, values, self.column, inputs.cos, inputs.sin,
+                                                inputs.mask, shape, self.eps))
+            self.graphs[index, bucket] = self._capture(layer)
+        self.graphs["head", bucket] = self._capture(head_step)
+        return self.num_layers + 2
+
+    def step(self, bucket: int, kept: Sequence[int], token: torch.Tensor, position: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
+        """One decode step of the kept layers at `bucket` rows: -> logits [b, V] (a buffer the next step reuses)."""
+        inputs = self.inputs[bucket]
+        inputs.token.copy_(token)
+        inputs.position.copy_(position)
+        inputs.mask.copy_(mask)
+        self.graphs["embed", bucket].replay()
+        for index in kept:
+            self.graphs[index, bucket].replay()
+        self.graphs["head", bucket].replay()
+        return inputs.logits
+
+
+_GRAPHS_ATTR = "_nested_reft_decode_graphs"
+
+
+def decode_graphs(model: torch.nn.Module, shape: DecoderShape, rows: int, columns: int, template: LayerWeights,
+                  num_layers: int, embed: torch.Tensor) -> DecodeGraphs:
+    """The model's `DecodeGraphs`, built (or rebuilt, its graphs captured anew) when this rollout needs more rows,
+    columns or other shapes than the one it holds."""
+    graphs = model.__dict__.get(_GRAPHS_ATTR)
+    if graphs is not None and graphs.fits(rows, columns, template, num_layers, embed):
+        return graphs
+    model.__dict__.pop(_GRAPHS_ATTR, None)
+    graphs = DecodeGraphs(model, shape, rows, columns, template, num_layers, embed, embed.device)
+    model.__dict__[_GRAPHS_ATTR] = graphs
+    return graphs
 
 
 @torch.no_grad()
 def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask: torch.Tensor, plan: SkipPlan, *,
                     max_new_tokens: int, temperature: float, top_p: float, eos_ids: torch.Tensor, pad_token_id: int,
                     greedy: bool, seed: int, row_keys: torch.Tensor, group_size: int, compact_below: float,
-                    sync_every: int = SYNC_EVERY,
+                    step_mode: str = "eager", sync_every: int = SYNC_EVERY,
                     counters: DecodeCounters | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens, completion mask and behaviour log-probs [B, T] of `rollout.generate`'s contract (arguments checked
     there): padded to `max_new_tokens` columns, the caller trims them."""
     if sync_every < 1:
         raise ValueError(f"static decode engine: sync_every must be >= 1, got {sync_every}")
+    if step_mode not in STEP_MODES:
+        raise ValueError(f"static decode engine: step_mode must be one of {STEP_MODES}, got {step_mode!r}")
     counters = counters if counters is not None else DecodeCounters()
     shape = decoder_shape(model)
     batch_size, prompt_width = input_ids.shape
     device = input_ids.device
-    columns = prompt_width + max_new_tokens
-    if shape.sliding_window is not None and columns >= shape.sliding_window:
-        raise UnsupportedModelError(f"static decode engine: {columns} tokens reach the sliding window "
+    fixed = step_mode != "eager"
+    needed = prompt_width + max_new_tokens
+    columns = -(-needed // COLUMN_BUCKET) * COLUMN_BUCKET if fixed else needed
+    if shape.sliding_window is not None and needed >= shape.sliding_window:
+        raise UnsupportedModelError(f"static decode engine: {needed} tokens reach the sliding window "
                                     f"({shape.sliding_window}); decode with rollout.engine=reference")
     parent, attr = decoder_layers(model)
     all_layers = getattr(parent, attr)
@@ -304,7 +506,6 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
     head_t = head.t()
 
     # Prefill: the model's own forward over the prompts (one per group with shared prefill), as the reference does.
-    started = time.perf_counter()
     shared = group_size > 1
     prefill_ids = input_ids[::group_size] if shared else input_ids
     prefill_mask = prompt_mask[::group_size] if shared else prompt_mask
@@ -325,15 +526,31 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
     slot_sources = torch.cat([torch.arange(batch_size, device=device),
                               torch.zeros(bucket - batch_size, dtype=torch.long, device=device)])
     dtype = embed.dtype
-    cache = StaticKVCache(len(plan.kept), bucket, shape.num_kv_heads, columns, shape.head_dim, dtype, device)
+    graphs = None
+    if step_mode == "graphs":
+        if device.type != "cuda":
+            raise ValueError("static decode engine: CUDA graphs (rollout.engine=static_graphs) need a CUDA device, "
+                             f"not {device}")
+        graphs = decode_graphs(model, shape, bucket, columns, weights[0], len(all_layers), embed)
+        graphs.load(dict(zip(plan.kept, weights)), embed, final_norm, head)
+        cache, cache_layers, columns = graphs.cache, plan.kept, graphs.columns
+    else:
+        cache = StaticKVCache(len(plan.kept), bucket, shape.num_kv_heads, columns, shape.head_dim, dtype, device)
+        cache_layers = range(len(plan.kept))
     prefill_sources = slot_sources // group_size if shared else slot_sources
-    for i, layer in enumerate(prefill_cache.layers):
+    for i, layer in zip(cache_layers, prefill_cache.layers):
         cache.fill(i, layer.keys, layer.values, prefill_sources)
     del prefill_cache, out
-    # The attention mask as added to the scores: 0 where a key may be attended to, the dtype's minimum on left padding.
+    # The attention mask as added to the scores, per slot: 0 where a key may be attended to, the dtype's minimum on
+    # left padding and (fixed shapes) on the columns not filled yet.
+    minimum = torch.finfo(dtype).min
     additive = torch.zeros((bucket, 1, 1, columns), dtype=dtype, device=device)
-    additive[:, 0, 0, :prompt_width].masked_fill_(prompt_mask.index_select(0, slot_sources) == 0,
-                                                  torch.finfo(dtype).min)
+    additive[:, 0, 0, :prompt_width].masked_fill_(prompt_mask.index_select(0, slot_sources) == 0, minimum)
+    if fixed:
+        additive[:, :, :, prompt_width:] = minimum
+        step = compiled_layer_step() if step_mode == "compiled" else fixed_layer_step
+        compilations_before = COMPILATIONS[0]
+        column_index = torch.zeros(1, dtype=torch.long, device=device)
     position = prompt_mask.long().sum(-1).index_select(0, slot_sources)  # rotary position of the next fed token
     cos_table, sin_table = _rotary_tables(model, columns, dtype, device)
     eps = torch.tensor(shape.rms_norm_eps, device=device)
@@ -359,7 +576,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
         return token
 
     token = emit(first_logits.index_select(0, slot_sources), 0)
-    counters.seconds_prefill += time.perf_counter() - started
+    layer_caches = cache.layer_views(bucket)
     for t in range(1, max_new_tokens):
         if t % sync_every == 1 or sync_every == 1:
             alive_host = alive.cpu()  # the one device read of these `sync_every` steps
@@ -381,17 +598,39 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
                 position, token = position.index_select(0, keep), token.index_select(0, keep)
                 slot_uniforms = slot_uniforms.index_select(0, keep)
                 bucket, live = smaller, len(alive_slots)
+                layer_caches = cache.layer_views(bucket)
                 counters.compactions += 1
         column = prompt_width + t - 1  # where the fed token's key goes
-        x = F.embedding(token, embed)
-        cos, sin = cos_table[position].unsqueeze(1), sin_table[position].unsqueeze(1)
-        step_mask = additive[:bucket, :, :, :column + 1].expand(-1, shape.num_kv_heads, -1, -1).reshape(
-            bucket * shape.num_kv_heads, 1, column + 1)
-        for w, new_key, new_value, keys_t, values in zip(weights, *cache.step_views(bucket, column)):
-            x = layer_step(x, w, new_key, new_value, keys_t, values, cos, sin, step_mask, shape, eps)
-        logits = torch.mm(_rms_norm(x, final_norm, eps), head_t)
+        if graphs is not None:
+            additive[:bucket, :, :, column] = 0
+            graphs.column.fill_(column)
+            counters.captures += graphs.ensure_bucket(bucket)
+            logits = graphs.step(bucket, plan.kept, token, position,
+                                 _per_kv_head(additive[:bucket], shape.num_kv_heads))
+        else:
+            x = F.embedding(token, embed)
+            cos, sin = cos_table[position].unsqueeze(1), sin_table[position].unsqueeze(1)
+            if fixed:
+                additive[:bucket, :, :, column] = 0
+                column_index.fill_(column)
+                step_mask = _per_kv_head(additive[:bucket], shape.num_kv_heads)
+                for w, (keys, values) in zip(weights, layer_caches):
+                    x = step(x, w, keys, values, column_index, cos, sin, step_mask, shape, eps)
+            else:
+                step_mask = _per_kv_head(additive[:bucket, :, :, :column + 1], shape.num_kv_heads)
+                for w, new_key, new_value, keys_t, values in zip(weights, *cache.step_views(bucket, column)):
+                    x = layer_step(x, w, new_key, new_value, keys_t, values, cos, sin, step_mask, shape, eps)
+            logits = torch.mm(_rms_norm(x, final_norm, eps), head_t)
         position += 1
         token = emit(logits, t)
         counters.steps += 1
         counters.row_steps += bucket
+    if step_mode == "compiled":
+        counters.compilations += COMPILATIONS[0] - compilations_before
     return tokens[:batch_size], completion_mask[:batch_size], logprobs_out[:batch_size]
+
+
+def _per_kv_head(additive: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[b, 1, 1, n] per-slot mask -> [b Hkv, 1, n], the layout of the attention's batched matmuls."""
+    rows, _, _, width = additive.shape
+    return additive.expand(rows, kv_heads, 1, width).reshape(rows * kv_heads, 1, width)

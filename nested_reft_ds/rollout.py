@@ -138,13 +138,19 @@ class DecodeStats:
     prefill_rows: int = 0         # rows the prefill forward ran (one per prompt with shared prefill)
     compactions: int = 0
     host_reads: int = 0           # device values the host read while decoding (each one a sync on a GPU)
-    engine: str = ""              # the engine that decoded: "reference" or "static"
+    compilations: int = 0         # graphs torch.compile built while decoding ("static_compiled")
+    captures: int = 0             # CUDA graphs captured while decoding ("static_graphs")
+    engine: str = ""              # the engine that decoded (ENGINES)
 
 
-# `generate`'s engines. "static" (decode.py) is the fast one; "reference" is the transformers-forward loop below,
-# which every static decode is tested against and which also serves what the static engine does not: lockstep
-# (streamed ZeRO-3) decoding, `use_cache=False`, and models outside `decode.ARCHITECTURES`.
-ENGINES = ("static", "reference")
+# `generate`'s engines, each static one with its layer-step mode (decode.STEP_MODES). "static" (decode.py) is the
+# default; "static_compiled" runs its layer step under torch.compile and "static_graphs" replays CUDA graphs of it
+# (both opt-in: docs/results/decode_cpu.md has what compiling buys on the CPU; the graphs have not run on a GPU
+# yet); "reference" is the transformers-forward loop below, which every static decode is tested against and which
+# also serves what the static engines do not: lockstep (streamed ZeRO-3) decoding, `use_cache=False`, and models
+# outside `decode.ARCHITECTURES`.
+STATIC_ENGINES = {"static": "eager", "static_compiled": "compiled", "static_graphs": "graphs"}
+ENGINES = (*STATIC_ENGINES, "reference")
 
 
 @torch.no_grad()
@@ -170,7 +176,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
       finished ones leave it (KV cache and per-row state), so later steps cost what is alive. 0 never compacts.
 
     `engine` (`rollout.engine`): "static" decodes with static shapes over the model's own weights (decode.py;
-    qwen2 / qwen3 / llama / mistral, anything else is refused with an error naming the reference engine);
+    qwen2 / qwen3 / llama / mistral, anything else is refused with an error naming the reference engine),
+    "static_compiled" likewise with its layer step under torch.compile, "static_graphs" (CUDA) with CUDA graphs;
     "reference" with the model's forward and a growing cache. Both give the same tokens and behaviour log-probs
     (up to float summation order). The static engine hands over to the reference one by itself where it cannot
     run: a model that decodes with collectives (streamed ZeRO-3: its parameters are fetched by per-module hooks,
@@ -208,18 +215,20 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         raise ValueError(f"generate: row_keys must have shape ({batch_size},), got {tuple(row_keys.shape)}")
     stats = stats if stats is not None else DecodeStats()
     eos_ids = torch.tensor(stop_token_ids(model, eos_token_id), device=device)
-    if engine == "static" and use_cache and all_ranks_done is None and batch_size:
+    if engine in STATIC_ENGINES and use_cache and all_ranks_done is None and batch_size:
         counters = DecodeCounters()
         tokens, completion_mask, behavior_logprobs = static_generate(
             model, input_ids, prompt_mask, plan, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, eos_ids=eos_ids, pad_token_id=pad_token_id, greedy=greedy, seed=seed, row_keys=row_keys,
-            group_size=group_size, compact_below=compact_below, counters=counters)
+            group_size=group_size, compact_below=compact_below, step_mode=STATIC_ENGINES[engine], counters=counters)
         stats.steps += counters.steps
         stats.row_steps += counters.row_steps
         stats.prefill_rows += counters.prefill_rows
         stats.compactions += counters.compactions
         stats.host_reads += counters.host_reads
-        stats.engine = "static"
+        stats.compilations += counters.compilations
+        stats.captures += counters.captures
+        stats.engine = engine
         steps_taken = max_new_tokens
     else:
         tokens, completion_mask, behavior_logprobs, steps_taken = _reference_decode(

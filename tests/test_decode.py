@@ -177,3 +177,55 @@ def test_a_partitioned_parameter_is_refused(models):
     with pytest.raises(ValueError, match=r"layers\.3\.mlp\.up_proj\.weight is partitioned.*skip_aware_gather"):
         generate(partitioned, ids, mask, SkipPlan(6), **kwargs)
     generate(partitioned, ids, mask, SkipPlan(6, (3,)), **kwargs)  # a skipped layer is never read
+
+
+def test_compiled_step_samples_the_reference_tokens_and_a_new_skip_set_compiles_nothing(models):
+    """`static_compiled` compiles its layer step once per batch bucket (and cache-length bucket): the layer's weights
+    are inputs of the compiled graph, so every layer and every skip set reuses it. Counted at the backend."""
+    model, tok = models["qwen3"]
+    ids, mask = encode_prompts(tok, [p for p in PROMPTS for _ in range(GROUP)], "cpu")
+    kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.2, eos_token_id=STOPS, pad_token_id=tok.pad_token_id,
+                  seed=11, compact_below=0.0)
+    compilations = []
+    for skipped in [(2,), (1, 4), (0, 3, 4), ()]:
+        plan = SkipPlan(6, skipped)
+        stats = DecodeStats()
+        compiled = generate(model, ids, mask, plan, engine="static_compiled", stats=stats, **kwargs)
+        assert stats.engine == "static_compiled"
+        assert_same_rollout(generate(model, ids, mask, plan, engine="reference", **kwargs), compiled)
+        compilations.append(stats.compilations)
+    assert compilations[0] >= 1 and compilations[1:] == [0, 0, 0], compilations
+    # Compaction moves to smaller buckets (compiled once each, before or now); tokens stay the reference's.
+    compacted = generate(model, ids, mask, SkipPlan(6, (2,)), engine="static_compiled",
+                         **dict(kwargs, compact_below=0.9, group_size=GROUP))
+    assert_same_rollout(generate(model, ids, mask, SkipPlan(6, (2,)), engine="reference",
+                                 **dict(kwargs, compact_below=0.9, group_size=GROUP)), compacted)
+
+
+def fixed_shape_rollout(model, ids, mask, plan, step_mode, **kwargs):
+    """`decode.static_generate` in a given step mode, with generate's defaults for what `kwargs` leaves out."""
+    from nested_reft_ds.decode import static_generate
+
+    arguments = dict(temperature=1.0, top_p=1.0, greedy=False, seed=0, row_keys=torch.arange(len(ids)), group_size=1,
+                     compact_below=0.0)
+    arguments.update(kwargs)
+    arguments["eos_ids"] = torch.tensor(arguments.pop("eos_token_id"))
+    return static_generate(model, ids, mask.long(), plan, step_mode=step_mode, **arguments)
+
+
+def test_the_fixed_shape_step_graphs_capture_samples_the_eager_tokens(models):
+    """`fixed_layer_step` (what torch.compile and the CUDA graphs run: the write column a tensor, attention over every
+    cache column with the unfilled ones masked, the cache length rounded up to COLUMN_BUCKET) decodes what the
+    eager step decodes, with compaction and shared prefill too."""
+    model, tok = models["qwen2"]
+    ids, mask = encode_prompts(tok, [p for p in PROMPTS for _ in range(GROUP)], "cpu")
+    kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.2, eos_token_id=STOPS, pad_token_id=tok.pad_token_id,
+                  seed=11, compact_below=0.9, group_size=GROUP)
+    for plan in (SkipPlan(6, (2,)), SkipPlan(6, (0, 3))):
+        eager = fixed_shape_rollout(model, ids, mask, plan, "eager", **kwargs)
+        fixed = fixed_shape_rollout(model, ids, mask, plan, "fixed", **kwargs)
+        assert torch.equal(fixed[0], eager[0]) and torch.equal(fixed[1], eager[1])
+        torch.testing.assert_close(fixed[2], eager[2], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        generate(model, ids, mask, SkipPlan(6), max_new_tokens=3, eos_token_id=STOPS, pad_token_id=tok.pad_token_id,
+                 engine="static_graphs")

@@ -14,15 +14,18 @@ every row alike), the first repeat is an untimed warm-up, and the median is repo
 - ms/layer-step: rollout wall time / (new tokens x decoder layers run); the prefill, head and sampling are
   included, spread over the layer-steps.
 - aten/layer-step: aten operator calls (torch.profiler on the CPU, nested calls included) / the same count, from
-  one extra profiled rollout per row.
-- host reads/step: device values the host read per decode step (`DecodeStats.host_reads` for our engines; for the
-  anchors `aten::_local_scalar_dense` calls in the profile, the op every `.item()` / `bool()` runs). Each one is
+  one extra profiled rollout per row; on CUDA, launches/layer-step: kernel and graph launches instead.
+- host reads/step: device values the host read per forward of the rollout, prefill included
+  (`DecodeStats.host_reads` for our engines; for the anchors `aten::_local_scalar_dense` calls in the profile, the op every `.item()` / `bool()` runs). Each one is
   a device->host synchronisation on a GPU.
 - tokens/s: new tokens of all rows / wall time. x reference: / the reference engine's at the same skip ratio;
   x generate: / transformers' dynamic-cache `generate` at skip 0.
 - of ideal: (tokens/s at this ratio / tokens/s of the same engine at the first ratio) / (1 / (1 - s)), with s the
   fraction of layers skipped: 1.00 = decode time proportional to the layers run.
-- first call s: wall time of the row's untimed warm-up rollout minus its median (compilation, allocation).
+- first call s: wall time of the row's untimed warm-up rollout minus its median (compilation, graph capture,
+  allocation).
+- of copy BW (CUDA): bytes a decode step must read (kept layers' and head's parameters, KV cache at the mean
+  context) x steps/s / the measured device-to-device copy bandwidth.
 """
 from __future__ import annotations
 
@@ -39,9 +42,11 @@ from ..config import ModelConfig
 from ..model import build_tiny_model, load_model_and_tokenizer
 from ..nested import sample_skip_plan
 from ..rollout import ENGINES, DecodeStats, generate
-from .bench import cpu_name, fixed_length, ideal_speedup, skip_ratios_argument
+from .bench import copy_bandwidth, cpu_name, decode_bytes_per_step, fixed_length, ideal_speedup, skip_ratios_argument
 
 ANCHORS = ("hf-dynamic", "hf-static")
+# CUDA runtime calls that launch work on the device (a graph launch replays a whole captured graph).
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -128,6 +133,9 @@ def run_decode_bench(args: argparse.Namespace) -> int:
             else:
                 first[row] = elapsed
     load = os.getloadavg()[0]
+    cuda = args.device.startswith("cuda")
+    bandwidth = copy_bandwidth(args.device) if cuda else None
+    context = args.prompt_length + args.new_tokens // 2  # mean KV length over the decode
     reads, aten = {}, {}
     for row in rows:
         stats = DecodeStats()
@@ -135,23 +143,26 @@ def run_decode_bench(args: argparse.Namespace) -> int:
             rollout(row, stats)
             counts = {}
         else:
-            counts = _profiled(lambda: rollout(row, stats))
-        steps = args.new_tokens - 1
+            counts = _profiled(lambda: rollout(row, stats), cuda)
+        steps = args.new_tokens  # forwards per rollout: the prefill samples the first token
         reads[row] = stats.host_reads / steps if row[0] not in ANCHORS else (
             counts.get("aten::_local_scalar_dense", float("nan")) / steps)
-        total = sum(count for name, count in counts.items() if name.startswith("aten::"))
+        total = (sum(count for name, count in counts.items() if name.startswith("aten::")) if not cuda else
+                 sum(count for name, count in counts.items() if name in LAUNCHES))
         aten[row] = total / (args.new_tokens * len(plans[row[1]].kept)) if counts else float("nan")
 
     def tokens_per_s(row) -> float:
         return args.batch_size * args.new_tokens / statistics.median(times[row])
 
-    print(f"decode benchmark: {path if args.model else f'embedded {args.arch}, {num_layers} layers x hidden {args.hidden_size}'}; "
+    described = path if args.model else f"embedded {args.arch}, {num_layers} layers x hidden {args.hidden_size}"
+    print(f"decode benchmark: {described}; "
           f"{args.batch_size} rows x {args.prompt_length} prompt tokens -> {args.new_tokens} new tokens; {args.device} "
           f"{args.dtype}, {args.threads} thread(s), {cpu_name()}; median of {args.repeats}; 1-min load {load:.1f}; "
           f"{time.perf_counter() - began:.0f} s")
-    header = (f"{'engine':<11} {'skip':>4} {'layers':>6} {'ms/layer-step':>13} {'aten/layer-step':>15} "
+    calls = "launches/layer-step" if cuda else "aten/layer-step"
+    header = (f"{'engine':<15} {'skip':>4} {'layers':>6} {'ms/layer-step':>13} {calls:>19} "
               f"{'host reads/step':>15} {'tokens/s':>9} {'x reference':>11} {'x generate':>10} {'of ideal':>8} "
-              f"{'first call s':>12}")
+              f"{'first call s':>12}" + (f" {'of copy BW':>10}" if cuda else ""))
     print(header)
     print("-" * len(header))
     generate_rate = tokens_per_s(("hf-dynamic", 0.0)) if ("hf-dynamic", 0.0) in times else float("nan")
@@ -165,16 +176,25 @@ def run_decode_bench(args: argparse.Namespace) -> int:
         vs_reference = rate / tokens_per_s(("reference", ratio)) if ("reference", ratio) in times else float("nan")
         of_ideal = (rate / tokens_per_s((name, base_ratio)) / ideal_speedup(plans[base_ratio], plans[ratio])
                     if (name, base_ratio) in times else float("nan"))
-        print(f"{name:<11} {ratio:>4.2f} {layers:>6} {per_layer_step:>13.3f} {aten[row]:>15.1f} {reads[row]:>15.3f} "
+        read = ""
+        if cuda:
+            read_per_s = decode_bytes_per_step(model, plans[ratio], args.batch_size, context) * rate / args.batch_size
+            read = f" {read_per_s / bandwidth:>10.3f}"
+        print(f"{name:<15} {ratio:>4.2f} {layers:>6} {per_layer_step:>13.3f} {aten[row]:>19.1f} {reads[row]:>15.3f} "
               f"{rate:>9.0f} {vs_reference:>11.2f} {rate / generate_rate:>10.2f} {of_ideal:>8.2f} "
-              f"{first[row] - median:>12.2f}")
+              f"{first[row] - median:>12.2f}" + read)
+    if cuda:
+        print(f"of copy BW: (kept layers' and head's parameters + KV cache at the mean context) read per decode step "
+              f"x steps/s / the measured device copy bandwidth ({bandwidth / 1e9:.0f} GB/s)")
     return 0
 
 
-def _profiled(fn) -> dict[str, int]:
-    """aten operator calls (nested included) of one call of `fn`, by name."""
+def _profiled(fn, cuda: bool = False) -> dict[str, int]:
+    """Profiler events of one call of `fn` by name: aten operator calls (nested included) and, with `cuda`, the
+    CUDA runtime's kernel and graph launches."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         fn()
     return {event.key: event.count for event in prof.key_averages()}
