@@ -7,8 +7,9 @@ functional per-layer step with static shapes:
 
 - the prompt is prefilled by the model's own forward (the very call the reference engine makes, so the first token
   and the prompt's keys and values are the reference's), then copied into a static KV cache;
-- the KV cache holds the kept layers only (`StaticKVCache`), every row writes its next key at the same column (rows
-  are left padded to one prompt width) while its rotary position is its own (`position`, a tensor per row);
+- the KV cache holds the kept layers only (`StaticKVCache`; the CUDA graphs keep a slot per decoder layer, see
+  `DecodeGraphs`), every row writes its next key at the same column (rows are left padded to one prompt width)
+  while its rotary position is its own (`position`, a tensor per row);
 - per layer-step: one fused q/k/v matmul, one RMSNorm call per norm (QK-norm for Qwen3 on q and k together),
   rotary by a precomputed cos/sin table, an in-place cache write, attention over the filled columns only (on the
   CPU attending to every slot of a static cache costs a third of the step), and the output and down projections
@@ -19,6 +20,12 @@ functional per-layer step with static shapes:
   row, so compaction moves the batch to a smaller bucket, never to a new shape;
 - the host reads one device value (which rows are still alive) every `sync_every` steps: finished rows keep
   producing padding until then, and compaction happens at those reads.
+
+The layer step runs eagerly by default (`STEP_MODES`); a fixed-shape variant (`fixed_layer_step`: the write column
+a tensor, attention over every cache column with the unfilled ones masked) runs under `torch.compile`
+(`rollout.engine=static_compiled`) or as CUDA graphs captured per decoder layer and batch bucket (`DecodeGraphs`,
+`rollout.engine=static_graphs`); neither compiles nor captures anything for a new skip set. Measurements:
+docs/results/decode_cpu.md.
 
 Sampling is keyed per (row, position), so the tokens and behaviour log-probs equal the reference engine's up to
 float summation order (tests/test_decode.py). Supported architectures: qwen2, qwen3, llama, mistral (checked
@@ -84,7 +91,7 @@ def decoder_shape(model: torch.nn.Module) -> DecoderShape:
     """The shape of `model`'s decoder, or UnsupportedModelError naming what the static engine cannot run."""
     config = _text_config(model)
     model_type = getattr(config, "model_type", type(model).__name__)
-    refuse = f"; decode it with rollout.engine=reference"
+    refuse = "; decode it with rollout.engine=reference"
     if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(f"the static decode engine supports {', '.join(ARCHITECTURES)}, not "
                                     f"model_type={model_type!r}{refuse}")

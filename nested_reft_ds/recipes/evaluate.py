@@ -287,8 +287,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--seed", type=int, default=0,
                         help="sampling seed (and the synthetic task's seed); samples do not depend on the world size")
     parser.add_argument("--engine", choices=list(ENGINES), default="static",
-                        help="decode engine (rollout.engine): static (fast; qwen2/qwen3/llama/mistral) or reference "
-                             "(the model's forward, any model); both sample the same tokens")
+                        help="decode engine (rollout.engine): static (the default; qwen2/qwen3/llama/mistral), "
+                             "static_compiled, static_graphs (CUDA), or reference (the model's forward, any model); "
+                             "all sample the same tokens")
     parser.add_argument("--device", help="default: cuda (this rank's local GPU under a launcher) if available, "
                                          "else cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
