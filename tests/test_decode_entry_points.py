@@ -27,12 +27,6 @@ EXACT = ("completion_length", "longest_completion_max", "longest_completion_min"
          "train_tokens_needed", "skip_ratio")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def train_runs(tmp_path_factory):
     records = {}
@@ -40,7 +34,10 @@ def train_runs(tmp_path_factory):
         out = tmp_path_factory.mktemp(name)
         overrides = [arg for item in SETTINGS + [f"rollout.gather={gather}", f"rollout.engine={engine}",
                                                  f"train.output_dir={out}"] for arg in ("--set", item)]
-        command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+        with socket.socket() as sock:  # a free port for the launcher
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module",
                    "nested_reft_ds.train", "--config", "configs/tiny_zero3_2rank.yaml", *overrides]
         env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

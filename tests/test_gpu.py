@@ -113,22 +113,23 @@ def test_bf16_shared_prompt_forward_scores_like_the_plain_layout(tiny_models):
     torch.testing.assert_close(packed[mask], plain[mask], atol=5e-2, rtol=0)  # bf16: summation order differs
 
 
-def _fixed_or_graphs(model, ids, mask, plan, step_mode, stats=None):
+def _fixed_or_graphs(model, ids, mask, plan, step_mode, compact_below=0.0):
     """`decode.static_generate` at the fixed shapes: eagerly ("fixed") or replaying CUDA graphs ("graphs")."""
     from nested_reft_ds.decode import DecodeCounters, static_generate
 
     counters = DecodeCounters()
     out = static_generate(model, ids, mask.long(), plan, max_new_tokens=24, temperature=1.0, top_p=1.0,
                           eos_ids=torch.tensor(STOPS, device="cuda"), pad_token_id=0, greedy=False, seed=5,
-                          row_keys=torch.arange(len(ids), device="cuda"), group_size=GROUP, compact_below=0.9,
+                          row_keys=torch.arange(len(ids), device="cuda"), group_size=GROUP, compact_below=compact_below,
                           step_mode=step_mode, counters=counters)
     return out, counters
 
 
 def test_cuda_graphs_decode_what_the_eager_fixed_step_decodes_and_skip_sets_recapture_nothing(tiny_models):
-    """One graph per decoder layer and batch bucket (plus embedding and head): the first rollout captures the buckets
-    it uses, later rollouts with other skip sets (and the same buckets) capture nothing, and every rollout samples
-    the tokens the same fixed-shape step samples eagerly (bf16: log-probs to bf16 rounding)."""
+    """One graph per decoder layer and batch bucket (plus embedding and head): the first rollout captures its bucket,
+    later rollouts with other skip sets capture nothing (no compaction here, so every rollout runs at one bucket),
+    and every rollout samples the tokens the same fixed-shape step samples eagerly (bf16: log-probs to bf16
+    rounding); with compaction too, where the smaller buckets are captured on first use."""
     model, tok = _model(tiny_models, "sdpa")
     ids, mask = encode_prompts(tok, [p for p in PROMPTS for _ in range(GROUP)], "cuda")
     captures = []
@@ -140,6 +141,10 @@ def test_cuda_graphs_decode_what_the_eager_fixed_step_decodes_and_skip_sets_reca
         torch.testing.assert_close(logprobs, eager_logprobs, atol=2e-2, rtol=0)
         captures.append(counters.captures)
     assert captures[0] > 0 and captures[1:] == [0, 0, 0], captures
+    (tokens, completion_mask, logprobs), _ = _fixed_or_graphs(model, ids, mask, SkipPlan(6, (1,)), "graphs", 0.9)
+    (eager_tokens, eager_mask, eager_logprobs), _ = _fixed_or_graphs(model, ids, mask, SkipPlan(6, (1,)), "fixed", 0.9)
+    assert torch.equal(tokens, eager_tokens) and torch.equal(completion_mask, eager_mask)
+    torch.testing.assert_close(logprobs, eager_logprobs, atol=2e-2, rtol=0)
     stats = DecodeStats()
     _rollout(model, tok, group_size=GROUP, engine="static_graphs", stats=stats)
     assert stats.engine == "static_graphs" and stats.host_reads <= -(-24 // 8)

@@ -16,8 +16,8 @@ every row alike), the first repeat is an untimed warm-up, and the median is repo
 - aten/layer-step: aten operator calls (torch.profiler on the CPU, nested calls included) / the same count, from
   one extra profiled rollout per row; on CUDA, launches/layer-step: kernel and graph launches instead.
 - host reads/step: device values the host read per forward of the rollout, prefill included
-  (`DecodeStats.host_reads` for our engines; for the anchors `aten::_local_scalar_dense` calls in the profile, the op every `.item()` / `bool()` runs). Each one is
-  a device->host synchronisation on a GPU.
+  (`DecodeStats.host_reads` for our engines; for the anchors `aten::_local_scalar_dense` calls in the profile, the
+  op every `.item()` / `bool()` runs). Each one is a device->host synchronisation on a GPU.
 - tokens/s: new tokens of all rows / wall time. x reference: / the reference engine's at the same skip ratio;
   x generate: / transformers' dynamic-cache `generate` at skip 0.
 - of ideal: (tokens/s at this ratio / tokens/s of the same engine at the first ratio) / (1 / (1 - s)), with s the
