@@ -1,4 +1,4 @@
-"""`nested-reft train | eval | bench [nested | rollout | step] | compare | config | export`.
+"""`nested-reft train | eval | bench [nested | rollout | decode | step] | compare | config | export`.
 
 Each subcommand's recipe is imported only when that subcommand runs: `nested-reft --help` imports no recipe, and
 `eval` on plain processes never imports DeepSpeed.
@@ -27,6 +27,9 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
                "rollout tokens/s: nested vs full model, one process"),
     "rollout": ("recipes.bench_rollout", "add_rollout_arguments", "launch",
                 "ZeRO-3 rollout per gather mode x skip ratio on 2 ranks: tokens/s, bytes, collectives, memory, R1-R3"),
+    "decode": ("recipes.bench_decode", "add_decode_arguments", "run_decode_bench",
+               "decode per engine x skip ratio vs transformers' generate: ms and aten calls per layer-step, "
+               "host reads, tokens/s, of ideal"),
     "step": ("recipes.bench_step", "add_step_arguments", "run_step_bench",
              "the whole RL step on a long-tailed workload: phase times, padding, memory, each saving's speed-up"),
 }

@@ -149,6 +149,14 @@ class RolloutConfig:
     leave the batch once the rows still decoding are at most this fraction of it (0: never)."""
     shared_prefill: bool = True
     """Prefill each prompt once for its group_size samples (exact: sampling is keyed per token)."""
+    engine: Literal["static", "static_compiled", "static_graphs", "reference"] = "static"
+    """Decode engine of `rollout.generate`. "static": static shapes over the model's own weights
+    (nested_reft_ds/decode.py; qwen2 / qwen3 / llama / mistral, other models are refused); "static_compiled": the
+    same with the layer step under torch.compile (compiles once per batch bucket, never per skip set; opt-in, see
+    docs/results/decode_cpu.md); "static_graphs" (CUDA): the layer step replayed from one CUDA graph per decoder
+    layer and batch bucket, never recaptured for a new skip set (opt-in until it has passed scripts/gpu_check.sh on
+    a GPU); "reference": the model's forward with a growing cache, for any model. Same tokens and behaviour
+    log-probs (up to float summation order); streamed ZeRO-3 decoding always runs the reference engine."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.compact_below <= 1, "rollout.compact_below", self.compact_below, "a float in [0, 1]")

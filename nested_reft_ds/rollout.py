@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
+from .decode import DecodeCounters, static_generate
 from .nested import SkipPlan, nested_view
 from .rl.logprobs import head_logprobs, token_logprobs
 from .sampling import keyed_uniforms, sample_tokens, sampling_logprobs
@@ -132,10 +133,24 @@ def stop_token_ids(model: torch.nn.Module, eos_token_id: int | Sequence[int]) ->
 class DecodeStats:
     """What one `generate` call computed: token-steps of the rows in the batch vs those still alive."""
     steps: int = 0                # decode forwards after the prefill
-    row_steps: int = 0            # sum over decode forwards of the rows the forward ran
+    row_steps: int = 0            # sum over decode forwards of the rows the forward ran (padding slots included)
     alive_row_steps: int = 0      # of those, rows that had not finished (the tokens that were needed)
     prefill_rows: int = 0         # rows the prefill forward ran (one per prompt with shared prefill)
     compactions: int = 0
+    host_reads: int = 0           # device values the host read while decoding (each one a sync on a GPU)
+    compilations: int = 0         # graphs torch.compile built while decoding ("static_compiled")
+    captures: int = 0             # CUDA graphs captured while decoding ("static_graphs")
+    engine: str = ""              # the engine that decoded (ENGINES)
+
+
+# `generate`'s engines, each static one with its layer-step mode (decode.STEP_MODES). "static" (decode.py) is the
+# default; "static_compiled" runs its layer step under torch.compile and "static_graphs" replays CUDA graphs of it
+# (both opt-in: docs/results/decode_cpu.md has what compiling buys on the CPU; the graphs have not run on a GPU
+# yet); "reference" is the transformers-forward loop below, which every static decode is tested against and which
+# also serves what the static engines do not: lockstep (streamed ZeRO-3) decoding, `use_cache=False`, and models
+# outside `decode.ARCHITECTURES`.
+STATIC_ENGINES = {"static": "eager", "static_compiled": "compiled", "static_graphs": "graphs"}
+ENGINES = (*STATIC_ENGINES, "reference")
 
 
 @torch.no_grad()
@@ -145,7 +160,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
              seed: int = 0, row_keys: torch.Tensor | None = None, group_size: int = 1,
              compact_below: float = 0.75, use_cache: bool = True,
              all_ranks_done: Callable[[bool], bool] | None = None,
-             stats: DecodeStats | None = None) -> Rollout:
+             stats: DecodeStats | None = None, engine: str = "static") -> Rollout:
     """Sample one completion per row of the left-padded `input_ids` [B, P] from `model` viewed through `plan`.
 
     Stops a row at EOS (the EOS token is part of its completion): any of `eos_token_id` and the EOS ids of the
@@ -160,12 +175,23 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     - compaction: once the rows still decoding are at most `compact_below` of the rows in the batch, the
       finished ones leave it (KV cache and per-row state), so later steps cost what is alive. 0 never compacts.
 
+    `engine` (`rollout.engine`): "static" decodes with static shapes over the model's own weights (decode.py;
+    qwen2 / qwen3 / llama / mistral, anything else is refused with an error naming the reference engine),
+    "static_compiled" likewise with its layer step under torch.compile, "static_graphs" (CUDA) with CUDA graphs;
+    "reference" with the model's forward and a growing cache. Both give the same tokens and behaviour log-probs
+    (up to float summation order). The static engine hands over to the reference one by itself where it cannot
+    run: a model that decodes with collectives (streamed ZeRO-3: its parameters are fetched by per-module hooks,
+    which a functional step over the weights would bypass), an explicit `all_ranks_done`, and `use_cache=False`.
+    `stats.engine` says which engine ran.
+
     `use_cache=False` recomputes the whole prefix each step (slow; the reference the cached path is tested
     against). `all_ranks_done(local_done) -> global_done` makes decoding lockstep across ranks (for modes whose
     forward runs collectives): a rank whose rows have all stopped keeps stepping on one row until it returns
     True. A model marked with `mark_lockstep` always decodes with its own rule; passing a different one is an
     error. `stats`, if given, is filled with the token-steps computed and needed.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"rollout.engine must be one of {ENGINES}, got {engine!r}")
     marked = lockstep_rule(model)
     if marked is not None:
         if all_ranks_done is not None and all_ranks_done is not marked:
@@ -189,6 +215,45 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         raise ValueError(f"generate: row_keys must have shape ({batch_size},), got {tuple(row_keys.shape)}")
     stats = stats if stats is not None else DecodeStats()
     eos_ids = torch.tensor(stop_token_ids(model, eos_token_id), device=device)
+    if engine in STATIC_ENGINES and use_cache and all_ranks_done is None and batch_size:
+        counters = DecodeCounters()
+        tokens, completion_mask, behavior_logprobs = static_generate(
+            model, input_ids, prompt_mask, plan, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, eos_ids=eos_ids, pad_token_id=pad_token_id, greedy=greedy, seed=seed, row_keys=row_keys,
+            group_size=group_size, compact_below=compact_below, step_mode=STATIC_ENGINES[engine], counters=counters)
+        stats.steps += counters.steps
+        stats.row_steps += counters.row_steps
+        stats.prefill_rows += counters.prefill_rows
+        stats.compactions += counters.compactions
+        stats.host_reads += counters.host_reads
+        stats.compilations += counters.compilations
+        stats.captures += counters.captures
+        stats.engine = engine
+        steps_taken = max_new_tokens
+    else:
+        tokens, completion_mask, behavior_logprobs, steps_taken = _reference_decode(
+            model, input_ids, prompt_mask, plan, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, eos_ids=eos_ids, pad_token_id=pad_token_id, greedy=greedy, seed=seed, row_keys=row_keys,
+            group_size=group_size, compact_below=compact_below, use_cache=use_cache, all_ranks_done=all_ranks_done,
+            stats=stats)
+        stats.engine = "reference"
+    # In lockstep a rank keeps stepping after its own rows have ended, and the static engine runs up to
+    # `sync_every` steps past the last row's end: keep only the columns some row used, so the rollout is the same
+    # tensor whatever the engine and whether or not decoding was lockstep.
+    width = max(int(completion_mask.sum(dim=1).max()), 1) if batch_size else steps_taken
+    stats.alive_row_steps += int(completion_mask[:, 1:].sum())  # every decode step's alive rows, after the prefill
+    return Rollout(sequences=torch.cat([input_ids, tokens[:, :width]], dim=1), prompt_mask=prompt_mask,
+                   completion_mask=completion_mask[:, :width], behavior_logprobs=behavior_logprobs[:, :width])
+
+
+def _reference_decode(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask: torch.Tensor, plan: SkipPlan, *,
+                      max_new_tokens: int, temperature: float, top_p: float, eos_ids: torch.Tensor,
+                      pad_token_id: int, greedy: bool, seed: int, row_keys: torch.Tensor, group_size: int,
+                      compact_below: float, use_cache: bool, all_ranks_done: Callable[[bool], bool] | None,
+                      stats: DecodeStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The reference engine: the model's forward with a DynamicCache, one step at a time. Returns tokens,
+    completion mask, behaviour log-probs [B, max_new_tokens] and the steps taken (arguments checked by `generate`)."""
+    batch_size, device = input_ids.shape[0], input_ids.device
     # Output rows in the caller's order; `rows` maps the rows now in the batch to them.
     tokens = torch.full((batch_size, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     behavior_logprobs = torch.zeros((batch_size, max_new_tokens), device=device)
@@ -229,6 +294,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
             finished[rows] = finished[rows] | (alive & torch.isin(token, eos_ids))
             steps_taken = position + 1
             done = bool(finished.all())
+            stats.host_reads += 1
             if all_ranks_done is not None:
                 done = all_ranks_done(done)
             if done or position + 1 == max_new_tokens:
@@ -237,6 +303,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
             sequences = torch.cat([sequences, token[:, None]], dim=1)
             full_mask = torch.cat([full_mask, torch.ones_like(token[:, None])], dim=1)
             still = ~finished[rows]
+            stats.host_reads += int(compact_below > 0 and use_cache)
             if compact_below > 0 and use_cache and int(still.sum()) <= compact_below * rows.numel():
                 # Keep the alive rows (at least one: a lockstep rank with none left still runs the forwards).
                 keep = still.nonzero().squeeze(-1) if bool(still.any()) else still.new_zeros(1, dtype=torch.long)
@@ -249,9 +316,4 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
                 step_positions = position_ids_from_mask(full_mask)[:, -1:]
             else:
                 step_ids, step_mask, step_positions = sequences, full_mask, position_ids_from_mask(full_mask)
-    # In lockstep a rank keeps stepping after its own rows have ended: keep only the columns some row used, so
-    # the rollout is the same tensor whether or not decoding was lockstep.
-    width = max(int(completion_mask.sum(dim=1).max()), 1) if batch_size else steps_taken
-    stats.alive_row_steps += int(completion_mask[:, 1:].sum())  # every decode step's alive rows, after the prefill
-    return Rollout(sequences=torch.cat([input_ids, tokens[:, :width]], dim=1), prompt_mask=prompt_mask,
-                   completion_mask=completion_mask[:, :width], behavior_logprobs=behavior_logprobs[:, :width])
+    return tokens, completion_mask, behavior_logprobs, steps_taken

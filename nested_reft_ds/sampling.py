@@ -66,3 +66,18 @@ def sample_tokens(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tenso
     total = cdf[:, -1]
     target = torch.minimum(uniforms.to(cdf.device) * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+
+
+def keyed_uniform_table(seed: int, row_keys: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """[B, T] float64: entry (r, t) is `keyed_uniforms(seed, row_keys, t)[r]`, bit for bit, for t < `num_positions`.
+
+    One pass of the hash over every (row, position) pair, instead of one pass per decode step."""
+    if seed < 0 or num_positions < 0 or bool((row_keys < 0).any()):
+        raise ValueError(f"seed, row keys and num_positions must be >= 0, got {seed}, min key "
+                         f"{int(row_keys.min())}, {num_positions}")
+    state = torch.zeros_like(row_keys, dtype=torch.int64)
+    state = _absorb(_absorb(state, seed), row_keys)[:, None]  # [B, 1]
+    positions = torch.arange(num_positions, dtype=torch.int64, device=row_keys.device)[None, :]  # [1, T]
+    state = _absorb(state, positions)  # [B, T]
+    high = _mix32((state + 0x7F4A7C15) & _MASK32)
+    return (high.double() + state.double() / 2.0**32) / 2.0**32

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check on one H100/H200, in under 8 minutes: the CUDA tests, the whole RL step at a Qwen2-0.5B-class shape
+# GPU check on one H100/H200, in under 8 minutes: the CUDA tests (the static decode engine's CUDA graphs against its
+# eager fixed-shape step, no recapture across skip sets), the decode table per engine at a Qwen2-0.5B-class shape
 # (24 layers x 896 hidden, 14 heads, 2 KV heads, MLP 4864; built from its config with the embedded tokenizer, no
-# hub) in bf16, and decode tokens/s with the bytes it reads as a fraction of the measured copy bandwidth.
+# hub) in bf16 at 64 and 256 rows, with the bytes read as a fraction of the measured copy bandwidth, and the whole
+# RL step.
 #
 #   pip install -e .  (a CUDA build of torch; flash-attn optional)   then   scripts/gpu_check.sh [OUT_DIR]
 #
@@ -24,9 +26,14 @@ build_tiny_model(ModelConfig(arch="qwen2", num_layers=24, hidden_size=896, num_h
                              intermediate_size=4864), sys.argv[1], seed=0)
 PY
 
-echo "== decode: tokens/s and bytes read per second vs copy bandwidth (bf16, 64 rows x 256 tokens)"
-nested-reft bench --model "$model" --batch-size 64 --new-tokens 256 --repeats 2 --dtype bfloat16 --device cuda \
-  2>&1 | tee "$out/decode.txt"
+echo "== decode per engine (static, CUDA graphs, reference) and transformers' generate (bf16, 64 rows x 256 tokens)"
+nested-reft bench decode --model "$model" --batch-size 64 --prompt-length 40 --new-tokens 256 --ratios 0,0.5 \
+  --engines static_graphs,static,reference --anchors hf-dynamic --repeats 1 --dtype bfloat16 --device cuda \
+  2>&1 | tee "$out/decode_64.txt"
+echo "== decode at 256 rows: the bandwidth end (bf16, 256 rows x 256 tokens)"
+nested-reft bench decode --model "$model" --batch-size 256 --prompt-length 40 --new-tokens 256 --ratios 0,0.5 \
+  --engines static_graphs,static --anchors "" --repeats 1 --dtype bfloat16 --device cuda --no-profile \
+  2>&1 | tee "$out/decode_256.txt"
 
 echo "== the whole RL step: each saving alone and all together, skip 0 / 0.25 / 0.5 (bf16, 16 prompts x G=8)"
 nested-reft bench step --model "$model" --prompts 16 --group-size 8 --max-new-tokens 256 --micro-batch-size 32 \

@@ -28,7 +28,7 @@ from ..data import synthetic_problems
 from ..data.templates import format_prompt
 from ..model import build_tiny_model, load_model_and_tokenizer
 from ..nested import SkipPlan, decoder_layers, parse_skip_ratios, sample_skip_plan
-from ..rollout import encode_prompts, generate
+from ..rollout import ENGINES, encode_prompts, generate
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, layers: int, hidden_size: int, batch_size: int,
@@ -43,6 +43,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, layers: int, hidden_
     parser.add_argument("--batch-size", type=int, default=batch_size, help="prompts per rollout (per rank)")
     parser.add_argument("--new-tokens", type=int, default=new_tokens, help="tokens decoded per prompt (EOS ignored)")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats per row (median reported)")
+    parser.add_argument("--engine", choices=ENGINES, default="static", help="decode engine (rollout.engine)")
     return parser
 
 
@@ -136,7 +137,7 @@ def run_bench(args: argparse.Namespace) -> int:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            generate(model, ids, mask, plan, seed=repeat, **decode)
+            generate(model, ids, mask, plan, seed=repeat, engine=args.engine, **decode)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             if repeat:  # repeat 0 warms up
@@ -145,6 +146,7 @@ def run_bench(args: argparse.Namespace) -> int:
     bandwidth = copy_bandwidth(args.device)
     context = ids.shape[1] + args.new_tokens // 2  # mean KV length over the decode
     print(f"model {path} | {num_layers} layers | batch {args.batch_size} x {args.new_tokens} new tokens | "
+          f"engine {args.engine} | "
           f"{args.device} {args.dtype} | median of {args.repeats} | copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(f"{'skip ratio':>10} {'layers run':>10} {'tokens/s':>10} {'speed-up':>9} {'of ideal':>8} "
           f"{'read GB/s':>9} {'of copy BW':>10}")

@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         """Decode; returns when gather-once's gather was done (time.perf_counter), else None."""
         plan, decode, gathered_at = plans[ratio], dict(fixed_length(new_tokens, pad), greedy=True), None
         if mode == "naive":
-            generate(module, ids, mask, plan, all_ranks_done=lockstep_done, **decode)
+            generate(module, ids, mask, plan, all_ranks_done=lockstep_done, engine=args.engine, **decode)
         elif mode == "hf":
             with nested_view(module, plan):
                 module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             with skip_aware_gather(engine, plan, mode) as gathered:
                 if mode == "once":
                     gathered_at = time.perf_counter()
-                generate(gathered, ids, mask, plan, **decode)
+                generate(gathered, ids, mask, plan, engine=args.engine, **decode)
         if ids.is_cuda:
             torch.cuda.synchronize()
         return gathered_at

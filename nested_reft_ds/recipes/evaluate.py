@@ -41,7 +41,7 @@ from ..data.templates import INSTRUCTION, check_template, format_prompt
 from ..eval_metrics import EvalSums, majority_vote, pass_at_k
 from ..nested import SkipPlan, parse_skip_ratios, sample_skip_plan
 from ..reward import DEFAULT_REL_TOL, DEFAULT_TIMEOUT, Outcome, VerifierPool, score_batch_with_stats
-from ..rollout import completion_logprobs, encode_prompts, generate, stop_token_ids
+from ..rollout import ENGINES, completion_logprobs, encode_prompts, generate, stop_token_ids
 
 SYNTHETIC_DEFAULT_COUNT = 256
 
@@ -59,8 +59,11 @@ class GenerationSettings:
     prompt_template: str = "auto"  # "auto", "plain", "chat" or a template string with {question}
     instruction: str = INSTRUCTION  # the answer-format instruction the template adds
     seed: int = 0
+    engine: str = "static"  # rollout.generate's decode engine (rollout.ENGINES)
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.greedy and self.samples != 1:
@@ -157,7 +160,8 @@ def _generate_completions(model, tokenizer, prompts: list[str], settings: Genera
                                top_p=settings.top_p, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
                                greedy=settings.greedy, seed=seed,
                                row_keys=torch.arange(start, start + len(batch)),
-                               group_size=group_size if start % group_size == len(batch) % group_size == 0 else 1)
+                               group_size=group_size if start % group_size == len(batch) % group_size == 0 else 1,
+                               engine=settings.engine)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         out.seconds += time.perf_counter() - began
@@ -283,6 +287,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"answer-format instruction added to each question (default: {INSTRUCTION!r})")
     parser.add_argument("--seed", type=int, default=0,
                         help="sampling seed (and the synthetic task's seed); samples do not depend on the world size")
+    parser.add_argument("--engine", choices=list(ENGINES), default="static",
+                        help="decode engine (rollout.engine): static (the default; qwen2/qwen3/llama/mistral), "
+                             "static_compiled, static_graphs (CUDA), or reference (the model's forward, any model); "
+                             "all sample the same tokens")
     parser.add_argument("--device", help="default: cuda (this rank's local GPU under a launcher) if available, "
                                          "else cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -459,7 +467,7 @@ def _run_eval(args: argparse.Namespace, rank: int, world: int, collectives) -> i
                                       temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                       prompt_template=args.prompt_template, instruction=args.instruction,
-                                      seed=args.seed)
+                                      seed=args.seed, engine=args.engine)
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         ratios = parse_skip_ratios(args.skip_ratios, "--skip-ratios")

@@ -150,7 +150,7 @@ def sample(ctx: StepContext, plan: SkipPlan, problems: list[MathProblem],
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            seed=step_seed, row_keys=row_keys, group_size=G if cfg.rollout.shared_prefill else 1,
-                           compact_below=cfg.rollout.compact_below, stats=decode)
+                           compact_below=cfg.rollout.compact_below, stats=decode, engine=cfg.rollout.engine)
         lockstep = lockstep_rule(model) is not None
     return rollout, decode, lockstep
 

@@ -141,7 +141,8 @@ def heldout_evaluation(engine, tokenizer, problems: list[MathProblem], cfg: Expe
     Returns heldout_accuracy (greedy pass@1), heldout_completion_length, heldout_truncated, heldout_no_answer."""
     settings = GenerationSettings(samples=1, greedy=True, temperature=cfg.rollout.temperature,
                                   max_new_tokens=cfg.rollout.max_new_tokens, batch_size=HELDOUT_BATCH,
-                                  prompt_template=cfg.data.prompt_template, seed=cfg.train.seed)
+                                  prompt_template=cfg.data.prompt_template, seed=cfg.train.seed,
+                                  engine=cfg.rollout.engine)
     engine.eval()
 
     def decoding(plan: SkipPlan):
