@@ -126,6 +126,36 @@ MAX_NEW_TOKENS = 1 << 20
 MAX_SEED = 2**32 - 1
 
 
+DecodeEngine = Literal["static", "static_compiled", "static_graphs", "reference"]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How completions are decoded: what `rollout.generate` takes, and what training (`RolloutConfig.generation`),
+    held-out evaluation, `nested-reft eval` and the benchmarks hand it. Build variants with `dataclasses.replace`."""
+    max_new_tokens: int = 48
+    """Longest completion; a row that has not emitted EOS by then stops there."""
+    temperature: float = 1.0
+    """Sampling temperature; behaviour log-probs are taken at it (also under greedy decoding)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: the whole vocabulary)."""
+    greedy: bool = False
+    """Take the most likely token instead of sampling."""
+    compact_below: float = 0.75
+    """Finished rows leave the batch once the rows still decoding are at most this fraction of it (0: never)."""
+    engine: DecodeEngine = "static"
+    """The decode engine (`rollout.engine`)."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.max_new_tokens <= MAX_NEW_TOKENS, "generation.max_new_tokens", self.max_new_tokens,
+                 f"an integer in [1, {MAX_NEW_TOKENS}]")
+        _require(self.temperature > 0, "generation.temperature", self.temperature, "a float > 0")
+        _require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "a float in (0, 1]")
+        _require(0 <= self.compact_below <= 1, "generation.compact_below", self.compact_below, "a float in [0, 1]")
+        _require(self.engine in typing.get_args(DecodeEngine), "generation.engine", self.engine,
+                 f"one of {', '.join(typing.get_args(DecodeEngine))}")
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     prompts_per_step: int = 16
@@ -149,7 +179,7 @@ class RolloutConfig:
     leave the batch once the rows still decoding are at most this fraction of it (0: never)."""
     shared_prefill: bool = True
     """Prefill each prompt once for its group_size samples (exact: sampling is keyed per token)."""
-    engine: Literal["static", "static_compiled", "static_graphs", "reference"] = "static"
+    engine: DecodeEngine = "static"
     """Decode engine of `rollout.generate`. "static": static shapes over the model's own weights
     (nested_reft_ds/decode.py; qwen2 / qwen3 / llama / mistral, other models are refused); "static_compiled": the
     same with the layer step under torch.compile (compiles once per batch bucket, never per skip set; opt-in, see
@@ -157,6 +187,12 @@ class RolloutConfig:
     layer and batch bucket, never recaptured for a new skip set (opt-in until it has passed scripts/gpu_check.sh on
     a GPU); "reference": the model's forward with a growing cache, for any model. Same tokens and behaviour
     log-probs (up to float summation order); streamed ZeRO-3 decoding always runs the reference engine."""
+
+    @property
+    def generation(self) -> GenerationSettings:
+        """The decode settings of every RL rollout."""
+        return GenerationSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                  top_p=self.top_p, compact_below=self.compact_below, engine=self.engine)
 
     def __post_init__(self) -> None:
         _require(0 <= self.compact_below <= 1, "rollout.compact_below", self.compact_below, "a float in [0, 1]")

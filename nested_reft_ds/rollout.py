@@ -9,12 +9,15 @@ EOS. In streamed mode every forward runs collectives; the yielded model then car
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
 
+from .config import DecodeEngine, GenerationSettings
 from .decode import DecodeCounters, static_generate
 from .nested import SkipPlan, nested_view
 from .rl.logprobs import head_logprobs, token_logprobs
@@ -150,18 +153,20 @@ class DecodeStats:
 # also serves what the static engines do not: lockstep (streamed ZeRO-3) decoding, `use_cache=False`, and models
 # outside `decode.ARCHITECTURES`.
 STATIC_ENGINES = {"static": "eager", "static_compiled": "compiled", "static_graphs": "graphs"}
-ENGINES = (*STATIC_ENGINES, "reference")
+ENGINES = typing.get_args(DecodeEngine)  # STATIC_ENGINES and "reference"
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: SkipPlan, *,
-             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-             eos_token_id: int | Sequence[int], pad_token_id: int, greedy: bool = False,
-             seed: int = 0, row_keys: torch.Tensor | None = None, group_size: int = 1,
-             compact_below: float = 0.75, use_cache: bool = True,
-             all_ranks_done: Callable[[bool], bool] | None = None,
-             stats: DecodeStats | None = None, engine: str = "static") -> Rollout:
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: SkipPlan,
+             settings: GenerationSettings | None = None, *, eos_token_id: int | Sequence[int], pad_token_id: int,
+             seed: int = 0, row_keys: torch.Tensor | None = None, group_size: int = 1, use_cache: bool = True,
+             all_ranks_done: Callable[[bool], bool] | None = None, stats: DecodeStats | None = None,
+             **overrides) -> Rollout:
     """Sample one completion per row of the left-padded `input_ids` [B, P] from `model` viewed through `plan`.
+
+    `settings` (`config.GenerationSettings`: max_new_tokens, temperature, top_p, greedy, compact_below, engine) say
+    how to decode; any of those fields may also be given as a keyword, which overrides `settings` (without
+    `settings`, max_new_tokens is required and the rest take GenerationSettings' defaults).
 
     Stops a row at EOS (the EOS token is part of its completion): any of `eos_token_id` and the EOS ids of the
     model's generation config (`stop_token_ids`); and the batch when every row has stopped or after
@@ -190,8 +195,14 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     True. A model marked with `mark_lockstep` always decodes with its own rule; passing a different one is an
     error. `stats`, if given, is filled with the token-steps computed and needed.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"rollout.engine must be one of {ENGINES}, got {engine!r}")
+    if settings is None and "max_new_tokens" not in overrides:
+        raise TypeError("generate: give settings (a GenerationSettings) or max_new_tokens")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(GenerationSettings)})
+    if unknown:
+        raise TypeError(f"generate: unexpected keyword arguments {unknown}")
+    settings = dataclasses.replace(settings or GenerationSettings(), **overrides)
+    max_new_tokens, temperature, top_p = settings.max_new_tokens, settings.temperature, settings.top_p
+    greedy, compact_below, engine = settings.greedy, settings.compact_below, settings.engine
     marked = lockstep_rule(model)
     if marked is not None:
         if all_ranks_done is not None and all_ranks_done is not marked:

@@ -141,7 +141,7 @@ def test_streamed_lockstep_and_uncached_decoding_run_the_reference_engine(models
         stats = DecodeStats()
         generate(model, ids, mask, SkipPlan(6), stats=stats, **kwargs, **extra)
         assert stats.engine == "reference"
-    with pytest.raises(ValueError, match="rollout.engine must be one of"):
+    with pytest.raises(ValueError, match="generation.engine.* expected one of static"):
         generate(model, ids, mask, SkipPlan(6), **dict(kwargs, engine="fast"))
 
 

@@ -12,7 +12,8 @@ import pytest
 from nested_reft_ds.recipes import evaluate
 from nested_reft_ds.data import MathProblem, synthetic_problems
 from nested_reft_ds.eval_metrics import EvalSums, cluster_answers, maj_at_k, majority_vote, pass_at_k, reported_ks
-from nested_reft_ds.recipes.evaluate import GenerationSettings, chunk_seed, evaluate_problems, generation_chunks
+from nested_reft_ds.config import ConfigError, GenerationSettings
+from nested_reft_ds.recipes.evaluate import EvalSettings, chunk_seed, evaluate_problems, generation_chunks
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"benchmark data not found at {DATA_DIR}")
@@ -139,7 +140,7 @@ def test_evaluate_problems_aggregates_scored_samples(monkeypatch):
     problems = [MathProblem("q0", "5", "t"), MathProblem("q1", "\\frac{1}{2}", "t"), MathProblem("q2", "7", "t")]
     calls = []
     monkeypatch.setattr(evaluate, "_generate_completions", _fake_generate(calls))
-    sums, records = evaluate_problems(_FakeModel(), _FakeTokenizer(), problems, GenerationSettings(samples=4))
+    sums, records = evaluate_problems(_FakeModel(), _FakeTokenizer(), problems, EvalSettings(samples=4))
     assert len(calls) == 1 and len(calls[0][0]) == 12 and calls[0][1] == chunk_seed(0, 0)
     assert [r["num_correct"] for r in records] == [3, 1, 0]
     assert [r["majority_correct"] for r in records] == [True, False, False]
@@ -162,7 +163,7 @@ def test_evaluate_problems_shards_by_chunk_and_the_shards_add_up(monkeypatch):
     problems = [MathProblem("q0", "5", "t"), MathProblem("q1", "\\frac{1}{2}", "t"), MathProblem("q2", "7", "t")]
     calls = []
     monkeypatch.setattr(evaluate, "_generate_completions", _fake_generate(calls))
-    settings = GenerationSettings(samples=4, batch_size=4)  # one problem per chunk: chunks [0], [1], [2]
+    settings = EvalSettings(samples=4, batch_size=4)  # one problem per chunk: chunks [0], [1], [2]
     whole, whole_records = evaluate_problems(_FakeModel(), _FakeTokenizer(), problems, settings)
     whole_calls = list(calls)
     calls.clear()
@@ -180,8 +181,8 @@ def test_evaluate_problems_shards_by_chunk_and_the_shards_add_up(monkeypatch):
 
 def test_generation_settings_validation():
     with pytest.raises(ValueError, match="greedy decoding gives one sample"):
-        GenerationSettings(samples=4, greedy=True)
-    with pytest.raises(ValueError, match="temperature"):
+        EvalSettings(samples=4, generation=GenerationSettings(greedy=True))
+    with pytest.raises(ConfigError, match="generation.temperature"):
         GenerationSettings(temperature=0)
 
 
@@ -193,8 +194,8 @@ def test_samples_do_not_depend_on_the_world_size(tiny_models, greedy):
 
     model, tokenizer = load_model_and_tokenizer(tiny_models["qwen2"])
     problems = synthetic_problems(5, seed=3)
-    settings = GenerationSettings(samples=1 if greedy else 2, greedy=greedy, temperature=1.0, max_new_tokens=4,
-                                  batch_size=2)
+    settings = EvalSettings(samples=1 if greedy else 2, batch_size=2,
+                            generation=GenerationSettings(greedy=greedy, temperature=1.0, max_new_tokens=4))
     whole, whole_records = evaluate_problems(model, tokenizer, problems, settings)
     assert [r["index"] for r in whole_records] == list(range(5))
     for world in (2, 3):
@@ -244,7 +245,7 @@ def test_eval_cli_greedy_and_errors(tiny_models, tmp_path, capsys):
     assert main(["eval", "--model", model, "--benchmarks", "synthetic", "--limit", "2", "--greedy",
                  "--max-new-tokens", "4", "--output", str(tmp_path / "g.json")]) == 0
     report = json.loads((tmp_path / "g.json").read_text())
-    assert report["settings"]["greedy"] and set(report["benchmarks"]["synthetic"]["metrics"]) >= {"pass@1", "maj@1"}
+    assert report["settings"]["generation"]["greedy"] and set(report["benchmarks"]["synthetic"]["metrics"]) >= {"pass@1", "maj@1"}
     capsys.readouterr()
     assert main(["eval", "--model", model, "--benchmarks", "gsm8k"]) == 2
     assert "needs --data-dir" in capsys.readouterr().err
@@ -287,7 +288,7 @@ def test_kl_of_the_full_model_to_itself_is_zero_and_grows_with_skipping(tiny_mod
 
     model, tokenizer = load_model_and_tokenizer(tiny_models["llama"])
     problems = synthetic_problems(2, seed=5)
-    settings = GenerationSettings(samples=2, temperature=1.0, max_new_tokens=4, batch_size=4)
+    settings = EvalSettings(samples=2, batch_size=4, generation=GenerationSettings(temperature=1.0, max_new_tokens=4))
     full, _ = evaluate_problems(model, tokenizer, problems, settings, measure_kl=True)
     assert full.kl_tokens == full.completion_tokens > 0
     assert abs(full.kl_sum) / full.kl_tokens < 1e-4

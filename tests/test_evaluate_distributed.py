@@ -29,12 +29,13 @@ def _arguments(model: Path, rigged: Path, out: Path) -> list[str]:
 def _rigged_benchmark(model_dir: Path, path: Path) -> None:
     """Synthetic problems whose reference is, for every other problem, an answer the model actually samples."""
     from nested_reft_ds.data import synthetic_problems
-    from nested_reft_ds.recipes.evaluate import GenerationSettings, evaluate_problems
+    from nested_reft_ds.config import GenerationSettings
+    from nested_reft_ds.recipes.evaluate import EvalSettings, evaluate_problems
     from nested_reft_ds.model import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_dir)
     problems = synthetic_problems(5, seed=0)
-    settings = GenerationSettings(samples=2, temperature=0.6, max_new_tokens=8, batch_size=2)
+    settings = EvalSettings(samples=2, batch_size=2, generation=GenerationSettings(temperature=0.6, max_new_tokens=8))
     _, records = evaluate_problems(model, tokenizer, problems, settings)
     rows = []
     for record in records:

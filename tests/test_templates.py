@@ -65,7 +65,8 @@ def test_evaluation_prompts_use_the_chat_template_and_survive_save_and_load(chat
     import shutil
 
     from nested_reft_ds.data import synthetic_problems
-    from nested_reft_ds.recipes.evaluate import GenerationSettings, evaluate_problems
+    from nested_reft_ds.config import GenerationSettings
+    from nested_reft_ds.recipes.evaluate import EvalSettings, evaluate_problems
     from nested_reft_ds.model import load_model_and_tokenizer
 
     checkpoint = tmp_path / "chat_model"
@@ -74,13 +75,12 @@ def test_evaluation_prompts_use_the_chat_template_and_survive_save_and_load(chat
     model, tokenizer = load_model_and_tokenizer(checkpoint)
     assert tokenizer.chat_template == CHAT_TEMPLATE
     problems = synthetic_problems(2, seed=0)
-    _, records = evaluate_problems(model, tokenizer, problems, GenerationSettings(samples=1, greedy=True,
-                                                                                 max_new_tokens=2))
+    _, records = evaluate_problems(model, tokenizer, problems, EvalSettings(
+        samples=1, generation=GenerationSettings(greedy=True, max_new_tokens=2)))
     assert [r["prompt"] for r in records] == [f"<|user|>\n{p.question}\n{INSTRUCTION}\n<|assistant|>\n"
                                               for p in problems]
-    _, plain = evaluate_problems(model, tokenizer, problems, GenerationSettings(samples=1, greedy=True,
-                                                                               max_new_tokens=2,
-                                                                               prompt_template="plain"))
+    _, plain = evaluate_problems(model, tokenizer, problems, EvalSettings(
+        samples=1, prompt_template="plain", generation=GenerationSettings(greedy=True, max_new_tokens=2)))
     assert plain[0]["prompt"] == format_prompt(problems[0].question)
 
 

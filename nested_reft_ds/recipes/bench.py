@@ -23,7 +23,7 @@ from typing import Iterator
 import psutil
 import torch
 
-from ..config import ModelConfig
+from ..config import GenerationSettings, ModelConfig
 from ..data import synthetic_problems
 from ..data.templates import format_prompt
 from ..model import build_tiny_model, load_model_and_tokenizer
@@ -78,10 +78,13 @@ def model_path(args: argparse.Namespace, out_dir: str | Path) -> Path:
                                         intermediate_size=3 * args.hidden_size), out_dir, seed=0)
 
 
-def fixed_length(new_tokens: int, pad_token_id: int) -> dict:
-    """`rollout.generate` arguments for a decode of exactly `new_tokens` per row (EOS never ends it), so every
-    row of a benchmark does the same work."""
-    return dict(max_new_tokens=new_tokens, eos_token_id=-1, pad_token_id=pad_token_id)
+# An EOS id no token has: a benchmark's rows decode their full length, so every row does the same work.
+NO_EOS = -1
+
+
+def fixed_length(new_tokens: int, engine: str, **changes) -> GenerationSettings:
+    """Decode settings for exactly `new_tokens` per row (with `NO_EOS` as the EOS id), no compaction."""
+    return GenerationSettings(max_new_tokens=new_tokens, compact_below=0.0, engine=engine, **changes)
 
 
 def ideal_speedup(full: SkipPlan, plan: SkipPlan) -> float:
@@ -129,7 +132,7 @@ def run_bench(args: argparse.Namespace) -> int:
     ids, mask = encode_prompts(tokenizer, [format_prompt(p.question, tokenizer) for p in problems], args.device)
     num_layers = model.config.num_hidden_layers
     ratios = args.ratios
-    decode = fixed_length(args.new_tokens, tokenizer.pad_token_id)
+    decode = fixed_length(args.new_tokens, args.engine)
     samples: dict[float, list[float]] = {r: [] for r in ratios}
     for repeat in range(args.repeats + 1):
         for ratio in ratios:
@@ -137,7 +140,8 @@ def run_bench(args: argparse.Namespace) -> int:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            generate(model, ids, mask, plan, seed=repeat, engine=args.engine, **decode)
+            generate(model, ids, mask, plan, decode, eos_token_id=NO_EOS, pad_token_id=tokenizer.pad_token_id,
+                     seed=repeat)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             if repeat:  # repeat 0 warms up

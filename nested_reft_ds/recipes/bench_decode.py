@@ -42,7 +42,7 @@ from ..config import ModelConfig
 from ..model import build_tiny_model, load_model_and_tokenizer
 from ..nested import sample_skip_plan
 from ..rollout import ENGINES, DecodeStats, generate
-from .bench import copy_bandwidth, cpu_name, decode_bytes_per_step, fixed_length, ideal_speedup, skip_ratios_argument
+from .bench import NO_EOS, copy_bandwidth, cpu_name, decode_bytes_per_step, fixed_length, ideal_speedup, skip_ratios_argument
 
 ANCHORS = ("hf-dynamic", "hf-static")
 # CUDA runtime calls that launch work on the device (a graph launch replays a whole captured graph).
@@ -115,8 +115,8 @@ def run_decode_bench(args: argparse.Namespace) -> int:
                            min_new_tokens=args.new_tokens, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                            pad_token_id=pad, **extra)
         else:
-            generate(model, ids, mask, plans[ratio], seed=0, compact_below=0.0, engine=name, stats=stats,
-                     **fixed_length(args.new_tokens, pad))
+            generate(model, ids, mask, plans[ratio], fixed_length(args.new_tokens, name), eos_token_id=NO_EOS,
+                     pad_token_id=pad, seed=0, stats=stats)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 

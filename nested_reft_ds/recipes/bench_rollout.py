@@ -58,7 +58,7 @@ from typing import Iterator
 import psutil
 import torch
 
-from .bench import add_model_arguments, cpu_name, fixed_length, ideal_speedup, model_path, peak_memory
+from .bench import NO_EOS, add_model_arguments, cpu_name, fixed_length, ideal_speedup, model_path, peak_memory
 
 MODES = ("naive", "hf", "once", "streamed")
 HOOKS_ON = ("naive", "hf")  # modes that call engine.module with ZeRO-3's hooks and its training coordinator
@@ -204,9 +204,11 @@ def run(args: argparse.Namespace) -> int:
 
     def rollout(mode: str, ratio: float, new_tokens: int = args.new_tokens) -> float | None:
         """Decode; returns when gather-once's gather was done (time.perf_counter), else None."""
-        plan, decode, gathered_at = plans[ratio], dict(fixed_length(new_tokens, pad), greedy=True), None
+        plan, gathered_at = plans[ratio], None
+        decode = fixed_length(new_tokens, args.engine, greedy=True)
+        stops = dict(eos_token_id=NO_EOS, pad_token_id=pad)
         if mode == "naive":
-            generate(module, ids, mask, plan, all_ranks_done=lockstep_done, engine=args.engine, **decode)
+            generate(module, ids, mask, plan, decode, all_ranks_done=lockstep_done, **stops)
         elif mode == "hf":
             with nested_view(module, plan):
                 module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
@@ -215,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
             with skip_aware_gather(engine, plan, mode) as gathered:
                 if mode == "once":
                     gathered_at = time.perf_counter()
-                generate(gathered, ids, mask, plan, engine=args.engine, **decode)
+                generate(gathered, ids, mask, plan, decode, **stops)
         if ids.is_cuda:
             torch.cuda.synchronize()
         return gathered_at

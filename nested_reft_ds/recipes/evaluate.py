@@ -41,6 +41,7 @@ from ..data.templates import INSTRUCTION, check_template, format_prompt
 from ..eval_metrics import EvalSums, majority_vote, pass_at_k
 from ..nested import SkipPlan, parse_skip_ratios, sample_skip_plan
 from ..reward import DEFAULT_REL_TOL, DEFAULT_TIMEOUT, Outcome, VerifierPool, score_batch_with_stats
+from ..config import GenerationSettings
 from ..rollout import ENGINES, completion_logprobs, encode_prompts, generate, stop_token_ids
 
 SYNTHETIC_DEFAULT_COUNT = 256
@@ -49,33 +50,23 @@ SYNTHETIC_DEFAULT_COUNT = 256
 # ----------------------------------------------------------------------------------------------- generation
 
 @dataclass(frozen=True)
-class GenerationSettings:
+class EvalSettings:
+    """What an evaluation samples: `samples` completions per problem, decoded per `generation`."""
     samples: int = 8
-    temperature: float = 0.6
-    top_p: float = 1.0
-    greedy: bool = False
-    max_new_tokens: int = 1024
     batch_size: int = 32  # sequences per generate() call
     prompt_template: str = "auto"  # "auto", "plain", "chat" or a template string with {question}
     instruction: str = INSTRUCTION  # the answer-format instruction the template adds
     seed: int = 0
-    engine: str = "static"  # rollout.generate's decode engine (rollout.ENGINES)
+    generation: GenerationSettings = GenerationSettings(temperature=0.6, max_new_tokens=1024)
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
-        if self.greedy and self.samples != 1:
+        if self.generation.greedy and self.samples != 1:
             raise ValueError(f"greedy decoding gives one sample per problem; got samples={self.samples}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check_template(self.prompt_template)
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {self.max_new_tokens}, "
-                             f"{self.batch_size}")
 
 
 @dataclass
@@ -134,7 +125,7 @@ def plain_decoding(model) -> Decoding:
     return lambda plan: nullcontext(model)
 
 
-def _generate_completions(model, tokenizer, prompts: list[str], settings: GenerationSettings, plan,
+def _generate_completions(model, tokenizer, prompts: list[str], settings: EvalSettings, plan,
                           device: torch.device, measure_kl: bool = False, seed: int | None = None,
                           decoding: Decoding | None = None, group_size: int = 1) -> _Generated:
     """Sample one completion per prompt with `plan`, in order, `settings.batch_size` prompts per generate()
@@ -156,19 +147,16 @@ def _generate_completions(model, tokenizer, prompts: list[str], settings: Genera
         began = time.perf_counter()
         with decoding(plan) as decoder:
             rollout = generate(decoder, input_ids, attention_mask, plan,
-                               max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                               top_p=settings.top_p, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
-                               greedy=settings.greedy, seed=seed,
-                               row_keys=torch.arange(start, start + len(batch)),
-                               group_size=group_size if start % group_size == len(batch) % group_size == 0 else 1,
-                               engine=settings.engine)
+                               settings.generation, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
+                               seed=seed, row_keys=torch.arange(start, start + len(batch)),
+                               group_size=group_size if start % group_size == len(batch) % group_size == 0 else 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         out.seconds += time.perf_counter() - began
         if measure_kl:
             with torch.no_grad(), decoding(full_plan) as scorer:
                 rows = settings.batch_size if balanced else rollout.sequences.shape[0]
-                target = _target_logprobs(scorer, rollout, settings.temperature, -(-rows // SCORING_ROWS),
+                target = _target_logprobs(scorer, rollout, settings.generation.temperature, -(-rows // SCORING_ROWS),
                                           chunked_head=not balanced)  # [b, T]; a sharded model keeps its head
             mask = rollout.completion_mask.float()
             out.kl_sum += float(((rollout.behavior_logprobs - target) * mask).sum())
@@ -182,7 +170,7 @@ def _generate_completions(model, tokenizer, prompts: list[str], settings: Genera
     return out
 
 
-def evaluate_problems(model, tokenizer, problems: Sequence[MathProblem], settings: GenerationSettings, *,
+def evaluate_problems(model, tokenizer, problems: Sequence[MathProblem], settings: EvalSettings, *,
                       plan: SkipPlan | None = None, measure_kl: bool = False,
                       reward_timeout: float = DEFAULT_TIMEOUT, rel_tol: float = DEFAULT_REL_TOL,
                       last_number: bool = True, pool: VerifierPool | None = None, rank: int = 0, world: int = 1,
@@ -463,11 +451,11 @@ def _run_eval(args: argparse.Namespace, rank: int, world: int, collectives) -> i
                                ("--samples-jsonl", args.samples_jsonl)):
             if target:
                 check_writable_file(target, option)
-        settings = GenerationSettings(samples=args.samples if args.samples is not None else 1 if args.greedy else 8,
-                                      temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
-                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                      prompt_template=args.prompt_template, instruction=args.instruction,
-                                      seed=args.seed, engine=args.engine)
+        generation = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                        top_p=args.top_p, greedy=args.greedy, engine=args.engine)
+        settings = EvalSettings(samples=args.samples if args.samples is not None else 1 if args.greedy else 8,
+                                batch_size=args.batch_size, prompt_template=args.prompt_template,
+                                instruction=args.instruction, seed=args.seed, generation=generation)
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         ratios = parse_skip_ratios(args.skip_ratios, "--skip-ratios")
@@ -493,8 +481,9 @@ def _run_eval(args: argparse.Namespace, rank: int, world: int, collectives) -> i
     if decoding is None:
         model.to(device).eval()
     # One short generation first, so that one-time initialisation is not counted in the first row's tokens/s.
-    _generate_completions(model, tokenizer, [warm_up_prompt],
-                          dataclasses.replace(settings, max_new_tokens=2, batch_size=1), SkipPlan(num_layers), device,
+    warm_up = dataclasses.replace(settings, batch_size=1,
+                                  generation=dataclasses.replace(settings.generation, max_new_tokens=2))
+    _generate_completions(model, tokenizer, [warm_up_prompt], warm_up, SkipPlan(num_layers), device,
                           decoding=decoding)
 
     results: dict[str, dict[str, float]] = {}
@@ -507,7 +496,7 @@ def _run_eval(args: argparse.Namespace, rank: int, world: int, collectives) -> i
                 row = name if ratios == [0.0] else f"{name} skip={ratio:g}"
                 sums, records[row] = evaluate_problems(
                     model, tokenizer, problems, settings, plan=plan,
-                    measure_kl=bool(plan.skipped) and not settings.greedy, reward_timeout=args.reward_timeout,
+                    measure_kl=bool(plan.skipped) and not settings.generation.greedy, reward_timeout=args.reward_timeout,
                     rel_tol=args.rel_tol, pool=pool, rank=rank, world=world, decoding=decoding)
                 if collectives is not None:
                     sums = EvalSums.from_list(settings.samples, collectives.all_reduce_sum(sums.as_list()))

@@ -146,11 +146,10 @@ def sample(ctx: StepContext, plan: SkipPlan, problems: list[MathProblem],
     ctx.engine.eval()
     with ds.skip_aware_gather(ctx.engine, plan, mode=cfg.rollout.gather,
                               memory_fraction=cfg.rollout.gather_memory_fraction) as model:
-        rollout = generate(model, prompt_ids, prompt_mask, plan, max_new_tokens=cfg.rollout.max_new_tokens,
-                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+        rollout = generate(model, prompt_ids, prompt_mask, plan, cfg.rollout.generation,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            seed=step_seed, row_keys=row_keys, group_size=G if cfg.rollout.shared_prefill else 1,
-                           compact_below=cfg.rollout.compact_below, stats=decode, engine=cfg.rollout.engine)
+                           stats=decode)
         lockstep = lockstep_rule(model) is not None
     return rollout, decode, lockstep
 

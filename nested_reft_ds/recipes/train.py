@@ -25,6 +25,7 @@ Where this departs from the Nested-ReFT paper, and why:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -48,7 +49,7 @@ from ..rollout import Rollout, completion_logprobs, encode_prompts
 from ..run_log import RunLog
 from ..eval_metrics import EvalSums
 from .batching import batch_indices, local_share, micro_batches
-from .evaluate import GenerationSettings, evaluate_problems
+from .evaluate import EvalSettings, evaluate_problems
 from .rl_step import StepContext, rl_step, unpartitioned
 
 log = logging.getLogger("nested_reft_ds")
@@ -139,10 +140,8 @@ def heldout_evaluation(engine, tokenizer, problems: list[MathProblem], cfg: Expe
     `eval --greedy` on its exported model agree. Collective: every rank runs as many chunks, sums all-reduced.
 
     Returns heldout_accuracy (greedy pass@1), heldout_completion_length, heldout_truncated, heldout_no_answer."""
-    settings = GenerationSettings(samples=1, greedy=True, temperature=cfg.rollout.temperature,
-                                  max_new_tokens=cfg.rollout.max_new_tokens, batch_size=HELDOUT_BATCH,
-                                  prompt_template=cfg.data.prompt_template, seed=cfg.train.seed,
-                                  engine=cfg.rollout.engine)
+    settings = EvalSettings(samples=1, batch_size=HELDOUT_BATCH, prompt_template=cfg.data.prompt_template,
+                            seed=cfg.train.seed, generation=dataclasses.replace(cfg.rollout.generation, greedy=True))
     engine.eval()
 
     def decoding(plan: SkipPlan):
