@@ -67,6 +67,15 @@ def record_rl_steps(records: list) -> None:
     train.rl_step = recording
 
 
+def start_from_warm_up(out: Path, run_dir: Path, rank: int) -> None:
+    """Lay out `run_dir` as a run resuming from run 1's SFT checkpoint (its base model and sft_step30). Collective."""
+    if rank == 0:
+        shutil.copytree(out / "run_a" / "base_model", run_dir / "base_model")
+        shutil.copytree(out / "run_a" / "checkpoints" / "sft_step30", run_dir / "checkpoints" / "sft_step30")
+        (run_dir / "checkpoints" / "latest").write_text("sft_step30")
+    ds.barrier()
+
+
 def statuses(layers) -> list[list[str]]:
     return [sorted({p.ds_status.name for p in layer.parameters()}) for layer in layers]
 
@@ -192,11 +201,7 @@ def main() -> None:
     # 6b. The KL penalty in the reward and the kept-token normaliser: pi_prox and the reference are scored before the
     # update (collective no-grad forwards under ZeRO-3, every parameter partitioned), from run 1's SFT checkpoint.
     run_e = out / "run_kl_in_reward"
-    if rank == 0:
-        shutil.copytree(out / "run_a" / "base_model", run_e / "base_model")
-        shutil.copytree(out / "run_a" / "checkpoints" / "sft_step30", run_e / "checkpoints" / "sft_step30")
-        (run_e / "checkpoints" / "latest").write_text("sft_step30")
-    ds.barrier()
+    start_from_warm_up(out, run_e, rank)
     records_a.clear()
     cfg_e = load_config(None, TINY + ["train.steps=2", "algorithm.kl_coef=0.1", "algorithm.kl_in_reward=true",
                                       "algorithm.correction=token_mis", "algorithm.normalize_over=kept_tokens",
@@ -231,11 +236,7 @@ def main() -> None:
                                              "rollout.compact_below=0", "rollout.shared_prefill=false",
                                              "train.bucket_by_length=false"])):
         run_dir = out / f"mode_{mode}"
-        if rank == 0:
-            shutil.copytree(out / "run_a" / "base_model", run_dir / "base_model")
-            shutil.copytree(out / "run_a" / "checkpoints" / "sft_step30", run_dir / "checkpoints" / "sft_step30")
-            (run_dir / "checkpoints" / "latest").write_text("sft_step30")
-        ds.barrier()
+        start_from_warm_up(out, run_dir, rank)
         records_a.clear()
         # 40 new tokens: at step 0 the ranks' longest completions end at 34 and 39 (at 20 both are cut at 20).
         cfg_mode = load_config(None, TINY + overrides + [f"train.output_dir={run_dir}", "data.eval_problems=5",
