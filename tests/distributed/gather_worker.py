@@ -8,6 +8,9 @@ wrapping each parameter's gather entry points, and parameter states are sampled 
 Engines: A (ZeRO-3, never rolls out) and B (ZeRO-3, same weights, same training batches, rolls out in every
 mode between its steps) must produce bitwise-equal losses and identical collectives at every step; C is
 ZeRO-3 with parameters and optimizer offloaded to CPU; D is ZeRO-2 (gathering is a no-op).
+
+Decoding runs the reference engine (`engine="reference"`): these checks count and sample the model's own forwards,
+which the static engine does not call per step (its gather-once exactness is tests/test_decode_entry_points.py's).
 """
 from __future__ import annotations
 
@@ -159,7 +162,8 @@ def rollout(engine, plan: SkipPlan, mode: str, rank: int, eos, *, use_cache: boo
             record["zero_hooks_inside"] = sum(len(layers[i]._forward_pre_hooks) for i in plan.kept) - len(plan.kept)
             with comm_stats.record() as decode_comm:
                 out = generate(gathered, ids, mask, plan, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=0,
-                               greedy=True, use_cache=use_cache, all_ranks_done=lockstep_for(gathered))
+                               greedy=True, use_cache=use_cache, all_ranks_done=lockstep_for(gathered),
+                               engine="reference")
             record.update(completions=out.completions.tolist(), completion_mask=out.completion_mask.tolist(),
                           logprobs=out.behavior_logprobs.tolist(), decode_comm=decode_comm.as_dict())
     except KeyError as err:
@@ -225,15 +229,16 @@ def main() -> None:
     result: dict = {"world": world, "expected": {}, "pruned": {}}
     # Rank 0's rows stop at their first token, rank 1's run to MAX_NEW: very different completion lengths.
     first = generate(reference, ids, mask, PLANS["mid"], max_new_tokens=1, eos_token_id=-1, pad_token_id=0,
-                     greedy=True).completions[:, 0].tolist()
+                     greedy=True, engine="reference").completions[:, 0].tolist()
     eos = first if rank == 0 else [-1]
     result["eos"] = eos
     for name, plan in PLANS.items():
         pruned = pruned_copy(reference, plan)
         result["pruned"][name] = generate(pruned, ids, mask, SkipPlan(len(plan.kept)), max_new_tokens=MAX_NEW,
-                                          eos_token_id=eos, pad_token_id=0, greedy=True).completions.tolist()
+                                          eos_token_id=eos, pad_token_id=0, greedy=True,
+                                          engine="reference").completions.tolist()
         expected = generate(reference, ids, mask, plan, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=0,
-                            greedy=True)
+                            greedy=True, engine="reference")
         result["expected"][name] = {"completions": expected.completions.tolist(),
                                     "logprobs": expected.behavior_logprobs.tolist()}
 

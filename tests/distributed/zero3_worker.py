@@ -2,7 +2,8 @@
 
 Training runs: (1) 3 steps with the default estimator (token_tis), checkpointing every step, (2) a resume of it,
 (6) 2 steps with correction=seq_is and KL to a frozen reference (a ZeRO-3 inference engine), every parameter
-partitioned, (6b) 2 steps with the KL penalty in the reward and the kept-token normaliser, (7) a resume of that one from its step-1 checkpoint (the reference restored from partitions), and
+partitioned, (7) a resume of that one from its step-1 checkpoint (the reference restored from partitions), (7b) 2 steps
+with the KL penalty in the reward and the kept-token normaliser, and
 (8) run 1's RL phase once per rollout mode (once / streamed / auto forced to stream), (9) run 1 at ZeRO-0 (the
 built-in config), and (10) `nested-reft eval` sharded with ZeRO-3 in streamed mode.
 
@@ -198,17 +199,6 @@ def main() -> None:
     result["reference_kl"] = describe_reference(references[-1])
     result["reference_files_kl"] = sorted(p.name for p in (run_c / "checkpoints" / "rl_step1" / "reference").iterdir())
 
-    # 6b. The KL penalty in the reward and the kept-token normaliser: pi_prox and the reference are scored before the
-    # update (collective no-grad forwards under ZeRO-3, every parameter partitioned), from run 1's SFT checkpoint.
-    run_e = out / "run_kl_in_reward"
-    start_from_warm_up(out, run_e, rank)
-    records_a.clear()
-    cfg_e = load_config(None, TINY + ["train.steps=2", "algorithm.kl_coef=0.1", "algorithm.kl_in_reward=true",
-                                      "algorithm.correction=token_mis", "algorithm.normalize_over=kept_tokens",
-                                      "train.save_every=0", f"train.output_dir={run_e}"])
-    train.run(cfg_e, str(kl_config), resume="auto")
-    result["steps_kl_in_reward"] = list(records_a)
-
     # 7. Resume that run from its step-1 checkpoint: the reference comes back from the saved partitions.
     run_d = out / "run_d"
     if rank == 0:
@@ -222,6 +212,17 @@ def main() -> None:
     result["steps_kl_resumed"] = list(records_a)
     result["reference_kl_resumed"] = describe_reference(references[-1])
     result["references_built"] = len(references)
+
+    # 7b. The KL penalty in the reward and the kept-token normaliser: pi_prox and the reference are scored before the
+    # update (collective no-grad forwards under ZeRO-3, every parameter partitioned), from run 1's SFT checkpoint.
+    run_e = out / "run_kl_in_reward"
+    start_from_warm_up(out, run_e, rank)
+    records_a.clear()
+    cfg_e = load_config(None, TINY + ["train.steps=2", "algorithm.kl_coef=0.1", "algorithm.kl_in_reward=true",
+                                      "algorithm.correction=token_mis", "algorithm.normalize_over=kept_tokens",
+                                      "train.save_every=0", f"train.output_dir={run_e}"])
+    train.run(cfg_e, str(kl_config), resume="auto")
+    result["steps_kl_in_reward"] = list(records_a)
 
     # 8. The RL phase of run 1 again from its SFT checkpoint, once per rollout mode: gather-once, streamed (ZeRO-3
     # hooks on, lockstep decoding) and auto forced to stream, with every parameter partitioned (run 6's config,
@@ -239,8 +240,10 @@ def main() -> None:
         start_from_warm_up(out, run_dir, rank)
         records_a.clear()
         # 40 new tokens: at step 0 the ranks' longest completions end at 34 and 39 (at 20 both are cut at 20).
+        # The reference engine in every mode: streamed decoding always runs it, so gather-once with it gives the
+        # same bits (the static engine's agreement with it is tests/test_decode_entry_points.py's).
         cfg_mode = load_config(None, TINY + overrides + [f"train.output_dir={run_dir}", "data.eval_problems=5",
-                                                         "rollout.max_new_tokens=40"])
+                                                         "rollout.max_new_tokens=40", "rollout.engine=reference"])
         result[f"summary_mode_{mode}"] = train.run(cfg_mode, str(kl_config), resume="auto")
         result[f"steps_mode_{mode}"] = list(records_a)
 
