@@ -307,15 +307,17 @@ def _rotary_tables(model: torch.nn.Module, length: int, dtype: torch.dtype,
 
 
 @dataclass
-class DecodeCounters:
-    """What one static decode did, for `rollout.DecodeStats` and the benchmarks."""
-    steps: int = 0
-    row_steps: int = 0
-    prefill_rows: int = 0
+class DecodeStats:
+    """What one `generate` call computed: token-steps of the rows in the batch vs those still alive."""
+    steps: int = 0                # decode forwards after the prefill
+    row_steps: int = 0            # sum over decode forwards of the rows the forward ran (padding slots included)
+    alive_row_steps: int = 0      # of those, rows that had not finished (the tokens that were needed)
+    prefill_rows: int = 0         # rows the prefill forward ran (one per prompt with shared prefill)
     compactions: int = 0
-    host_reads: int = 0
-    compilations: int = 0  # graphs `torch.compile` built during this decode (STEP_MODES "compiled")
-    captures: int = 0      # CUDA graphs captured during this decode (STEP_MODES "graphs")
+    host_reads: int = 0           # device values the host read while decoding (each one a sync on a GPU)
+    compilations: int = 0         # graphs torch.compile built while decoding ("static_compiled")
+    captures: int = 0             # CUDA graphs captured while decoding ("static_graphs")
+    engine: str = ""              # the engine that decoded (rollout.ENGINES)
 
 
 # How the per-layer step runs. "eager": `layer_step`, attention over the filled columns only. "fixed":
@@ -486,14 +488,14 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
                     max_new_tokens: int, temperature: float, top_p: float, eos_ids: torch.Tensor, pad_token_id: int,
                     greedy: bool, seed: int, row_keys: torch.Tensor, group_size: int, compact_below: float,
                     step_mode: str = "eager", sync_every: int = SYNC_EVERY,
-                    counters: DecodeCounters | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    stats: DecodeStats | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens, completion mask and behaviour log-probs [B, T] of `rollout.generate`'s contract (arguments checked
     there): padded to `max_new_tokens` columns, the caller trims them."""
     if sync_every < 1:
         raise ValueError(f"static decode engine: sync_every must be >= 1, got {sync_every}")
     if step_mode not in STEP_MODES:
         raise ValueError(f"static decode engine: step_mode must be one of {STEP_MODES}, got {step_mode!r}")
-    counters = counters if counters is not None else DecodeCounters()
+    stats = stats if stats is not None else DecodeStats()
     shape = decoder_shape(model)
     batch_size, prompt_width = input_ids.shape
     device = input_ids.device
@@ -521,7 +523,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
         prefill_cache = DynamicCache(config=_text_config(model))
         out = model(input_ids=prefill_ids, attention_mask=prefill_mask, position_ids=positions, cache=prefill_cache,
                     use_cache=True, logits_to_keep=1)
-    counters.prefill_rows += prefill_ids.shape[0]
+    stats.prefill_rows += prefill_ids.shape[0]
     first_logits = out.logits[:, -1]
     if shared:
         first_logits = first_logits.repeat_interleave(group_size, dim=0)
@@ -587,7 +589,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
     for t in range(1, max_new_tokens):
         if t % sync_every == 1 or sync_every == 1:
             alive_host = alive.cpu()  # the one device read of these `sync_every` steps
-            counters.host_reads += 1
+            stats.host_reads += 1
             alive_slots = alive_host.nonzero().squeeze(-1)
             if not len(alive_slots):
                 break
@@ -606,12 +608,12 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
                 slot_uniforms = slot_uniforms.index_select(0, keep)
                 bucket, live = smaller, len(alive_slots)
                 layer_caches = cache.layer_views(bucket)
-                counters.compactions += 1
+                stats.compactions += 1
         column = prompt_width + t - 1  # where the fed token's key goes
         if graphs is not None:
             additive[:bucket, :, :, column] = 0
             graphs.column.fill_(column)
-            counters.captures += graphs.ensure_bucket(bucket)
+            stats.captures += graphs.ensure_bucket(bucket)
             logits = graphs.step(bucket, plan.kept, token, position,
                                  _per_kv_head(additive[:bucket], shape.num_kv_heads))
         else:
@@ -630,10 +632,10 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
             logits = torch.mm(_rms_norm(x, final_norm, eps), head_t)
         position += 1
         token = emit(logits, t)
-        counters.steps += 1
-        counters.row_steps += bucket
+        stats.steps += 1
+        stats.row_steps += bucket
     if step_mode == "compiled":
-        counters.compilations += COMPILATIONS[0] - compilations_before
+        stats.compilations += COMPILATIONS[0] - compilations_before
     return tokens[:batch_size], completion_mask[:batch_size], logprobs_out[:batch_size]
 
 

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from .config import DecodeEngine, GenerationSettings
-from .decode import DecodeCounters, static_generate
+from .decode import DecodeStats, static_generate
 from .nested import SkipPlan, nested_view
 from .rl.logprobs import head_logprobs, token_logprobs
 from .sampling import keyed_uniforms, sample_tokens, sampling_logprobs
@@ -132,20 +132,6 @@ def stop_token_ids(model: torch.nn.Module, eos_token_id: int | Sequence[int]) ->
     return list(dict.fromkeys(ids))
 
 
-@dataclass
-class DecodeStats:
-    """What one `generate` call computed: token-steps of the rows in the batch vs those still alive."""
-    steps: int = 0                # decode forwards after the prefill
-    row_steps: int = 0            # sum over decode forwards of the rows the forward ran (padding slots included)
-    alive_row_steps: int = 0      # of those, rows that had not finished (the tokens that were needed)
-    prefill_rows: int = 0         # rows the prefill forward ran (one per prompt with shared prefill)
-    compactions: int = 0
-    host_reads: int = 0           # device values the host read while decoding (each one a sync on a GPU)
-    compilations: int = 0         # graphs torch.compile built while decoding ("static_compiled")
-    captures: int = 0             # CUDA graphs captured while decoding ("static_graphs")
-    engine: str = ""              # the engine that decoded (ENGINES)
-
-
 # `generate`'s engines, each static one with its layer-step mode (decode.STEP_MODES). "static" (decode.py) is the
 # default; "static_compiled" runs its layer step under torch.compile and "static_graphs" replays CUDA graphs of it
 # (both opt-in: docs/results/decode_cpu.md has what compiling buys on the CPU; the graphs have not run on a GPU
@@ -227,18 +213,10 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     stats = stats if stats is not None else DecodeStats()
     eos_ids = torch.tensor(stop_token_ids(model, eos_token_id), device=device)
     if engine in STATIC_ENGINES and use_cache and all_ranks_done is None and batch_size:
-        counters = DecodeCounters()
         tokens, completion_mask, behavior_logprobs = static_generate(
             model, input_ids, prompt_mask, plan, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, eos_ids=eos_ids, pad_token_id=pad_token_id, greedy=greedy, seed=seed, row_keys=row_keys,
-            group_size=group_size, compact_below=compact_below, step_mode=STATIC_ENGINES[engine], counters=counters)
-        stats.steps += counters.steps
-        stats.row_steps += counters.row_steps
-        stats.prefill_rows += counters.prefill_rows
-        stats.compactions += counters.compactions
-        stats.host_reads += counters.host_reads
-        stats.compilations += counters.compilations
-        stats.captures += counters.captures
+            group_size=group_size, compact_below=compact_below, step_mode=STATIC_ENGINES[engine], stats=stats)
         stats.engine = engine
         steps_taken = max_new_tokens
     else:

@@ -115,13 +115,13 @@ def test_bf16_shared_prompt_forward_scores_like_the_plain_layout(tiny_models):
 
 def _fixed_or_graphs(model, ids, mask, plan, step_mode, compact_below=0.0):
     """`decode.static_generate` at the fixed shapes: eagerly ("fixed") or replaying CUDA graphs ("graphs")."""
-    from nested_reft_ds.decode import DecodeCounters, static_generate
+    from nested_reft_ds.decode import DecodeStats, static_generate
 
-    counters = DecodeCounters()
+    counters = DecodeStats()
     out = static_generate(model, ids, mask.long(), plan, max_new_tokens=24, temperature=1.0, top_p=1.0,
                           eos_ids=torch.tensor(STOPS, device="cuda"), pad_token_id=0, greedy=False, seed=5,
                           row_keys=torch.arange(len(ids), device="cuda"), group_size=GROUP, compact_below=compact_below,
-                          step_mode=step_mode, counters=counters)
+                          step_mode=step_mode, stats=counters)
     return out, counters
 
 
