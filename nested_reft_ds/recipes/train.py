@@ -146,7 +146,7 @@ def heldout_evaluation(engine, tokenizer, problems: list[MathProblem], cfg: Expe
 
     def decoding(plan: SkipPlan):
         return ds.skip_aware_gather(engine, plan, cfg.rollout.gather,
-                                         memory_fraction=cfg.rollout.gather_memory_fraction)
+                                    memory_fraction=cfg.rollout.gather_memory_fraction)
 
     local, _ = evaluate_problems(engine.module, tokenizer, problems, settings, reward_timeout=cfg.reward.timeout,
                                  rel_tol=cfg.reward.rel_tol, last_number=cfg.reward.last_number, rank=rank,
@@ -171,11 +171,7 @@ class Progress:
 def prepare_model_dir(cfg: ExperimentConfig, out_dir: Path, rank: int) -> Path:
     """model.path, or the embedded tiny model built (once, by rank 0) into <output_dir>/base_model."""
     if cfg.model.path is not None:
-        path = Path(cfg.model.path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"config key 'model.path' has invalid value {cfg.model.path!r}: expected a local "
-                              "Hugging Face checkpoint directory (with config.json)")
-        return check_model_dir(path)
+        return check_model_dir(cfg.model.path)  # config.json and a tokenizer, or one line naming model.path
     path = out_dir / "base_model"
     if rank == 0 and not (path / "config.json").is_file():
         build_tiny_model(cfg.model, path, cfg.train.seed)
@@ -360,7 +356,7 @@ def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan:
     resumed_from = None  # the checkpoint directory <dir>/<tag> this run continues from
     if plan.tags:
         state, tag = ds.load_first_loadable(engine, Path(plan.save_dir), plan.tags, fingerprint=fingerprint[None],
-                                                 warn=warn if rank == 0 else lambda text: None)
+                                            warn=warn if rank == 0 else lambda text: None)
         progress = Progress(**state["progress"])
         skip.load_state_dict(state["skip"])
         resumed_from = Path(plan.save_dir) / tag
@@ -391,7 +387,7 @@ def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan:
                               "set train.grad_clip > 0; a rerun resumes from the last committed checkpoint)")
         state = {"progress": vars(progress), "skip": skip.state_dict(), "config": cfg.to_dict()}
         ds.save_checkpoint(engine, ckpt_dir, progress.tag(), state, keep=cfg.train.keep_checkpoints,
-                                fingerprint=fingerprint["rl" if progress.rl_step else "sft"], write_extra=finish_tag)
+                           fingerprint=fingerprint["rl" if progress.rl_step else "sft"], write_extra=finish_tag)
 
     def due(step: int, last: int) -> bool:  # a checkpoint every train.save_every steps and at the end of a phase
         return (cfg.train.save_every and step % cfg.train.save_every == 0) or step == last
@@ -471,7 +467,7 @@ def train_main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return ds.fail_stop(lambda: run(load_config(args.config, args.overrides), args.deepspeed, args.resume,
-                                                   args.overwrite))
+                                        args.overwrite))
     finally:
         ds.shutdown_distributed()
 
