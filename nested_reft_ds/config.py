@@ -122,6 +122,8 @@ class DataConfig:
 # No model this package trains has a context this long; a larger value is a typo (1e10), refused before anything
 # is built. The model's own max_position_embeddings bounds it further once the model is known (`checks`).
 MAX_NEW_TOKENS = 1 << 20
+# Longest speculative draft per round (rollout.draft_length).
+MAX_DRAFT_LENGTH = 16
 # Sampling keys are built from the seed as non-negative int64 (`recipes.train.sampling_keys`: seed * 1_000_003 + step).
 MAX_SEED = 2**32 - 1
 
@@ -145,6 +147,10 @@ class GenerationSettings:
     """Finished rows leave the batch once the rows still decoding are at most this fraction of it (0: never)."""
     engine: DecodeEngine = "static"
     """The decode engine (`rollout.engine`)."""
+    draft_length: int = 0
+    """0: sample from the model viewed through the skip plan. g >= 1: self-speculative sampling (speculative.py):
+    the model viewed through the plan drafts g tokens per round and the full model verifies them, so completions are
+    distributed as the full model's; decoded by its own eager engine, whatever `engine` says."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.max_new_tokens <= MAX_NEW_TOKENS, "generation.max_new_tokens", self.max_new_tokens,
@@ -154,6 +160,8 @@ class GenerationSettings:
         _require(0 <= self.compact_below <= 1, "generation.compact_below", self.compact_below, "a float in [0, 1]")
         _require(self.engine in typing.get_args(DecodeEngine), "generation.engine", self.engine,
                  f"one of {', '.join(typing.get_args(DecodeEngine))}")
+        _require(0 <= self.draft_length <= MAX_DRAFT_LENGTH, "generation.draft_length", self.draft_length,
+                 f"an integer in [0, {MAX_DRAFT_LENGTH}]")
 
 
 @dataclass(frozen=True)

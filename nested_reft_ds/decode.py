@@ -83,13 +83,13 @@ class DecoderShape:
     sliding_window: int | None  # the smallest window of any layer, None if no layer slides
 
 
-def _text_config(model: torch.nn.Module):
+def text_config(model: torch.nn.Module):
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
 def decoder_shape(model: torch.nn.Module) -> DecoderShape:
     """The shape of `model`'s decoder, or UnsupportedModelError naming what the static engine cannot run."""
-    config = _text_config(model)
+    config = text_config(model)
     model_type = getattr(config, "model_type", type(model).__name__)
     refuse = "; decode it with rollout.engine=reference"
     if model_type not in ARCHITECTURES:
@@ -113,7 +113,7 @@ def decoder_shape(model: torch.nn.Module) -> DecoderShape:
                         rms_norm_eps=config.rms_norm_eps, qk_norm=model_type == "qwen3", sliding_window=window)
 
 
-def _whole(param: torch.Tensor | None, name: str) -> torch.Tensor | None:
+def whole(param: torch.Tensor | None, name: str) -> torch.Tensor | None:
     # A ZeRO-3 parameter outside `engine.skip_aware_gather` is an empty placeholder: reading it would decode garbage.
     if param is not None and param.numel() == 0:
         raise ValueError(f"static decode engine: parameter {name} is partitioned (ZeRO-3); decode inside "
@@ -150,7 +150,7 @@ def _cat_bias(*linears: torch.nn.Linear) -> torch.Tensor | None:
 def layer_weights(layer: torch.nn.Module, shape: DecoderShape, name: str) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
     for param_name, param in layer.named_parameters():
-        _whole(param, f"{name}.{param_name}")
+        whole(param, f"{name}.{param_name}")
     qk_norm = None
     if shape.qk_norm:
         qk_norm = torch.cat([attn.q_norm.weight.expand(shape.num_heads, -1),
@@ -213,19 +213,19 @@ class StaticKVCache:
                 keys[:, :, :column + 1].transpose(2, 3).unbind(0), values[:, :, :column + 1].unbind(0))
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """transformers' RMSNorm over the last dimension, `weight` * x / sqrt(mean(x^2) + eps), normalised in float32 and
     cast back before the weight. `weight` is the last dimension's size or broadcasts to `x`'s trailing dimensions
     (the per-head QK-norm weights); `eps` a 0-d float32 tensor. Five aten calls in float32 (the fused `rms_norm`
     makes about ten on the CPU)."""
     if x.dtype != torch.float32:
-        return weight * _rms_norm(x.float(), torch.ones((), device=x.device), eps).to(x.dtype)
+        return weight * rms_norm(x.float(), torch.ones((), device=x.device), eps).to(x.dtype)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     scale = torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
     return weight * (x * scale)
 
 
-def _rotated_qkv(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, shape: DecoderShape,
+def rotated_qkv(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, shape: DecoderShape,
                  eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The input norm, the fused q/k/v projection, QK-norm (Qwen3) and rotary: x [b, H] -> query [b Hkv, G, D] (the
     query heads of one KV head form its block, so attention runs on the KV heads without repeating them), key and
@@ -233,12 +233,12 @@ def _rotated_qkv(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch
     rotate_half(q) * sin is flip(q) * sin."""
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     rows = x.shape[0]
-    h = _rms_norm(x, w.input_norm, eps)
+    h = rms_norm(x, w.input_norm, eps)
     qkv = torch.mm(h, w.qkv) if w.qkv_bias is None else torch.addmm(w.qkv_bias, h, w.qkv)
     qkv = qkv.view(rows, heads + 2 * kv_heads, head_dim)
     qk = qkv[:, :heads + kv_heads]
     if w.qk_norm is not None:
-        qk = _rms_norm(qk, w.qk_norm, eps)
+        qk = rms_norm(qk, w.qk_norm, eps)
     flipped = qk.unflatten(-1, (2, head_dim // 2)).flip(-2).flatten(-2)
     qk = qk * cos
     qk += flipped * sin
@@ -257,9 +257,14 @@ def _attention_and_mlp(x: torch.Tensor, w: LayerWeights, query: torch.Tensor, ke
         probs = torch.softmax(scores, dim=-1)
     else:  # as transformers does: the softmax in float32
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
-    attended = torch.bmm(probs, values).view(rows, shape.num_heads * shape.head_dim)
+    return output_and_mlp(x, w, torch.bmm(probs, values).view(rows, shape.num_heads * shape.head_dim), eps)
+
+
+def output_and_mlp(x: torch.Tensor, w: LayerWeights, attended: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The attention's output projection and residual, the post-attention norm and the MLP with its residual:
+    x, attended [b, H], [b, Hq D] -> x [b, H]."""
     x = torch.addmm(x, attended, w.o) if w.o_bias is None else x + torch.addmm(w.o_bias, attended, w.o)
-    h = _rms_norm(x, w.post_norm, eps)
+    h = rms_norm(x, w.post_norm, eps)
     gate_up = torch.mm(h, w.gate_up) if w.gate_up_bias is None else torch.addmm(w.gate_up_bias, h, w.gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     act = F.silu(gate) * up
@@ -275,7 +280,7 @@ def layer_step(x: torch.Tensor, w: LayerWeights, new_key: torch.Tensor, new_valu
     column being filled), then attention runs over `keys_t` [b Hkv, D, n], `values` [b Hkv, n, D] (views of the
     cache including that column) with the additive `mask` [b Hkv, 1, n] (0 where a key may be attended to, the
     dtype's minimum on left padding)."""
-    query, key, value = _rotated_qkv(x, w, cos, sin, shape, eps)
+    query, key, value = rotated_qkv(x, w, cos, sin, shape, eps)
     new_key.copy_(key)
     new_value.copy_(value)
     return _attention_and_mlp(x, w, query, keys_t, values, mask, shape, eps)
@@ -288,13 +293,13 @@ def fixed_layer_step(x: torch.Tensor, w: LayerWeights, keys: torch.Tensor, value
     value go to the column held in the tensor `column` [1] (a graph reads its current value at replay), and
     attention spans every column of `keys` / `values` [b Hkv, S, D], the `mask` [b Hkv, 1, S] hiding the columns not
     filled yet."""
-    query, key, value = _rotated_qkv(x, w, cos, sin, shape, eps)
+    query, key, value = rotated_qkv(x, w, cos, sin, shape, eps)
     keys.index_copy_(1, column, key.reshape(-1, 1, shape.head_dim))
     values.index_copy_(1, column, value.reshape(-1, 1, shape.head_dim))
     return _attention_and_mlp(x, w, query, keys.transpose(1, 2), values, mask, shape, eps)
 
 
-def _rotary_tables(model: torch.nn.Module, length: int, dtype: torch.dtype,
+def rotary_tables(model: torch.nn.Module, length: int, dtype: torch.dtype,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [length, D] of positions 0..length-1 from the model's own rotary module (its scaling included);
     sin's first half negated (see `layer_step`)."""
@@ -317,6 +322,12 @@ class DecodeStats:
     host_reads: int = 0           # device values the host read while decoding (each one a sync on a GPU)
     compilations: int = 0         # graphs torch.compile built while decoding ("static_compiled")
     captures: int = 0             # CUDA graphs captured while decoding ("static_graphs")
+    # Speculative decoding (speculative.py): verify forwards, the alive rows they scored, the drafts those rows
+    # proposed and the drafts kept.
+    verify_passes: int = 0
+    verified_rows: int = 0
+    drafted_tokens: int = 0
+    accepted_drafts: int = 0
     engine: str = ""              # the engine that decoded (rollout.ENGINES)
 
 
@@ -385,7 +396,7 @@ class DecodeGraphs:
         self.head = torch.empty_like(embed)
         self.eps = torch.tensor(shape.rms_norm_eps, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
-        self.cos_table, self.sin_table = _rotary_tables(model, columns, dtype, device)
+        self.cos_table, self.sin_table = rotary_tables(model, columns, dtype, device)
         self.inputs: dict[int, _BucketInputs] = {}
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -442,7 +453,7 @@ class DecodeGraphs:
             inputs.sin.copy_(self.sin_table[inputs.position].unsqueeze(1))
 
         def head_step():
-            inputs.logits.copy_(torch.mm(_rms_norm(inputs.x, self.final_norm, self.eps), self.head.t()))
+            inputs.logits.copy_(torch.mm(rms_norm(inputs.x, self.final_norm, self.eps), self.head.t()))
 
         self.graphs["embed", bucket] = self._capture(embed_step)
         for index, (keys, values) in enumerate(self.cache.layer_views(bucket)):
@@ -509,9 +520,9 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
     all_layers = getattr(parent, attr)
     weights = [layer_weights(all_layers[i], shape, f"layers.{i}") for i in plan.kept]
     base = getattr(model, "model", model)
-    embed = _whole(base.embed_tokens.weight, "embed_tokens.weight")
-    final_norm = _whole(base.norm.weight, "norm.weight")
-    head = _whole(model.get_output_embeddings().weight, "lm_head.weight")
+    embed = whole(base.embed_tokens.weight, "embed_tokens.weight")
+    final_norm = whole(base.norm.weight, "norm.weight")
+    head = whole(model.get_output_embeddings().weight, "lm_head.weight")
     head_t = head.t()
 
     # Prefill: the model's own forward over the prompts (one per group with shared prefill), as the reference does.
@@ -520,7 +531,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
     prefill_mask = prompt_mask[::group_size] if shared else prompt_mask
     positions = (prefill_mask.cumsum(-1) - 1).clamp(min=0)
     with nested_view(model, plan):
-        prefill_cache = DynamicCache(config=_text_config(model))
+        prefill_cache = DynamicCache(config=text_config(model))
         out = model(input_ids=prefill_ids, attention_mask=prefill_mask, position_ids=positions, cache=prefill_cache,
                     use_cache=True, logits_to_keep=1)
     stats.prefill_rows += prefill_ids.shape[0]
@@ -561,7 +572,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
         compilations_before = COMPILATIONS[0]
         column_index = torch.zeros(1, dtype=torch.long, device=device)
     position = prompt_mask.long().sum(-1).index_select(0, slot_sources)  # rotary position of the next fed token
-    cos_table, sin_table = _rotary_tables(model, columns, dtype, device)
+    cos_table, sin_table = rotary_tables(model, columns, dtype, device)
     eps = torch.tensor(shape.rms_norm_eps, device=device)
     uniforms = keyed_uniform_table(seed, row_keys, max_new_tokens)  # [B, T] float64
     slot_uniforms = uniforms.index_select(0, slot_sources)
@@ -629,7 +640,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
                 step_mask = _per_kv_head(additive[:bucket, :, :, :column + 1], shape.num_kv_heads)
                 for w, new_key, new_value, keys_t, values in zip(weights, *cache.step_views(bucket, column)):
                     x = layer_step(x, w, new_key, new_value, keys_t, values, cos, sin, step_mask, shape, eps)
-            logits = torch.mm(_rms_norm(x, final_norm, eps), head_t)
+            logits = torch.mm(rms_norm(x, final_norm, eps), head_t)
         position += 1
         token = emit(logits, t)
         stats.steps += 1

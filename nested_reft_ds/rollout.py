@@ -21,6 +21,7 @@ from .config import DecodeEngine, GenerationSettings
 from .decode import DecodeStats, static_generate
 from .nested import SkipPlan, nested_view
 from .rl.logprobs import head_logprobs, token_logprobs
+from .speculative import speculative_generate
 from .sampling import keyed_uniforms, sample_tokens, sampling_logprobs
 
 
@@ -212,7 +213,17 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         raise ValueError(f"generate: row_keys must have shape ({batch_size},), got {tuple(row_keys.shape)}")
     stats = stats if stats is not None else DecodeStats()
     eos_ids = torch.tensor(stop_token_ids(model, eos_token_id), device=device)
-    if engine in STATIC_ENGINES and use_cache and all_ranks_done is None and batch_size:
+    if settings.draft_length and batch_size:
+        if all_ranks_done is not None or not use_cache:
+            raise ValueError("generate: speculative decoding (draft_length > 0) runs on whole weights with a KV cache; "
+                             "it cannot decode in lockstep (streamed ZeRO-3) or with use_cache=False")
+        tokens, completion_mask, behavior_logprobs = speculative_generate(
+            model, input_ids, prompt_mask, plan, draft_length=settings.draft_length, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_token_id=pad_token_id, greedy=greedy,
+            seed=seed, row_keys=row_keys, group_size=group_size, compact_below=compact_below, stats=stats)
+        stats.engine = "speculative"
+        steps_taken = max_new_tokens
+    elif engine in STATIC_ENGINES and use_cache and all_ranks_done is None and batch_size:
         tokens, completion_mask, behavior_logprobs = static_generate(
             model, input_ids, prompt_mask, plan, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, eos_ids=eos_ids, pad_token_id=pad_token_id, greedy=greedy, seed=seed, row_keys=row_keys,

@@ -81,3 +81,45 @@ def keyed_uniform_table(seed: int, row_keys: torch.Tensor, num_positions: int) -
     state = _absorb(state, positions)  # [B, T]
     high = _mix32((state + 0x7F4A7C15) & _MASK32)
     return (high.double() + state.double() / 2.0**32) / 2.0**32
+
+
+def speculative_verify(target_logprobs: torch.Tensor, draft_logprobs: torch.Tensor, drafts: torch.Tensor,
+                       accept_uniforms: torch.Tensor, resample_uniforms: torch.Tensor,
+                       greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative sampling rule for a batch of rows, each with g drafted tokens.
+
+    `target_logprobs` [B, g+1, V]: the target's sampling distribution (`sampling_logprobs`) at the g drafted
+    positions and the one after them; `draft_logprobs` [B, g, V]: the drafter's, from which `drafts` [B, g] were
+    sampled; `accept_uniforms` [B, g] and `resample_uniforms` [B, g+1]: independent uniforms in [0, 1), one per
+    position. Returns (accepted [B]: how many leading drafts are kept, next_token [B]: the token at position
+    `accepted`).
+
+    Draft i is kept when u_i < p_i(d_i) / q_i(d_i) and every earlier one was; at the first rejected position the
+    token is drawn from norm(max(0, p - q)), and when all g are kept a bonus token is drawn from p_{g+1}. Every
+    position's token is then distributed as p's (Leviathan et al. 2023, Chen et al. 2023), whatever q is, as long
+    as q is the distribution the draft was really sampled from. `greedy`: a draft is kept when it is p's argmax,
+    and the next token is p's argmax (the full model's greedy decode)."""
+    rows, g, vocab = draft_logprobs.shape
+    if target_logprobs.shape != (rows, g + 1, vocab) or drafts.shape != (rows, g):
+        raise ValueError(f"speculative_verify: target {tuple(target_logprobs.shape)}, draft "
+                         f"{tuple(draft_logprobs.shape)} and drafts {tuple(drafts.shape)} do not agree")
+    if greedy:
+        keep = drafts == target_logprobs[:, :g].argmax(-1)
+    else:
+        target_of_draft = target_logprobs[:, :g].gather(-1, drafts[..., None]).squeeze(-1).double()
+        draft_of_draft = draft_logprobs.gather(-1, drafts[..., None]).squeeze(-1).double()
+        keep = accept_uniforms.to(target_of_draft.device) < (target_of_draft - draft_of_draft).exp()
+    accepted = keep.long().cumprod(-1).sum(-1)  # [B] leading drafts kept
+    at = accepted[:, None, None].expand(rows, 1, vocab)
+    target_next = target_logprobs.gather(1, at).squeeze(1)  # [B, V] p at the first undecided position
+    if greedy:
+        return accepted, target_next.argmax(-1)
+    # At a rejection: the residual max(0, p - q); after g acceptances (the gathered q is then a dummy): p itself.
+    draft_next = draft_logprobs.gather(1, at.clamp(max=g - 1)).squeeze(1)
+    residual = (target_next.double().exp() - draft_next.double().exp()).clamp(min=0)
+    rejected = (accepted < g)[:, None]
+    # A rejection has a residual of positive mass (it needs p(d) < q(d) somewhere); an all-zero one is float noise.
+    use_target = ~rejected | (residual.sum(-1, keepdim=True) <= 0)
+    weights = torch.where(use_target, target_next.double().exp(), residual)
+    uniforms = resample_uniforms.to(weights.device).gather(1, accepted[:, None]).squeeze(1)
+    return accepted, sample_tokens(weights.log(), uniforms)

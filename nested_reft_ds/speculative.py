@@ -1,0 +1,283 @@
+"""Self-speculative sampling: the nested model drafts, the full model verifies (`rollout.mode: speculative`).
+
+Each round, every row drafts g tokens with the model viewed through the step's skip plan (the nested behaviour
+model of `rollout.mode: nested`), the full model scores all g + 1 positions in one forward, and the speculative
+sampling rule (`sampling.speculative_verify`) keeps a prefix of the drafts and draws one more token. The
+completions are distributed exactly as the full model's samples, so training on them is on-policy: the behaviour
+log-probs are the full model's (the verify forward's), with no importance weight to correct.
+
+How a round runs, per row (rows advance by different numbers of tokens, so every position is per row):
+- The two models keep separate static KV caches (the drafter's kept layers see different hidden states than the
+  full model's at the same layer). Columns are shared by all rows: the prompts are left padded to one width, and
+  completion token t of every row lives in column P + t; a row's rotary position is its column minus its padding.
+- With t tokens committed, the full model's cache is valid through token t - 2 and the drafter's through t - 3 or
+  t - 2 (the drafter never feeds its own last draft when all are accepted). So the drafter's first step feeds
+  tokens t - 2 and t - 1 (rewriting a valid entry costs nothing extra in an overhead-bound step), its next g - 1
+  steps one draft each; the verify forward feeds token t - 1 and the g drafts. Rejected drafts' cache entries lie
+  beyond the new frontier and are overwritten by the next round: rolling back is moving the row's length.
+- Randomness is keyed per (row, completion position) with three streams: the draft's sample, the acceptance test
+  and the resample (or bonus) draw. A position is drafted, tested and resampled at most once, so every decision
+  reads fresh uniforms, and a row's tokens do not depend on the rest of the batch, the world size or compaction.
+- The host reads the rows' lengths once per round (the attention spans the filled columns only, and the loop stops
+  when every row has); finished rows leave the batch when at most `compact_below` of it is alive.
+
+Cost model (reported by `nested-reft bench decode` next to the measurement): with per-token acceptance a, draft
+length g, drafter cost c per token and verify cost v, both relative to one full decode step, the expected
+speed-up over full decoding is (1 - a^(g+1)) / ((1 - a) (g c + v)) (`predicted_speedup`).
+
+This engine runs eagerly on the functional layer step of decode.py (qwen2 / qwen3 / llama / mistral); the CUDA
+graphs of the static engine do not cover its multi-token verify forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from .config import MAX_DRAFT_LENGTH
+from .decode import (DecodeStats, DecoderShape, LayerWeights, StaticKVCache, UnsupportedModelError, decoder_shape,
+                     layer_weights, output_and_mlp, rms_norm, rotary_tables, rotated_qkv, text_config, whole)
+from .nested import SkipPlan, decoder_layers, nested_view
+from .sampling import keyed_uniform_table, sample_tokens, sampling_logprobs, speculative_verify
+
+# Uniform streams of one rollout: the draft's sample, the acceptance test and the resample / bonus draw per position.
+_DRAFT, _ACCEPT, _RESAMPLE = range(3)
+
+
+def predicted_speedup(acceptance: float, draft_length: int, draft_cost: float, verify_cost: float = 1.0) -> float:
+    """Expected tokens per unit of full-decode time: (1 - a^(g+1)) / ((1 - a) (g c + v)).
+
+    `acceptance` a: the probability a draft is kept (given the earlier ones were); `draft_cost` c and `verify_cost`
+    v: one drafter step and one verify forward, each relative to one decode step of the full model."""
+    if not 0 <= acceptance <= 1 or draft_length < 1 or draft_cost < 0 or verify_cost <= 0:
+        raise ValueError(f"predicted_speedup: acceptance {acceptance} in [0, 1], draft_length {draft_length} >= 1, "
+                         f"draft_cost {draft_cost} >= 0 and verify_cost {verify_cost} > 0 expected")
+    tokens_per_round = draft_length + 1 if acceptance == 1 else (1 - acceptance ** (draft_length + 1)) / (1 - acceptance)
+    return tokens_per_round / (draft_length * draft_cost + verify_cost)
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    return seed * 3 + stream
+
+
+class _Forward:
+    """A forward of some decoder layers over m new tokens per row, at per-row cache columns (the drafter's or the
+    full model's): embedding, rotary, the layer steps writing their keys and values into `cache`, the final norm."""
+
+    def __init__(self, weights: list[LayerWeights], cache: StaticKVCache, shape: DecoderShape, embed: torch.Tensor,
+                 final_norm: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, eps: torch.Tensor):
+        self.weights, self.cache, self.shape = weights, cache, shape
+        self.embed, self.final_norm, self.cos_table, self.sin_table, self.eps = (embed, final_norm, cos_table,
+                                                                                 sin_table, eps)
+
+    def __call__(self, tokens: torch.Tensor, columns: torch.Tensor, padding: torch.Tensor, key_ok: torch.Tensor,
+                 width: int) -> torch.Tensor:
+        """tokens, columns [b, m] (the cache column each token's key goes to), `padding` [b] (a row's left padding:
+        its rotary position is column - padding), `key_ok` [b, S] (columns a query may see: real prompt tokens and
+        completion columns), `width` (attention spans columns [0, width)) -> final hidden states [b, m, H]."""
+        shape = self.shape
+        rows, m = tokens.shape
+        kv_heads, groups = shape.num_kv_heads, shape.num_heads // shape.num_kv_heads
+        x = F.embedding(tokens.reshape(-1), self.embed)  # [b m, H]
+        positions = (columns - padding[:, None]).reshape(-1)
+        cos, sin = self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)
+        heads = torch.arange(kv_heads, device=tokens.device)
+        slot_index = (torch.arange(rows, device=tokens.device)[:, None, None] * kv_heads + heads).expand(
+            rows, m, kv_heads).reshape(-1)
+        column_index = columns[:, :, None].expand(rows, m, kv_heads).reshape(-1)
+        # A query sees the real columns up to its own; one additive mask [b Hkv, m G, width] serves every layer.
+        visible = (torch.arange(width, device=tokens.device) <= columns[:, :, None]) & key_ok[:, None, :width]
+        additive = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(
+            ~visible, torch.finfo(x.dtype).min)
+        mask = additive[:, None, :, None, :].expand(rows, kv_heads, m, groups, width).reshape(
+            rows * kv_heads, m * groups, width)
+        for w, (keys, values) in zip(self.weights, self.cache.layer_views(rows)):
+            x = _multi_token_layer_step(x, w, keys, values, slot_index, column_index, width, cos, sin, mask, shape,
+                                        self.eps, rows, m)
+        return rms_norm(x, self.final_norm, self.eps).view(rows, m, -1)
+
+
+def _multi_token_layer_step(x: torch.Tensor, w: LayerWeights, keys: torch.Tensor, values: torch.Tensor,
+                            slot_index: torch.Tensor, column_index: torch.Tensor, width: int, cos: torch.Tensor,
+                            sin: torch.Tensor, mask: torch.Tensor, shape: DecoderShape, eps: torch.Tensor,
+                            rows: int, m: int) -> torch.Tensor:
+    """One decoder layer over m tokens per row: x [b m, H] -> [b m, H]. The tokens' keys and values go to
+    (`slot_index`, `column_index`) of `keys` / `values` [b Hkv, S, D]; attention spans columns [0, width) under
+    `mask` [b Hkv, m G, width]."""
+    kv_heads, head_dim = shape.num_kv_heads, shape.head_dim
+    groups = shape.num_heads // kv_heads
+    query, key, value = rotated_qkv(x, w, cos, sin, shape, eps)  # [b m Hkv, G, D], [b m, Hkv, D] x 2
+    keys.index_put_((slot_index, column_index), key.reshape(-1, head_dim))
+    values.index_put_((slot_index, column_index), value.reshape(-1, head_dim))
+    query = query.view(rows, m, kv_heads, groups, head_dim).transpose(1, 2).reshape(rows * kv_heads, m * groups,
+                                                                                     head_dim)
+    scores = torch.baddbmm(mask, query, keys[:, :width].transpose(1, 2), alpha=head_dim ** -0.5)
+    if x.dtype == torch.float32:
+        probs = torch.softmax(scores, dim=-1)
+    else:  # as transformers does: the softmax in float32
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
+    attended = torch.bmm(probs, values[:, :width])  # [b Hkv, m G, D]
+    attended = attended.view(rows, kv_heads, m, groups, head_dim).transpose(1, 2).reshape(
+        rows * m, shape.num_heads * head_dim)
+    return output_and_mlp(x, w, attended, eps)
+
+
+@torch.no_grad()
+def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask: torch.Tensor, plan: SkipPlan,
+                         *, draft_length: int, max_new_tokens: int, temperature: float, top_p: float,
+                         eos_ids: torch.Tensor, pad_token_id: int, greedy: bool, seed: int, row_keys: torch.Tensor,
+                         group_size: int, compact_below: float,
+                         stats: DecodeStats | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens, completion mask and the full model's log-probs [B, max_new_tokens] of the sampled tokens
+    (`rollout.generate`'s contract, arguments checked there): completions drawn from the full model by
+    self-speculative sampling with `plan`'s nested model as drafter. Every layer's weights must be whole (under
+    ZeRO-3 gather every layer: the verifier runs them all)."""
+    if not 1 <= draft_length <= MAX_DRAFT_LENGTH:
+        raise ValueError(f"speculative decoding: draft_length must be in [1, {MAX_DRAFT_LENGTH}], got {draft_length}")
+    stats = stats if stats is not None else DecodeStats()
+    shape = decoder_shape(model)
+    g, limit = draft_length, max_new_tokens
+    batch_size, prompt_width = input_ids.shape
+    device = input_ids.device
+    columns = prompt_width + limit + g + 1  # the last verify of a row at `limit` tokens reaches column P + limit + g
+    if shape.sliding_window is not None and columns > shape.sliding_window:
+        raise UnsupportedModelError(f"speculative decoding: {columns} columns reach the sliding window "
+                                    f"({shape.sliding_window})")
+    parent, attr = decoder_layers(model)
+    all_layers = getattr(parent, attr)
+    weights = [layer_weights(layer, shape, f"layers.{i}") for i, layer in enumerate(all_layers)]
+    base = getattr(model, "model", model)
+    embed = whole(base.embed_tokens.weight, "embed_tokens.weight")
+    final_norm = whole(base.norm.weight, "norm.weight")
+    head_t = whole(model.get_output_embeddings().weight, "lm_head.weight").t()
+    dtype = embed.dtype
+
+    # Prefill both models over the prompts (one per group with shared prefill); the full model's last logits give
+    # each row's first token.
+    shared = group_size > 1
+    prefill_ids = input_ids[::group_size] if shared else input_ids
+    prefill_mask = prompt_mask[::group_size] if shared else prompt_mask
+    positions = (prefill_mask.cumsum(-1) - 1).clamp(min=0)
+    sources = torch.arange(batch_size, device=device) // group_size if shared else torch.arange(batch_size,
+                                                                                                  device=device)
+    full_cache = StaticKVCache(len(all_layers), batch_size, shape.num_kv_heads, columns, shape.head_dim, dtype, device)
+    draft_cache = StaticKVCache(len(plan.kept), batch_size, shape.num_kv_heads, columns, shape.head_dim, dtype,
+                                device)
+    for cache, view_plan in ((full_cache, SkipPlan(len(all_layers))), (draft_cache, plan)):
+        with nested_view(model, view_plan):
+            prefill = DynamicCache(config=text_config(model))
+            out = model(input_ids=prefill_ids, attention_mask=prefill_mask, position_ids=positions, cache=prefill,
+                        use_cache=True, logits_to_keep=1)
+        for i, layer in enumerate(prefill.layers):
+            cache.fill(i, layer.keys, layer.values, sources)
+        if cache is full_cache:
+            first_logits = out.logits[:, -1].index_select(0, sources)
+        del prefill, out
+    stats.prefill_rows += 2 * prefill_ids.shape[0]
+    cos_table, sin_table = rotary_tables(model, columns, dtype, device)
+    eps = torch.tensor(shape.rms_norm_eps, device=device)
+    full = _Forward(weights, full_cache, shape, embed, final_norm, cos_table, sin_table, eps)
+    draft = _Forward([weights[i] for i in plan.kept], draft_cache, shape, embed, final_norm, cos_table, sin_table, eps)
+
+    # Per-slot state (slots are the rows still in the batch; `slot_rows` maps them to output rows).
+    width_out = limit + g + 1
+    uniforms = [keyed_uniform_table(_stream_seed(seed, stream), row_keys, width_out) for stream in range(3)]
+    slot_rows = torch.arange(batch_size, device=device)
+    padding = prompt_width - prompt_mask.long().sum(-1)
+    key_ok = torch.ones((batch_size, columns), dtype=torch.bool, device=device)
+    key_ok[:, :prompt_width] = prompt_mask.bool()
+    sequence = torch.full((batch_size, columns), pad_token_id, dtype=torch.long, device=device)
+    sequence[:, :prompt_width] = input_ids
+    out_tokens = torch.full((batch_size, width_out), pad_token_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((batch_size, width_out), device=device)
+    final_tokens, final_logprobs = out_tokens.clone(), out_logprobs.clone()
+    final_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    first = sampling_logprobs(first_logits, temperature, top_p)
+    token = first.argmax(-1) if greedy else sample_tokens(first, uniforms[_RESAMPLE][:, 0])
+    out_tokens[:, 0], out_logprobs[:, 0] = token, first.gather(-1, token[:, None]).squeeze(-1)
+    sequence[:, prompt_width] = token
+    length = torch.ones(batch_size, dtype=torch.long, device=device)
+    alive = ~torch.isin(token, eos_ids) & (length < limit)
+    offsets = torch.arange(g + 1, device=device)
+    pad = torch.tensor(pad_token_id, device=device)
+
+    def flush() -> None:
+        final_tokens.index_copy_(0, slot_rows, out_tokens)
+        final_logprobs.index_copy_(0, slot_rows, out_logprobs)
+        final_lengths.index_copy_(0, slot_rows, length)
+
+    live = batch_size
+    counts = torch.zeros(2, dtype=torch.long, device=device)  # verified alive rows, drafts they kept
+    while True:
+        alive_host, length_host = torch.stack([alive.long(), length]).cpu()  # the round's one device read
+        stats.host_reads += 1
+        alive_slots = alive_host.nonzero().squeeze(-1)
+        if not len(alive_slots):
+            break
+        if compact_below > 0 and len(alive_slots) <= compact_below * live and len(alive_slots) < len(slot_rows):
+            flush()
+            keep = alive_slots.to(device)
+            full_cache.compact(keep)
+            draft_cache.compact(keep)
+            (slot_rows, padding, key_ok, sequence, out_tokens, out_logprobs, length, alive) = (
+                t.index_select(0, keep) for t in (slot_rows, padding, key_ok, sequence, out_tokens, out_logprobs,
+                                                  length, alive))
+            uniforms = [u.index_select(0, keep) for u in uniforms]
+            length_host, live = length_host[alive_slots], len(alive_slots)
+            stats.compactions += 1
+        rows, longest = len(slot_rows), int(length_host.max())
+        column = prompt_width + length  # [b] where the next token goes
+
+        # Draft g tokens: the first step feeds tokens t - 2 and t - 1, each later one the previous draft.
+        drafts = torch.empty((rows, g), dtype=torch.long, device=device)
+        draft_logprobs = torch.empty((rows, g, embed.shape[0]), device=device)
+        feed = torch.stack([column - 2, column - 1], dim=1)
+        hidden = draft(sequence.gather(1, feed), feed, padding, key_ok, prompt_width + longest)[:, -1]
+        for i in range(g):
+            logprobs = sampling_logprobs(torch.mm(hidden, head_t), temperature, top_p)
+            if greedy:
+                drafts[:, i] = logprobs.argmax(-1)
+            else:
+                drafts[:, i] = sample_tokens(logprobs, uniforms[_DRAFT].gather(1, (length + i)[:, None]).squeeze(1))
+            draft_logprobs[:, i] = logprobs
+            stats.steps += 1
+            stats.row_steps += rows
+            if i + 1 < g:
+                feed = (column + i)[:, None]
+                hidden = draft(drafts[:, i:i + 1], feed, padding, key_ok, prompt_width + longest + i + 1)[:, 0]
+
+        # Verify: the full model over token t - 1 and the drafts, then the speculative rule.
+        feed = column[:, None] - 1 + offsets
+        hidden = full(torch.cat([sequence.gather(1, feed[:, :1]), drafts], dim=1), feed, padding, key_ok,
+                      prompt_width + longest + g)
+        target_logprobs = sampling_logprobs(torch.mm(hidden.flatten(0, 1), head_t), temperature, top_p).view(
+            rows, g + 1, -1)
+        positions = length[:, None] + offsets  # completion positions the round decides, [b, g + 1]
+        accepted, next_token = speculative_verify(
+            target_logprobs, draft_logprobs, drafts, uniforms[_ACCEPT].gather(1, positions[:, :g]),
+            uniforms[_RESAMPLE].gather(1, positions), greedy=greedy)
+        stats.steps += 1
+        stats.row_steps += rows
+        stats.verify_passes += 1
+
+        # Commit the kept drafts and the new token, up to the first EOS and the length limit.
+        candidates = torch.cat([drafts, drafts[:, :1]], dim=1).scatter_(1, accepted[:, None], next_token[:, None])
+        candidate_logprobs = target_logprobs.gather(-1, candidates[..., None]).squeeze(-1)
+        valid = (offsets <= accepted[:, None]) & (positions < limit) & alive[:, None]
+        is_eos = torch.isin(candidates, eos_ids) & valid
+        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), g + 1)
+        valid &= offsets <= first_eos[:, None]
+        out_tokens.scatter_(1, positions, torch.where(valid, candidates, pad))
+        out_logprobs.scatter_(1, positions, torch.where(valid, candidate_logprobs, 0.0))
+        sequence.scatter_(1, prompt_width + positions, torch.where(valid, candidates, pad))
+        counts += torch.stack([alive.sum(), torch.where(alive, accepted, 0).sum()])
+        length += valid.sum(1)
+        alive &= ~is_eos.any(1) & (length < limit)
+    flush()
+    verified_rows, accepted_drafts = counts.tolist()
+    stats.verified_rows += verified_rows
+    stats.drafted_tokens += g * verified_rows
+    stats.accepted_drafts += accepted_drafts
+    completion_mask = (torch.arange(limit, device=device) < final_lengths[:, None]).long()
+    return final_tokens[:, :limit], completion_mask, final_logprobs[:, :limit] * completion_mask

@@ -1,0 +1,284 @@
+"""Self-speculative sampling (`rollout.mode: speculative`): the completions are distributed as the full model's.
+
+- The rule (`sampling.speculative_verify`) in a speculative loop over two small autoregressive tables: the
+  distribution of 4-token completions, enumerated exactly (3^4 sequences), against 120,000 samples by chi-square.
+  It passes for the rule and fails for the draft's own distribution and for two subtly wrong rules (resampling from
+  p instead of the residual; accepting with probability p(d) instead of min(1, p(d) / q(d))).
+- The engine (speculative.py) on a real model: greedy speculative output is the full model's greedy output token
+  for token; sampled completions match the full model's exact distribution of 3-token completions (chi-square
+  over every sequence of probability >= 1e-3, the rest binned) and the nested model's samples do not; a row's
+  tokens do not depend on the batch, compaction or shared prefill; a drafter that skips nothing is always accepted.
+"""
+import math
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+from nested_reft_ds.config import ModelConfig
+from nested_reft_ds.model import build_tiny_model, load_model_and_tokenizer
+from nested_reft_ds.nested import SkipPlan
+from nested_reft_ds.rollout import DecodeStats, Rollout, completion_logprobs, encode_prompts, generate
+from nested_reft_ds.sampling import sample_tokens, speculative_verify
+from nested_reft_ds.speculative import predicted_speedup
+
+# ---------------------------------------------------------------------------------------------- the rule alone
+
+VOCAB, LENGTH, DRAFT = 3, 4, 2
+SAMPLES = 120_000
+
+
+def tables(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target and draft transition tables log p(x_t | x_{t-1}) [V, V] (row V - 1 also serves the first token)."""
+    g = torch.Generator().manual_seed(seed)
+    target = (torch.randn(VOCAB, VOCAB, generator=g) * 1.5).log_softmax(-1)
+    draft = (target + torch.randn(VOCAB, VOCAB, generator=g)).log_softmax(-1)
+    return target, draft
+
+
+def exact_distribution(target: torch.Tensor) -> torch.Tensor:
+    """P(x_0 .. x_{L-1}) of every sequence, [V^L], in base-V order (x_0 most significant); x_0 follows token V-1."""
+    probs = torch.ones(1, dtype=torch.float64)
+    previous = torch.full((1,), VOCAB - 1)
+    for _ in range(LENGTH):
+        step = target.double().exp()[previous]  # [n, V]
+        probs = (probs[:, None] * step).flatten()
+        previous = torch.arange(VOCAB).repeat(len(previous))
+    return probs
+
+
+def speculative_samples(target, draft, rule, seed: int) -> torch.Tensor:
+    """SAMPLES sequences of LENGTH tokens, drafted from `draft` and verified against `target` by `rule`."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.arange(SAMPLES)
+    out = torch.full((SAMPLES, LENGTH + DRAFT + 1), -1)
+    length = torch.zeros(SAMPLES, dtype=torch.long)
+    last = torch.full((SAMPLES,), VOCAB - 1)
+    while bool((length < LENGTH).any()):
+        drafts, previous = [], last
+        for _ in range(DRAFT):
+            token = sample_tokens(draft[previous], torch.rand(SAMPLES, generator=g, dtype=torch.float64))
+            drafts.append(token)
+            previous = token
+        drafts = torch.stack(drafts, 1)  # [N, g]
+        contexts = torch.cat([last[:, None], drafts], 1)  # p at position i conditions on the token before it
+        accepted, next_token = rule(target[contexts], draft[contexts[:, :DRAFT]], drafts,
+                                    torch.rand(SAMPLES, DRAFT, generator=g, dtype=torch.float64),
+                                    torch.rand(SAMPLES, DRAFT + 1, generator=g, dtype=torch.float64))
+        candidates = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], next_token[:, None])
+        offsets = torch.arange(DRAFT + 1)
+        keep = offsets <= accepted[:, None]
+        columns = (length[:, None] + offsets).clamp(max=out.shape[1] - 1)
+        out[rows[:, None].expand_as(columns)[keep], columns[keep]] = candidates[keep]
+        last = candidates.gather(1, accepted[:, None]).squeeze(1)
+        length = length + accepted + 1
+    return out[:, :LENGTH]
+
+
+def sequence_index(sequences: torch.Tensor) -> torch.Tensor:
+    return (sequences * VOCAB ** torch.arange(LENGTH - 1, -1, -1)).sum(1)
+
+
+def chi_square_pvalue(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    expected = expected_probs * counts.sum()
+    statistic = float(((counts.double() - expected) ** 2 / expected).sum())
+    return float(chi2.sf(statistic, len(counts) - 1))
+
+
+def rule_with(accept_probability, residual):
+    """A speculative rule built from its two parts, for the wrong variants the test must catch."""
+    def rule(target_logprobs, draft_logprobs, drafts, accept_uniforms, resample_uniforms):
+        g, vocab = drafts.shape[1], target_logprobs.shape[-1]
+        p = target_logprobs[:, :g].gather(-1, drafts[..., None]).squeeze(-1).double().exp()
+        q = draft_logprobs.gather(-1, drafts[..., None]).squeeze(-1).double().exp()
+        accepted = (accept_uniforms < accept_probability(p, q)).long().cumprod(-1).sum(-1)
+        at = accepted[:, None, None].expand(-1, 1, vocab)
+        p_next = target_logprobs.gather(1, at).squeeze(1).double().exp()
+        q_next = draft_logprobs.gather(1, at.clamp(max=g - 1)).squeeze(1).double().exp()
+        weights = torch.where((accepted < g)[:, None], residual(p_next, q_next), p_next)
+        return accepted, sample_tokens(weights.log(), resample_uniforms.gather(1, accepted[:, None]).squeeze(1))
+    return rule
+
+
+WRONG_RULES = {
+    # after a rejection, draw from p instead of the residual max(0, p - q)
+    "resample_from_p": rule_with(lambda p, q: p / q, lambda p, q: p),
+    # accept with probability p(d) instead of min(1, p(d) / q(d))
+    "accept_with_p": rule_with(lambda p, q: p, lambda p, q: (p - q).clamp(min=0)),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_speculative_rule_samples_the_target_distribution_exactly(seed):
+    target, draft = tables(seed)
+    exact = exact_distribution(target)
+    counts = torch.bincount(sequence_index(speculative_samples(target, draft, speculative_verify, seed)),
+                            minlength=VOCAB ** LENGTH)
+    assert chi_square_pvalue(counts, exact) > 1e-3
+    # The same test has the power to see the draft's distribution and two subtly wrong rules.
+    assert chi_square_pvalue(counts, exact_distribution(draft)) < 1e-9
+    for name, wrong in WRONG_RULES.items():
+        wrong_counts = torch.bincount(sequence_index(speculative_samples(target, draft, wrong, seed)),
+                                      minlength=VOCAB ** LENGTH)
+        assert chi_square_pvalue(wrong_counts, exact) < 1e-9, name
+    # ... while the right rule written from the same parts passes.
+    right = rule_with(lambda p, q: p / q, lambda p, q: (p - q).clamp(min=0))
+    right_counts = torch.bincount(sequence_index(speculative_samples(target, draft, right, seed + 10)),
+                                  minlength=VOCAB ** LENGTH)
+    assert chi_square_pvalue(right_counts, exact) > 1e-3
+
+
+def test_speculative_rule_by_hand():
+    # p = (0.5, 0.5), q = (0.9, 0.1) at one drafted position; the draft is token 0.
+    target = torch.tensor([[[0.5, 0.5], [0.2, 0.8]]]).log()
+    draft = torch.tensor([[[0.9, 0.1]]]).log()
+    drafts = torch.tensor([[0]])
+    # Accept iff u < p/q = 0.5556.
+    accepted, token = speculative_verify(target, draft, drafts, torch.tensor([[0.55]]), torch.tensor([[0.0, 0.9]]))
+    assert (int(accepted), int(token)) == (1, 1)  # all kept: bonus from p_2 = (0.2, 0.8) at u = 0.9
+    accepted, token = speculative_verify(target, draft, drafts, torch.tensor([[0.56]]), torch.tensor([[0.0, 0.0]]))
+    assert (int(accepted), int(token)) == (0, 1)  # rejected: residual max(0, p - q) = (0, 0.4) -> token 1 always
+    accepted, token = speculative_verify(target, draft, drafts, torch.tensor([[0.99]]), torch.tensor([[0.0, 0.0]]),
+                                         greedy=True)
+    assert int(accepted) == 1 and int(token) == 1  # greedy: p's argmax at 0 is 0 (tie -> first), then p_2's is 1
+
+
+def test_predicted_speedup_formula():
+    assert predicted_speedup(1.0, 4, 0.0, 1.0) == 5.0
+    assert predicted_speedup(0.0, 4, 0.5, 1.0) == pytest.approx(1 / 3)
+    a, g, c, v = 0.8, 3, 0.5, 1.2
+    assert predicted_speedup(a, g, c, v) == pytest.approx((1 - a ** 4) / ((1 - a) * (g * c + v)))
+    with pytest.raises(ValueError, match="acceptance"):
+        predicted_speedup(1.5, 3, 0.5)
+
+
+# ------------------------------------------------------------------------------------------ the engine, real model
+
+PROMPTS = ["Question: 1+2?", "Q: 33 + 44 - 5 = ?", "Tom has 7 apples.", "x"]
+STOPS = list(range(10))
+LAYER_GAIN = 8.0
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec")
+    path = build_tiny_model(ModelConfig(arch="qwen3", num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=2,
+                                        intermediate_size=128), root / "qwen3", seed=0)
+    model, tokenizer = load_model_and_tokenizer(path)
+    with torch.no_grad():  # a peaked output head (few likely completions) and layers that matter (a drafter that
+        model.get_output_embeddings().weight.mul_(6.0)  # visibly differs): random init leaves both nearly flat
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(LAYER_GAIN)
+            layer.self_attn.o_proj.weight.mul_(LAYER_GAIN)
+    return model.eval(), tokenizer
+
+
+def decode(model, tok, prompts, plan, **kwargs):
+    ids, mask = encode_prompts(tok, prompts, "cpu")
+    settings = dict(max_new_tokens=16, temperature=1.0, eos_token_id=STOPS, pad_token_id=tok.pad_token_id, seed=5,
+                    compact_below=0.0)
+    settings.update(kwargs)
+    stats = DecodeStats()
+    return generate(model, ids, mask, plan, stats=stats, **settings), stats
+
+
+@pytest.mark.parametrize("skipped", [(1,), (2, 4), (1, 2, 3, 4)])
+def test_greedy_speculative_equals_greedy_full_model(model_and_tokenizer, skipped):
+    model, tok = model_and_tokenizer
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    full, _ = decode(model, tok, prompts, SkipPlan(6), greedy=True, eos_token_id=[0])
+    spec, stats = decode(model, tok, prompts, SkipPlan(6, skipped), greedy=True, draft_length=3, eos_token_id=[0])
+    assert stats.engine == "speculative"
+    assert torch.equal(spec.sequences, full.sequences)
+    torch.testing.assert_close(spec.behavior_logprobs, full.behavior_logprobs, atol=1e-5, rtol=0)
+    assert 0 < stats.accepted_drafts < stats.drafted_tokens  # the drafter is wrong somewhere, so verify mattered
+
+
+def test_speculative_rows_do_not_depend_on_the_batch(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts = [p for p in PROMPTS for _ in range(4)]
+    plan = SkipPlan(6, (2, 3))
+    whole, _ = decode(model, tok, prompts, plan, draft_length=4)
+    lengths = whole.completion_mask.sum(1)
+    assert int(lengths.min()) < 16 and len(set(lengths.tolist())) >= 3  # rows stop at EOS at many lengths
+    compacted, stats = decode(model, tok, prompts, plan, draft_length=4, compact_below=0.9, group_size=4)
+    assert stats.compactions >= 1
+    assert torch.equal(compacted.sequences, whole.sequences)
+    torch.testing.assert_close(compacted.behavior_logprobs, whole.behavior_logprobs, atol=1e-5, rtol=0)
+    part, _ = decode(model, tok, prompts[5:11], plan, draft_length=4, row_keys=torch.arange(5, 11))
+    width = part.completion_mask.shape[1]
+    assert torch.equal(part.completions, whole.completions[5:11, :width])
+    # The behaviour log-probs are the full model's: a training forward scores the same values.
+    scored = completion_logprobs(model, whole, 1.0, chunked_head=False) * whole.completion_mask
+    torch.testing.assert_close(whole.behavior_logprobs, scored, atol=1e-4, rtol=0)
+
+
+def test_a_drafter_that_skips_nothing_is_always_accepted(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    _, stats = decode(model, tok, PROMPTS, SkipPlan(6), draft_length=3)
+    assert stats.drafted_tokens > 0 and stats.accepted_drafts == stats.drafted_tokens
+
+
+def enumerate_likely(model, tok, prompt: str, length: int, floor: float) -> dict[tuple[int, ...], float]:
+    """Every completion of `length` tokens with probability >= `floor` under the full model at temperature 1."""
+    ids, mask = encode_prompts(tok, [prompt], "cpu")
+    frontier = {(): 1.0}
+    for _ in range(length):
+        prefixes = list(frontier)
+        sequences = torch.cat([ids.expand(len(prefixes), -1),
+                               torch.tensor([list(p) for p in prefixes], dtype=torch.long).view(len(prefixes), -1)],
+                              dim=1)
+        attention = torch.ones_like(sequences)
+        attention[:, :ids.shape[1]] = mask
+        with torch.no_grad():
+            logits = model(input_ids=sequences, attention_mask=attention).logits[:, -1]
+        probs = logits.double().softmax(-1)
+        frontier = {prefix + (token,): frontier[prefix] * float(probs[i, token])
+                    for i, prefix in enumerate(prefixes) for token in range(probs.shape[1])
+                    if frontier[prefix] * float(probs[i, token]) >= floor}
+    return frontier
+
+
+def completion_counts(rollout: Rollout, categories: list[tuple[int, ...]], length: int) -> torch.Tensor:
+    index = {sequence: i for i, sequence in enumerate(categories)}
+    counts = torch.zeros(len(categories) + 1)
+    for row in rollout.completions[:, :length].tolist():
+        counts[index.get(tuple(row), len(categories))] += 1
+    return counts
+
+
+@pytest.fixture
+def sharper(model_and_tokenizer):
+    """The model with its output head scaled by 1.6 more: about a hundred 3-token completions of probability >= 1e-3
+    covering 0.8 of the mass (at 1.0 they cover 0.03, at 2.0 thirteen cover 0.97)."""
+    model, tok = model_and_tokenizer
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        head.mul_(1.6)
+    yield model, tok
+    with torch.no_grad():
+        head.div_(1.6)
+
+
+def test_speculative_completions_follow_the_full_model_not_the_drafter(sharper):
+    model, tok = sharper
+    prompt, length, samples, plan = "Q: 33 + 44 - 5 = ?", 3, 6000, SkipPlan(6, (1, 2, 3))
+    likely = enumerate_likely(model, tok, prompt, length, floor=1e-3)
+    categories = sorted(likely, key=likely.get, reverse=True)
+    expected = torch.tensor([likely[c] for c in categories] + [max(1.0 - sum(likely.values()), 0.0)],
+                            dtype=torch.float64)
+    assert expected[-1] < 0.5 and len(categories) >= 10
+    keep = expected * samples >= 5  # chi-square's rule of thumb; the rest join the last bin
+    merge = lambda counts: torch.cat([counts[:-1][keep[:-1]], (counts[:-1][~keep[:-1]].sum() + counts[-1])[None]])
+    expected = merge(expected)
+
+    kwargs = dict(max_new_tokens=length, eos_token_id=[], row_keys=torch.arange(samples), seed=3)
+    spec, stats = decode(model, tok, [prompt] * samples, plan, draft_length=2, group_size=samples, **kwargs)
+    acceptance = stats.accepted_drafts / stats.drafted_tokens
+    assert 0.2 < acceptance < 0.95  # the drafter differs from the target: a test with something to catch
+    assert chi_square_pvalue(merge(completion_counts(spec, categories, length)), expected) > 1e-3
+    nested, _ = decode(model, tok, [prompt] * samples, plan, **kwargs)  # the drafter's own samples
+    assert chi_square_pvalue(merge(completion_counts(nested, categories, length)), expected) < 1e-9
+    full, _ = decode(model, tok, [prompt] * samples, SkipPlan(6), **kwargs)  # the target's own samples pass too
+    assert chi_square_pvalue(merge(completion_counts(full, categories, length)), expected) > 1e-3
+    assert math.isfinite(acceptance)
