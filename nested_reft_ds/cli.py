@@ -1,4 +1,4 @@
-"""`nested-reft train | eval | bench [nested | rollout | decode | step] | compare | config | export`.
+"""`nested-reft train | eval | bench [nested | rollout | decode | step | speculative] | compare | config | export`.
 
 Each subcommand's recipe is imported only when that subcommand runs: `nested-reft --help` imports no recipe, and
 `eval` on plain processes never imports DeepSpeed.
@@ -32,6 +32,9 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
                "host reads, tokens/s, of ideal"),
     "step": ("recipes.bench_step", "add_step_arguments", "run_step_bench",
              "the whole RL step on a long-tailed workload: phase times, padding, memory, each saving's speed-up"),
+    "speculative": ("recipes.bench_speculative", "add_speculative_arguments", "run_speculative_bench",
+                    "self-speculative sampling vs full and nested decoding: tokens/s, acceptance, measured vs "
+                    "predicted speed-up"),
 }
 
 

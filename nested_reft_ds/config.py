@@ -187,6 +187,14 @@ class RolloutConfig:
     leave the batch once the rows still decoding are at most this fraction of it (0: never)."""
     shared_prefill: bool = True
     """Prefill each prompt once for its group_size samples (exact: sampling is keyed per token)."""
+    mode: Literal["nested", "speculative"] = "nested"
+    """How completions are sampled. "nested": from the nested model of the step's skip plan (off-policy, weighted by
+    algorithm.correction; plain ReFT is "nested" at skip.ratio 0). "speculative": the nested model drafts
+    rollout.draft_length tokens per round and the full model verifies them with the speculative sampling rule
+    (nested_reft_ds/speculative.py), so completions are distributed as the full model's and training is on-policy
+    (algorithm.correction none); under ZeRO-3 every layer is gathered for the rollout, the verifier runs them all."""
+    draft_length: int = 4
+    """With rollout.mode "speculative": tokens the nested model drafts per verify forward of the full model."""
     engine: DecodeEngine = "static"
     """Decode engine of `rollout.generate`. "static": static shapes over the model's own weights
     (nested_reft_ds/decode.py; qwen2 / qwen3 / llama / mistral, other models are refused); "static_compiled": the
@@ -200,7 +208,8 @@ class RolloutConfig:
     def generation(self) -> GenerationSettings:
         """The decode settings of every RL rollout."""
         return GenerationSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                  top_p=self.top_p, compact_below=self.compact_below, engine=self.engine)
+                                  top_p=self.top_p, compact_below=self.compact_below, engine=self.engine,
+                                  draft_length=self.draft_length if self.mode == "speculative" else 0)
 
     def __post_init__(self) -> None:
         _require(0 <= self.compact_below <= 1, "rollout.compact_below", self.compact_below, "a float in [0, 1]")
@@ -213,6 +222,8 @@ class RolloutConfig:
                  f"an integer in [1, {MAX_NEW_TOKENS}] (and below the model's max_position_embeddings)")
         _require(self.temperature > 0, "rollout.temperature", self.temperature, "a float > 0")
         _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "a float in (0, 1]")
+        _require(1 <= self.draft_length <= MAX_DRAFT_LENGTH, "rollout.draft_length", self.draft_length,
+                 f"an integer in [1, {MAX_DRAFT_LENGTH}]")
 
 
 @dataclass(frozen=True)
@@ -486,6 +497,18 @@ class ExperimentConfig:
                      "top-p behaviour are biased by the nucleus mass); use algorithm.correction=none or top_p=1")
             _require(self.skip.schedule != "adaptive", "rollout.top_p", self.rollout.top_p,
                      "1.0 with skip.schedule='adaptive' (its ratio statistics are biased by the nucleus mass)")
+        # Speculative rollouts follow the full model: there is no behaviour mismatch for a correction to weight, nor
+        # for the adaptive schedule to read (its ESS is 1 and its KL 0 at any skip ratio).
+        if self.rollout.mode == "speculative":
+            _require(self.algorithm.correction == "none", "algorithm.correction", self.algorithm.correction,
+                     "'none' with rollout.mode='speculative' (its completions are the full model's samples: "
+                     "on-policy)")
+            _require(self.skip.schedule != "adaptive", "skip.schedule", self.skip.schedule,
+                     "'fixed' or 'linear' with rollout.mode='speculative' (the adaptive schedule reads the "
+                     "behaviour/target mismatch, which speculative sampling removes)")
+            _require(self.rollout.gather == "once", "rollout.gather", self.rollout.gather,
+                     "'once' with rollout.mode='speculative' (drafter and verifier decode on whole weights; streamed "
+                     "decoding fetches them per module)")
         _require(not (self.train.shared_prompt_forward == "always"
                       and self.model.attn_implementation == "flash_attention_2"), "train.shared_prompt_forward",
                  self.train.shared_prompt_forward, "'auto' or 'never' with model.attn_implementation="

@@ -18,6 +18,8 @@ How a round runs, per row (rows advance by different numbers of tokens, so every
 - Randomness is keyed per (row, completion position) with three streams: the draft's sample, the acceptance test
   and the resample (or bonus) draw. A position is drafted, tested and resampled at most once, so every decision
   reads fresh uniforms, and a row's tokens do not depend on the rest of the batch, the world size or compaction.
+- `stats.draft_s` / `stats.verify_s` time the two phases on the host clock (exact on the CPU; on a GPU, which
+  runs ahead of the host, only their sum is).
 - The host reads the rows' lengths once per round (the attention spans the filled columns only, and the loop stops
   when every row has); finished rows leave the batch when at most `compact_below` of it is alive.
 
@@ -29,6 +31,8 @@ This engine runs eagerly on the functional layer step of decode.py (qwen2 / qwen
 graphs of the static engine do not cover its multi-token verify forward.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +58,6 @@ def predicted_speedup(acceptance: float, draft_length: int, draft_cost: float, v
                          f"draft_cost {draft_cost} >= 0 and verify_cost {verify_cost} > 0 expected")
     tokens_per_round = draft_length + 1 if acceptance == 1 else (1 - acceptance ** (draft_length + 1)) / (1 - acceptance)
     return tokens_per_round / (draft_length * draft_cost + verify_cost)
-
-
-def _stream_seed(seed: int, stream: int) -> int:
-    return seed * 3 + stream
 
 
 class _Forward:
@@ -181,7 +181,8 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
 
     # Per-slot state (slots are the rows still in the batch; `slot_rows` maps them to output rows).
     width_out = limit + g + 1
-    uniforms = [keyed_uniform_table(_stream_seed(seed, stream), row_keys, width_out) for stream in range(3)]
+    # Three streams per position: uniform (row, t, stream) is keyed position 3 t + stream of the row.
+    uniforms = list(keyed_uniform_table(seed, row_keys, 3 * width_out).view(batch_size, width_out, 3).unbind(-1))
     slot_rows = torch.arange(batch_size, device=device)
     padding = prompt_width - prompt_mask.long().sum(-1)
     key_ok = torch.ones((batch_size, columns), dtype=torch.bool, device=device)
@@ -230,6 +231,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
         column = prompt_width + length  # [b] where the next token goes
 
         # Draft g tokens: the first step feeds tokens t - 2 and t - 1, each later one the previous draft.
+        drafting = time.perf_counter()
         drafts = torch.empty((rows, g), dtype=torch.long, device=device)
         draft_logprobs = torch.empty((rows, g, embed.shape[0]), device=device)
         feed = torch.stack([column - 2, column - 1], dim=1)
@@ -248,6 +250,8 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
                 hidden = draft(drafts[:, i:i + 1], feed, padding, key_ok, prompt_width + longest + i + 1)[:, 0]
 
         # Verify: the full model over token t - 1 and the drafts, then the speculative rule.
+        verifying = time.perf_counter()
+        stats.draft_s += verifying - drafting
         feed = column[:, None] - 1 + offsets
         hidden = full(torch.cat([sequence.gather(1, feed[:, :1]), drafts], dim=1), feed, padding, key_ok,
                       prompt_width + longest + g)
@@ -260,6 +264,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
         stats.steps += 1
         stats.row_steps += rows
         stats.verify_passes += 1
+        stats.verify_s += time.perf_counter() - verifying
 
         # Commit the kept drafts and the new token, up to the first EOS and the length limit.
         candidates = torch.cat([drafts, drafts[:, :1]], dim=1).scatter_(1, accepted[:, None], next_token[:, None])

@@ -209,7 +209,81 @@ def summarize(runs: dict[tuple[str, int], list[dict]], baseline: str = BASELINE)
                              "per_seed": {str(seed): m[name] for seed, m in sorted(arm_runs.items())}}
                       for name in names}
     return {"baseline": baseline, "seeds": seeds, "equal_time_s": {str(s): t for s, t in equal_time.items()},
-            "arms": table}
+            "arms": table, "paired": paired_differences(runs, equal_time, baseline)}
+
+
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def correct_vectors(records: list[dict]) -> tuple[list[float], list[np.ndarray]] | None:
+    """(RL wall seconds, per-problem correctness [problems]) of a run's evaluations, or None when its records
+    predate `heldout_correct`."""
+    wall = rl_wall_times(records)
+    evals = sorted((r["step"], r.get("heldout_correct")) for r in records if r["phase"] == "eval")
+    if not evals or any(vector is None for _, vector in evals):
+        return None
+    return [wall[s] for s, _ in evals], [np.frombuffer(v.encode(), dtype=np.uint8) - ord("0") for _, v in evals]
+
+
+def vector_at(walls: list[float], vectors: list[np.ndarray], t: float) -> np.ndarray:
+    """Each problem's correctness linearly interpolated at wall time t (the nearest end outside the evaluations):
+    its mean is `interpolate` of the accuracy curve at t."""
+    if t <= walls[0]:
+        return vectors[0].astype(float)
+    if t >= walls[-1]:
+        return vectors[-1].astype(float)
+    i = int(np.searchsorted(walls, t, side="right")) - 1
+    w = (t - walls[i]) / (walls[i + 1] - walls[i])
+    return (1 - w) * vectors[i] + w * vectors[i + 1]
+
+
+def bootstrap_mean(differences: list[np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = 0) -> dict[str, float]:
+    """Mean over seeds of each seed's mean per-problem difference, with a 95% percentile interval from
+    resampling each seed's problems with replacement (problems are the unit: both runs of a pair saw the same)."""
+    rng = np.random.default_rng(seed)
+    means = np.zeros(resamples)
+    for d in differences:
+        means += d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(1)
+    means /= len(differences)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(np.mean([d.mean() for d in differences])), "low": float(low), "high": float(high),
+            "problems": int(sum(len(d) for d in differences))}
+
+
+def paired_differences(runs: dict[tuple[str, int], list[dict]], equal_time: dict[int, float],
+                       baseline: str = BASELINE) -> dict[str, dict[str, Any]]:
+    """Per arm, held-out accuracy minus the baseline's on the same problems, at the end and at equal wall time:
+    per seed and pooled over seeds, each with a 95% bootstrap interval over problems. Arms or seeds whose
+    records lack per-problem results are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for (arm, seed), records in sorted(runs.items()):
+        base = runs.get((baseline, seed))
+        mine, theirs = correct_vectors(records), correct_vectors(base) if base is not None else None
+        if arm == baseline or mine is None or theirs is None or len(mine[1][-1]) != len(theirs[1][-1]):
+            continue
+        entry = out.setdefault(arm, {"final": {}, "equal_time": {}})
+        entry["final"][seed] = mine[1][-1].astype(float) - theirs[1][-1]
+        entry["equal_time"][seed] = (vector_at(*mine, equal_time[seed]) - vector_at(*theirs, equal_time[seed]))
+    return {arm: {when: {"per_seed": {str(seed): bootstrap_mean([d]) for seed, d in per_seed.items()},
+                         "pooled": bootstrap_mean(list(per_seed.values()))}
+                  for when, per_seed in entry.items()}
+            for arm, entry in out.items()}
+
+
+def paired_table(summary: dict[str, Any]) -> str:
+    """The paired differences against the baseline, pooled and per seed: mean [95% interval]."""
+    def cell(stat: dict[str, float]) -> str:
+        return f"{stat['mean']:+.3f} [{stat['low']:+.3f}, {stat['high']:+.3f}]"
+    header = ["arm", "final acc - baseline (pooled)", "per seed", "acc @ equal time - baseline (pooled)", "per seed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, entry in summary.get("paired", {}).items():
+        row = [arm]
+        for when in ("final", "equal_time"):
+            row += [cell(entry[when]["pooled"]),
+                    " / ".join(f"{seed}: {cell(stat)}" for seed, stat in entry[when]["per_seed"].items())]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def fmt(stat: dict[str, float | None], digits: int, suffix: str = "") -> str:
@@ -265,7 +339,11 @@ def markdown_report(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"Seeds: {', '.join(map(str, summary['seeds']))}; RL steps per run: {meta['rl_steps']}; "
         f"baseline: `{summary['baseline']}`; equal-time budget T*: {times}", "",
         markdown_table(summary), "", f"Per seed ({' / '.join(map(str, summary['seeds']))}):", "",
-        per_seed_table(summary), "", "Definitions:", "", DEFINITIONS])
+        per_seed_table(summary), "",
+        *(["Paired differences against the baseline on the same held-out problems (mean [95% bootstrap "
+           "interval over problems]; pooled: the mean over seeds):", "", paired_table(summary), ""]
+          if summary.get("paired") else []),
+        "Definitions:", "", DEFINITIONS])
 
 
 # ------------------------------------------------------------------------------------------------------ plots

@@ -28,6 +28,7 @@ from ..reward import score_batch_with_stats
 from ..reward.score import BatchScores
 from ..rl import DiagnosticParts, compute_advantages, kl_estimate, loss_token_mask, merge, policy_loss_parts
 from ..rollout import DecodeStats, Rollout, completion_logprobs, encode_prompts, generate, lockstep_rule
+from ..speculative import predicted_speedup
 from ..shared_prompt import PackedGroups, pack_groups, packing_pays, shared_prompt_logprobs, supports_block_mask
 from .batching import batch_indices, local_share, micro_batches
 
@@ -134,8 +135,9 @@ def collect(ctx: StepContext, plan: SkipPlan, step: int) -> RolloutBatch:
 
 def sample(ctx: StepContext, plan: SkipPlan, problems: list[MathProblem],
            step: int) -> tuple[Rollout, DecodeStats, bool]:
-    """G completions per problem from the nested view `plan` of the policy, with their behaviour log-probs.
-    Returns the rollout, what decoding computed, and whether it ran in lockstep (streamed ZeRO-3)."""
+    """G completions per problem from the nested view `plan` of the policy (rollout.mode nested), or drafted by it
+    and verified by the full policy (speculative), with their behaviour log-probs. Returns the rollout, what
+    decoding computed, and whether it ran in lockstep (streamed ZeRO-3)."""
     cfg, tokenizer, G = ctx.cfg, ctx.tokenizer, ctx.cfg.rollout.group_size
     prompts = [format_prompt(p.question, tokenizer, cfg.data.prompt_template) for p in problems]
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, ds.device())
@@ -144,7 +146,9 @@ def sample(ctx: StepContext, plan: SkipPlan, problems: list[MathProblem],
                                         ds.device())
     decode = DecodeStats()
     ctx.engine.eval()
-    with ds.skip_aware_gather(ctx.engine, plan, mode=cfg.rollout.gather,
+    # Speculative rollouts verify with the full model: every layer is gathered, `plan` only says who drafts.
+    gathered = SkipPlan(plan.num_layers) if cfg.rollout.mode == "speculative" else plan
+    with ds.skip_aware_gather(ctx.engine, gathered, mode=cfg.rollout.gather,
                               memory_fraction=cfg.rollout.gather_memory_fraction) as model:
         rollout = generate(model, prompt_ids, prompt_mask, plan, cfg.rollout.generation,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -302,4 +306,21 @@ def step_metrics(ctx: StepContext, batch: RolloutBatch, result: UpdateResult) ->
                  skip_ratio=batch.plan.ratio, rollout_lockstep=float(batch.lockstep))
     if batch.kl_penalty is not None:
         local["kl_penalty_mean"] = batch.kl_penalty.mean().item()
-    return {**ds.reduce_metrics(local), **diagnostics}
+    return {**ds.reduce_metrics(local), **diagnostics, **speculative_metrics(ctx, batch)}
+
+
+def speculative_metrics(ctx: StepContext, batch: RolloutBatch) -> dict[str, float]:
+    """rollout.mode speculative: the global draft acceptance, tokens committed per verify forward (a row's first
+    token comes from the prefill) and the speed-up the cost model predicts from them, with the drafter's cost per
+    token taken as its share of the layers and a verify forward as one decode step (a memory-bound decode).
+    Collective (one all-reduce of sums); {} in nested mode."""
+    if ctx.cfg.rollout.mode != "speculative":
+        return {}
+    decode, rollout = batch.decode, batch.rollout
+    verified, drafted, accepted, committed = ds.all_reduce_sum([
+        decode.verified_rows, decode.drafted_tokens, decode.accepted_drafts,
+        rollout.num_completion_tokens - rollout.completion_mask.shape[0]])
+    acceptance = accepted / max(drafted, 1)
+    draft_cost = len(batch.plan.kept) / batch.plan.num_layers
+    return {"spec_acceptance": acceptance, "spec_tokens_per_verify": committed / max(verified, 1),
+            "spec_predicted_speedup": predicted_speedup(acceptance, ctx.cfg.rollout.draft_length, draft_cost)}

@@ -139,21 +139,29 @@ def heldout_evaluation(engine, tokenizer, problems: list[MathProblem], cfg: Expe
     (`evaluate_problems`: the same sharding over ranks, chunks and scoring), so a run's logged accuracy and
     `eval --greedy` on its exported model agree. Collective: every rank runs as many chunks, sums all-reduced.
 
-    Returns heldout_accuracy (greedy pass@1), heldout_completion_length, heldout_truncated, heldout_no_answer."""
+    Returns heldout_accuracy (greedy pass@1), heldout_completion_length, heldout_truncated, heldout_no_answer and
+    heldout_correct (a "0"/"1" string, one character per problem in held-out order)."""
     settings = EvalSettings(samples=1, batch_size=HELDOUT_BATCH, prompt_template=cfg.data.prompt_template,
-                            seed=cfg.train.seed, generation=dataclasses.replace(cfg.rollout.generation, greedy=True))
+                            seed=cfg.train.seed,
+                            generation=dataclasses.replace(cfg.rollout.generation, greedy=True, draft_length=0))
     engine.eval()
 
     def decoding(plan: SkipPlan):
         return ds.skip_aware_gather(engine, plan, cfg.rollout.gather,
                                     memory_fraction=cfg.rollout.gather_memory_fraction)
 
-    local, _ = evaluate_problems(engine.module, tokenizer, problems, settings, reward_timeout=cfg.reward.timeout,
-                                 rel_tol=cfg.reward.rel_tol, last_number=cfg.reward.last_number, rank=rank,
-                                 world=world, decoding=decoding)
+    local, records = evaluate_problems(engine.module, tokenizer, problems, settings,
+                                       reward_timeout=cfg.reward.timeout, rel_tol=cfg.reward.rel_tol,
+                                       last_number=cfg.reward.last_number, rank=rank, world=world, decoding=decoding)
     metrics = EvalSums.from_list(1, ds.all_reduce_sum(local.as_list())).metrics()
+    correct = [0.0] * len(problems)
+    for record in records:
+        correct[record["index"]] = float(record["num_correct"])
+    correct = ds.all_reduce_sum(correct)
     return {"heldout_accuracy": metrics["pass@1"], "heldout_completion_length": metrics["mean_completion_tokens"],
-            "heldout_truncated": metrics["truncated_rate"], "heldout_no_answer": metrics["no_answer_rate"]}
+            "heldout_truncated": metrics["truncated_rate"], "heldout_no_answer": metrics["no_answer_rate"],
+            # Which problems were solved, in held-out order: paired comparisons between runs (`compare`).
+            "heldout_correct": "".join("1" if c > 0 else "0" for c in correct)}
 
 
 # ----------------------------------------------------------------------------------------------- driver
