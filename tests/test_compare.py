@@ -5,10 +5,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nested_reft_ds.recipes import compare
-from nested_reft_ds.recipes.compare import ARMS, BASELINE, CompareConfig
+from nested_reft_ds.recipes.compare import ARMS, BASELINE, DEFAULT_ARMS, CompareConfig
 from nested_reft_ds.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,11 +111,51 @@ def test_speedup_is_absent_without_a_baseline_run():
     assert stats["speedup"]["mean"] is None and "| – |" in compare.markdown_table(compare.summarize(runs))
 
 
+def with_correct(records: list[dict], vectors: dict[int, str]) -> list[dict]:
+    """`records` with each evaluation's per-problem results ("0"/"1" per problem) set from `vectors` {step: ...}."""
+    return [{**r, "heldout_correct": vectors[r["step"]]} if r["phase"] == "eval" else r for r in records]
+
+
+def test_paired_differences_use_the_same_problems_with_a_bootstrap_interval():
+    base = with_correct(fake_run(2.0, 1.0, 100.0, {0: 0.0, 4: 0.5}), {0: "0000", 4: "1100"})
+    arm = with_correct(fake_run(1.0, 0.5, 200.0, {0: 0.0, 4: 0.75}), {0: "0000", 4: "1110"})
+    # No heldout_correct (older records): left out, not an error.
+    runs = {(BASELINE, 1): base, ("skip0.5-token_tis", 1): arm, ("skip0.5-none", 1): fake_run(1.0, 0.5, 200.0, {0: 0.0})}
+    summary = compare.summarize(runs)
+    paired = summary["paired"]
+    assert list(paired) == ["skip0.5-token_tis"]
+    final = paired["skip0.5-token_tis"]["final"]
+    assert final["per_seed"]["1"]["mean"] == pytest.approx(0.25) and final["pooled"]["mean"] == pytest.approx(0.25)
+    # One of four problems differs: resampled means are k/4 for k = 0..4; the interval spans 0 to 0.75 at most.
+    assert 0.0 <= final["pooled"]["low"] <= 0.25 <= final["pooled"]["high"] <= 0.75
+    # Equal time T* = 4 s (the arm's whole run): the baseline is halfway (4 of its 8 s): each problem's result is
+    # interpolated, 0.5 * "1100" -> 0.25 accuracy; the arm is at its end, 0.75.
+    assert paired["skip0.5-token_tis"]["equal_time"]["pooled"]["mean"] == pytest.approx(0.5)
+    table = compare.paired_table(summary)
+    assert "| skip0.5-token_tis | +0.250 [" in table
+    assert "Paired differences" in compare.markdown_report(summary, {"command": "c", "machine": "m", "parallel": 1,
+                                                                     "rl_steps": 4})
+
+
+def test_bootstrap_pools_seeds_by_resampling_each_seeds_problems():
+    rng = np.random.default_rng(0)
+    differences = [rng.choice([-1.0, 0.0, 1.0], p=[0.1, 0.7, 0.2], size=512) for _ in range(3)]
+    pooled = compare.bootstrap_mean(differences)
+    assert pooled["mean"] == pytest.approx(np.mean([d.mean() for d in differences]))
+    # The standard error of the pooled mean is about sqrt(var / 512 / 3); the 95% interval about 4 of them wide.
+    se = np.sqrt(np.mean([d.var() for d in differences]) / 512 / 3)
+    assert 3.4 * se < pooled["high"] - pooled["low"] < 4.6 * se
+    assert pooled["problems"] == 3 * 512
+
+
 # ------------------------------------------------------------------------------------------------- grid and plan
 
 def test_grid_has_the_issue_arms():
     assert BASELINE in ARMS and "adaptive-token_tis" in ARMS
     assert {f"skip{r}-{c}" for r in (0.25, 0.5) for c in ("none", "token_tis", "seq_mis")} <= set(ARMS)
+    assert {f"spec{r}-g{g}" for r in (0.25, 0.5, 0.75) for g in range(2, 7)} <= set(ARMS)
+    assert compare.SPECULATIVE_DEFAULT in DEFAULT_ARMS and BASELINE in DEFAULT_ARMS
+    assert not [arm for arm in DEFAULT_ARMS if arm.startswith("spec") and arm != compare.SPECULATIVE_DEFAULT]
     assert len(compare.DEFAULT_SEEDS) >= 3
 
 
@@ -132,7 +173,7 @@ def test_compare_config_errors_name_option_and_value(kwargs, message):
 def test_every_arm_starts_from_the_same_warmup(tmp_path):
     """Arms differ only in skip/algorithm (and train.steps vs the SFT-only job): one warm-up serves them all."""
     sft, arms = compare.plan_jobs(CONFIG, ["train.lr=1e-4"], CompareConfig(seeds=(7, 8), parallel=2), tmp_path)
-    assert set(sft) == {7, 8} and len(arms) == 2 * len(ARMS)
+    assert set(sft) == {7, 8} and len(arms) == 2 * len(DEFAULT_ARMS)
     for job in arms:
         warmup, cfg = sft[job.seed].cfg.to_dict(), job.cfg.to_dict()
         assert warmup["train"]["steps"] == 0 and cfg["train"]["steps"] > 0
@@ -141,6 +182,9 @@ def test_every_arm_starts_from_the_same_warmup(tmp_path):
             if section == "train":
                 for key in ("steps", "output_dir"):
                     a.pop(key), b.pop(key)
+            if section == "rollout":  # how RL samples (the warm-up samples nothing)
+                for key in ("mode", "draft_length"):
+                    a.pop(key), b.pop(key)
             assert a == b, (job.arm, section)
         assert job.cfg.train.seed == job.seed and job.cfg.train.lr == 1e-4 and job.cfg.train.cpu_threads == 1
         assert job.out_dir == tmp_path / "runs" / job.arm / f"seed{job.seed}"
@@ -148,7 +192,11 @@ def test_every_arm_starts_from_the_same_warmup(tmp_path):
     assert by_arm[BASELINE].skip.ratio == 0 and by_arm[BASELINE].algorithm.correction == "none"
     assert by_arm["skip0.5-seq_mis"].skip.ratio == 0.5 and by_arm["skip0.5-seq_mis"].algorithm.correction == "seq_mis"
     assert by_arm["adaptive-token_tis"].skip.schedule == "adaptive"
-    assert [job.arm for job in arms if job.seed == 8][0] == list(ARMS)[1], "second seed runs the arms rotated"
+    speculative = by_arm[compare.SPECULATIVE_DEFAULT]
+    assert speculative.rollout.mode == "speculative" and speculative.algorithm.correction == "none"
+    assert speculative.rollout.generation.draft_length == speculative.rollout.draft_length >= 2
+    assert by_arm[BASELINE].rollout.mode == "nested" and by_arm[BASELINE].rollout.generation.draft_length == 0
+    assert [job.arm for job in arms if job.seed == 8][0] == DEFAULT_ARMS[1], "second seed runs the arms rotated"
     sft, arms = compare.plan_jobs(CONFIG, [], CompareConfig(quick=True), tmp_path)
     assert list(sft) == [compare.DEFAULT_SEEDS[0]] and arms[0].cfg.model.num_layers == 4
 
@@ -206,9 +254,9 @@ def test_quick_grid_writes_every_artefact(quick_grid):
 
     out, _ = quick_grid
     records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
-    assert {r["arm"] for r in records} == set(ARMS) | {compare.SFT_ARM}
+    assert {r["arm"] for r in records} == set(DEFAULT_ARMS) | {compare.SFT_ARM}
     assert {r["seed"] for r in records} == {compare.DEFAULT_SEEDS[0]}
-    for arm in ARMS:
+    for arm in DEFAULT_ARMS:
         rl = [r for r in records if r["arm"] == arm and r["phase"] == "rl"]
         assert [r["step"] for r in rl] == [0, 1, 2], arm
         for key in ("reward_mean", "sample_accuracy", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout_s",
@@ -222,12 +270,15 @@ def test_quick_grid_writes_every_artefact(quick_grid):
     assert [r for r in records if r["arm"] == compare.SFT_ARM and r["phase"] == "sft"]
 
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["arms"]) == list(ARMS)
+    assert list(summary["arms"]) == list(DEFAULT_ARMS)
     assert summary["arms"][BASELINE]["speedup"]["mean"] == pytest.approx(1.0)
     assert summary["arms"][BASELINE]["run_cpu_s"]["mean"] > 0
     assert summary["meta"]["rl_steps"] == 3 and "--quick" in summary["meta"]["command"]
+    assert set(summary["paired"]) == set(DEFAULT_ARMS) - {BASELINE}  # every eval recorded per-problem results
+    spec_rl = [r for r in records if r["arm"] == compare.SPECULATIVE_DEFAULT and r["phase"] == "rl"]
+    assert all(0 <= r["spec_acceptance"] <= 1 and r["spec_tokens_per_verify"] >= 1 for r in spec_rl)
     table = (out / "summary.md").read_text()
-    for arm in ARMS:
+    for arm in DEFAULT_ARMS:
         assert f"| {arm} |" in table
     for name in compare.PLOTS:
         image = matplotlib.image.imread(out / name)
@@ -238,7 +289,7 @@ def test_rerun_reuses_finished_runs(quick_grid):
     out, _ = quick_grid
     proc = run_compare("--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"0 run(s) to do, {len(ARMS)} arm run(s) reused" in proc.stdout
+    assert f"0 run(s) to do, {len(DEFAULT_ARMS)} arm run(s) reused" in proc.stdout
 
 
 def test_killed_compare_takes_its_workers_with_it(tmp_path):
@@ -278,8 +329,8 @@ def test_long_chain_recipe_quick_grid_runs_every_arm(tmp_path):
     proc = run_compare("--quick", "--out", str(tmp_path), config=LONG_CONFIG)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
-    assert {r["arm"] for r in records} == set(ARMS) | {compare.SFT_ARM}
-    assert list(json.loads((tmp_path / "summary.json").read_text())["arms"]) == list(ARMS)
+    assert {r["arm"] for r in records} == set(DEFAULT_ARMS) | {compare.SFT_ARM}
+    assert list(json.loads((tmp_path / "summary.json").read_text())["arms"]) == list(DEFAULT_ARMS)
     # Quick warm-ups train the full model before train.sft_layer_drop_from=2, then LayerDrop on odd steps (half
     # of the quick model's 4 layers).
     warmups = [r for r in records if r["arm"] == compare.SFT_ARM and r["phase"] == "sft"]

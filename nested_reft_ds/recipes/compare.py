@@ -48,17 +48,27 @@ from ..config import ConfigError, ExperimentConfig, load_config
 
 BASELINE = "reft"
 SFT_ARM = "sft"  # runs.jsonl tag of a seed's shared warm-up records
-# Arm name -> the overrides that define it, applied after the config file and --set. Arms set only the skip
-# ratio, schedule and correction; everything else (is_cap, the seq_mis band, the adaptive targets) comes from the
-# config file and --set, identical for every arm.
+# Arm name -> the overrides that define it, applied after the config file and --set. Arms set only the rollout
+# mode, skip ratio, schedule, correction and draft length; everything else (is_cap, the seq_mis band, the adaptive
+# targets) comes from the config file and --set, identical for every arm.
+NESTED = "rollout.mode=nested"
 ARMS: dict[str, tuple[str, ...]] = {
-    BASELINE: ("skip.ratio=0", "skip.schedule=fixed", "algorithm.correction=none"),
-    **{f"skip{ratio}-{correction}": (f"skip.ratio={ratio}", "skip.schedule=fixed", f"algorithm.correction={correction}")
+    BASELINE: (NESTED, "skip.ratio=0", "skip.schedule=fixed", "algorithm.correction=none"),
+    **{f"skip{ratio}-{correction}": (NESTED, f"skip.ratio={ratio}", "skip.schedule=fixed",
+                                     f"algorithm.correction={correction}")
        for ratio in (0.25, 0.5) for correction in ("none", "token_tis", "seq_mis")},
     # Starts at 0.25; moves by skip.step_size per step within [skip.ratio_min, skip.ratio_max] toward the largest
     # ratio whose ESS/N and KL stay inside skip.target_ess / skip.target_kl.
-    "adaptive-token_tis": ("skip.ratio=0.25", "skip.schedule=adaptive", "algorithm.correction=token_tis"),
+    "adaptive-token_tis": (NESTED, "skip.ratio=0.25", "skip.schedule=adaptive", "algorithm.correction=token_tis"),
+    # Exact Nested-ReFT: the nested model of skip ratio r drafts g tokens, the full model verifies (on-policy).
+    **{f"spec{ratio}-g{g}": ("rollout.mode=speculative", f"skip.ratio={ratio}", "skip.schedule=fixed",
+                             "algorithm.correction=none", f"rollout.draft_length={g}")
+       for ratio in (0.25, 0.5, 0.75) for g in range(2, 7)},
 }
+# The grid `compare` runs without --arms: every arm but the speculative ones, plus the speculative setting that
+# `nested-reft bench speculative` measured fastest on the compare_long warm-ups (docs/results/speculative_cpu.md).
+SPECULATIVE_DEFAULT = "spec0.5-g3"
+DEFAULT_ARMS = tuple(arm for arm in ARMS if not arm.startswith("spec")) + (SPECULATIVE_DEFAULT,)
 DEFAULT_SEEDS = (1, 2, 3)
 # --quick: one seed, a 4-layer model, a few SFT and RL steps, two evaluations (before and after RL).
 QUICK_OVERRIDES = (
@@ -72,7 +82,7 @@ QUICK_OVERRIDES = (
 @dataclass(frozen=True)
 class CompareConfig:
     """Which runs make up the grid; errors name the option and the bad value, like config.ConfigError."""
-    arms: tuple[str, ...] = tuple(ARMS)
+    arms: tuple[str, ...] = DEFAULT_ARMS
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     parallel: int = 1
     quick: bool = False
@@ -642,8 +652,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="override the config of the RL arms only, not the warm-ups, e.g. --rl-set "
                              "train.lr=5e-5: reuses warm-ups made without it (repeatable)")
     parser.add_argument("--out", default="runs/compare", help="output directory (runs, tables, plots)")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), metavar="ARM",
-                        help=f"arms to run (default: all): {', '.join(ARMS)}")
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), metavar="ARM",
+                        help=f"arms to run (default: {' '.join(DEFAULT_ARMS)}): {', '.join(ARMS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="train.seed of each run")
     parser.add_argument("--parallel", type=int, default=1, metavar="N",
                         help="runs at a time, one CPU thread each (default 1: sequential, for timing)")
@@ -668,7 +678,7 @@ def command_line(args: argparse.Namespace) -> str:
              *repeated("--rl-set", args.rl_overrides), "--out", args.out]
     if tuple(args.seeds) != DEFAULT_SEEDS:
         words += ["--seeds", *map(str, args.seeds)]
-    if list(args.arms) != list(ARMS):
+    if list(args.arms) != list(DEFAULT_ARMS):
         words += ["--arms", *args.arms]
     words += ["--parallel", str(args.parallel)] if args.parallel != 1 else []
     words += ["--quick"] if args.quick else []
