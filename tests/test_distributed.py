@@ -268,3 +268,21 @@ def test_kl_in_reward_and_kept_token_normaliser_under_zero3(ranks):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
     assert abs(steps0[0]["kl_penalty_mean"]) < 1e-6
     assert all(math.isfinite(s["loss"]) and math.isfinite(s["kl_penalty_mean"]) for s in steps0)
+
+
+def test_speculative_rollouts_under_zero3_are_on_policy(ranks):
+    """rollout.mode=speculative through train.run on 2 ranks, ZeRO-3 gather-once, every parameter partitioned: the
+    behaviour log-probs are the full model's (ratios 1, KL 0: the verifier ran every gathered layer), the step's
+    metrics are global (equal on both ranks) and the nested drafter was sometimes rejected."""
+    _, (r0, r1) = ranks
+    steps0, steps1 = r0["steps_mode_speculative"], r1["steps_mode_speculative"]
+    assert [s["step"] for s in steps0] == [0, 1]
+    for a, b in zip(steps0, steps1):
+        assert a["skipped_layers"] == b["skipped_layers"] and len(a["skipped_layers"]) == 3
+        for key in ("loss", "spec_acceptance", "spec_tokens_per_verify", "reward_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    for step in steps0:
+        assert 0 < step["spec_acceptance"] <= 1 and step["spec_tokens_per_verify"] >= 1
+        assert abs(step["ratio_tok_max"] - 1) < 1e-3 and abs(step["ratio_tok_min"] - 1) < 1e-3
+        assert abs(step["kl_behavior_k3"]) < 1e-6
+    assert any(step["spec_acceptance"] < 1 for step in steps0)

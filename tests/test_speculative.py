@@ -282,3 +282,87 @@ def test_speculative_completions_follow_the_full_model_not_the_drafter(sharper):
     full, _ = decode(model, tok, [prompt] * samples, SkipPlan(6), **kwargs)  # the target's own samples pass too
     assert chi_square_pvalue(merge(completion_counts(full, categories, length)), expected) > 1e-3
     assert math.isfinite(acceptance)
+
+
+# --------------------------------------------------------------------------------------------------- the config
+
+SPECULATIVE = ["rollout.mode=speculative", "algorithm.correction=none", "skip.schedule=fixed", "skip.ratio=0.5"]
+
+
+def test_speculative_config_gives_generate_its_draft_length():
+    from nested_reft_ds.config import load_config
+
+    cfg = load_config(None, SPECULATIVE + ["rollout.draft_length=5"])
+    assert cfg.rollout.generation.draft_length == 5
+    assert load_config(None, ["rollout.draft_length=5"]).rollout.generation.draft_length == 0  # nested mode
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algorithm.correction=token_tis", "'algorithm.correction' has invalid value 'token_tis': expected 'none' with "
+                                       "rollout.mode='speculative'"),
+    ("skip.schedule=adaptive&skip.target_ess=0.9", "'skip.schedule' has invalid value 'adaptive'"),
+    ("rollout.gather=streamed", "'rollout.gather' has invalid value 'streamed'"),
+    ("rollout.gather=auto", "'rollout.gather' has invalid value 'auto'"),
+    ("rollout.draft_length=0", "'rollout.draft_length' has invalid value 0"),
+    ("rollout.draft_length=17", "'rollout.draft_length' has invalid value 17"),
+    ("rollout.mode=draft", "'rollout.mode' has invalid value 'draft'"),
+])
+def test_speculative_config_refusals_name_the_key(override, message):
+    from nested_reft_ds.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, SPECULATIVE + override.split("&"))
+
+
+def test_generate_refuses_speculative_lockstep_decoding(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with pytest.raises(ValueError, match="speculative decoding .* cannot decode in lockstep"):
+        decode(model, tok, PROMPTS, SkipPlan(6, (2,)), draft_length=2, all_ranks_done=lambda done: done)
+
+
+def test_speculative_train_run_single_process(tmp_path):
+    """rollout.mode=speculative through train.run (one process, ZeRO-0): the logged ratios are 1 (on-policy), the
+    acceptance and tokens per verify are logged, and held-out evaluation decodes plainly (no drafting)."""
+    import json
+
+    from nested_reft_ds.config import load_config
+    from nested_reft_ds.recipes import train
+
+    cfg = load_config(None, SPECULATIVE + [
+        f"train.output_dir={tmp_path}", "model.hidden_size=32", "model.num_layers=4", "model.num_heads=2",
+        "model.num_kv_heads=1", "model.intermediate_size=64", "rollout.prompts_per_step=2", "rollout.group_size=2",
+        "rollout.max_new_tokens=16", "train.sft_steps=10", "train.steps=2", "train.micro_batch_size=2",
+        "data.eval_problems=3", "logging.tensorboard=false", "logging.progress_bar=false", "train.save_every=0"])
+    train.run(cfg, None, resume="none")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in records if r["phase"] == "rl"]
+    assert len(rl) == 2
+    for record in rl:
+        assert 0 < record["spec_acceptance"] <= 1 and record["spec_tokens_per_verify"] >= 1
+        assert record["spec_predicted_speedup"] > 0
+        assert abs(record["ratio_tok_max"] - 1) < 1e-4 and abs(record["kl_behavior_k3"]) < 1e-8
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert evals and all(len(r["heldout_correct"]) == 3 for r in evals)
+
+
+def test_bench_speculative_prints_measured_and_predicted_speedups():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "bench", "speculative", "--ratios", "0.5",
+                           "--drafts", "2,3", "--repeats", "1", "--prompts", "1", "--group-size", "2",
+                           "--set", "rollout.max_new_tokens=12"], capture_output=True, text=True, timeout=600,
+                          cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("full ") for line in lines) and any(line.startswith("nested ") for line in lines)
+    speculative = [line.split() for line in lines if line.startswith("speculative ")]
+    assert [row[2] for row in speculative] == ["2", "3"]
+    for row in speculative:  # tokens/s, x full, acceptance, tokens/verify, c, v, predicted, predicted (ideal)
+        numbers = [float(value) for value in row[4:]]
+        assert len(numbers) == 8 and all(value > 0 for value in numbers) and numbers[2] <= 1
+    bad = subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "bench", "speculative", "--drafts", "0"],
+                         capture_output=True, text=True, timeout=600, cwd=repo)
+    assert bad.returncode != 0 and "--drafts must be integers >= 1" in bad.stderr

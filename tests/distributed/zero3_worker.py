@@ -45,7 +45,8 @@ TINY = ["model.hidden_size=32", "model.num_layers=6", "model.num_heads=2", "mode
 # What each recorded RL step keeps: the estimator's diagnostics, and kl_ref when a reference exists.
 RECORDED = ("skipped_layers", "loss", "train_packed_micro_batches", "longest_completion_min", "longest_completion_max", "rollout_lockstep", "reward_mean", "completion_length", "grad_norm", "pg_loss", "ess",
             "ess_seq_raw", "ess_tok_raw", "frac_truncated", "frac_masked", "kl_behavior_k1", "kl_behavior_k3",
-            "accept", "weight_mean", "nonfinite_count", "kl_ref", "kl_penalty_mean",
+            "accept", "weight_mean", "nonfinite_count", "kl_ref", "kl_penalty_mean", "spec_acceptance",
+            "spec_tokens_per_verify", "spec_predicted_speedup",
             *(f"ratio_{unit}_{stat}" for unit in ("tok", "seq") for stat in ("mean", "min", "max", "p10", "p50", "p90")))
 
 
@@ -246,6 +247,18 @@ def main() -> None:
                                                          "rollout.max_new_tokens=40", "rollout.engine=reference"])
         result[f"summary_mode_{mode}"] = train.run(cfg_mode, str(kl_config), resume="auto")
         result[f"steps_mode_{mode}"] = list(records_a)
+
+    # 8b. Speculative rollouts (rollout.mode=speculative) under ZeRO-3 gather-once with every parameter partitioned:
+    # the verifier runs every layer, so all are gathered; the drafter is the step's nested model.
+    run_spec = out / "mode_speculative"
+    start_from_warm_up(out, run_spec, rank)
+    records_a.clear()
+    cfg_spec = load_config(None, TINY + [f"train.output_dir={run_spec}", "rollout.mode=speculative",
+                                         "rollout.draft_length=3", "skip.schedule=fixed", "skip.ratio=0.5",
+                                         "algorithm.correction=none", "train.steps=2", "train.save_every=0",
+                                         "rollout.max_new_tokens=40"])
+    result["summary_mode_speculative"] = train.run(cfg_spec, str(kl_config), resume="auto")
+    result["steps_mode_speculative"] = list(records_a)
 
     # 9. Run 1 again at ZeRO-0 (the built-in config: whole fp32 parameters, gradients all-reduced), where DeepSpeed
     # clips without keeping the gradient norm and `engine.optimizer_step` computes it from the reduced gradients.
