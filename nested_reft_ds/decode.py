@@ -360,7 +360,7 @@ def compiled_layer_step():
     """`fixed_layer_step` compiled (built on first use; compilation happens at each call with new shapes)."""
     global _compiled_layer_step
     if _compiled_layer_step is None:
-        _compiled_layer_step = torch.compile(fixed_layer_step, dynamic=None, backend=_counting_inductor)
+        _compiled_layer_step = torch.compile(fixed_layer_step, dynamic=False, backend=_counting_inductor)
     return _compiled_layer_step
 
 
@@ -635,12 +635,9 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
             if fixed:
                 additive[:bucket, :, :, column] = 0
                 column_index.fill_(column)
-                # The compiled step attends over the filled columns only (its width dimension is dynamic, so a
-                # new width compiles nothing); the eager fixed step spans the whole cache, as the graphs do.
-                width = column + 1 if step_mode == "compiled" else columns
-                step_mask = _per_kv_head(additive[:bucket, :, :, :width], shape.num_kv_heads)
+                step_mask = _per_kv_head(additive[:bucket], shape.num_kv_heads)
                 for w, (keys, values) in zip(weights, layer_caches):
-                    x = step(x, w, keys[:, :width], values[:, :width], column_index, cos, sin, step_mask, shape, eps)
+                    x = step(x, w, keys, values, column_index, cos, sin, step_mask, shape, eps)
             else:
                 step_mask = _per_kv_head(additive[:bucket, :, :, :column + 1], shape.num_kv_heads)
                 for w, new_key, new_value, keys_t, values in zip(weights, *cache.step_views(bucket, column)):
