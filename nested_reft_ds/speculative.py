@@ -81,10 +81,10 @@ class _Forward:
         x = F.embedding(tokens.reshape(-1), self.embed)  # [b m, H]
         positions = (columns - padding[:, None]).reshape(-1)
         cos, sin = self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)
+        # Where each token's key goes in a layer's cache viewed as [b Hkv S, D]: slot (row, KV head), column.
         heads = torch.arange(kv_heads, device=tokens.device)
-        slot_index = (torch.arange(rows, device=tokens.device)[:, None, None] * kv_heads + heads).expand(
-            rows, m, kv_heads).reshape(-1)
-        column_index = columns[:, :, None].expand(rows, m, kv_heads).reshape(-1)
+        slots = torch.arange(rows, device=tokens.device)[:, None, None] * kv_heads + heads  # [b, 1, Hkv]
+        write_index = (slots * self.cache.keys.shape[2] + columns[:, :, None]).reshape(-1)  # [b m Hkv]
         # A query sees the real columns up to its own; one additive mask [b Hkv, m G, width] serves every layer.
         visible = (torch.arange(width, device=tokens.device) <= columns[:, :, None]) & key_ok[:, None, :width]
         additive = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(
@@ -92,23 +92,23 @@ class _Forward:
         mask = additive[:, None, :, None, :].expand(rows, kv_heads, m, groups, width).reshape(
             rows * kv_heads, m * groups, width)
         for w, (keys, values) in zip(self.weights, self.cache.layer_views(rows)):
-            x = _multi_token_layer_step(x, w, keys, values, slot_index, column_index, width, cos, sin, mask, shape,
-                                        self.eps, rows, m)
+            x = _multi_token_layer_step(x, w, keys, values, write_index, width, cos, sin, mask, shape, self.eps,
+                                        rows, m)
         return rms_norm(x, self.final_norm, self.eps).view(rows, m, -1)
 
 
 def _multi_token_layer_step(x: torch.Tensor, w: LayerWeights, keys: torch.Tensor, values: torch.Tensor,
-                            slot_index: torch.Tensor, column_index: torch.Tensor, width: int, cos: torch.Tensor,
-                            sin: torch.Tensor, mask: torch.Tensor, shape: DecoderShape, eps: torch.Tensor,
-                            rows: int, m: int) -> torch.Tensor:
-    """One decoder layer over m tokens per row: x [b m, H] -> [b m, H]. The tokens' keys and values go to
-    (`slot_index`, `column_index`) of `keys` / `values` [b Hkv, S, D]; attention spans columns [0, width) under
+                            write_index: torch.Tensor, width: int, cos: torch.Tensor, sin: torch.Tensor,
+                            mask: torch.Tensor, shape: DecoderShape, eps: torch.Tensor, rows: int,
+                            m: int) -> torch.Tensor:
+    """One decoder layer over m tokens per row: x [b m, H] -> [b m, H]. The tokens' keys and values go to rows
+    `write_index` of `keys` / `values` [b Hkv, S, D] viewed as [b Hkv S, D]; attention spans columns [0, width) under
     `mask` [b Hkv, m G, width]."""
     kv_heads, head_dim = shape.num_kv_heads, shape.head_dim
     groups = shape.num_heads // kv_heads
     query, key, value = rotated_qkv(x, w, cos, sin, shape, eps)  # [b m Hkv, G, D], [b m, Hkv, D] x 2
-    keys.index_put_((slot_index, column_index), key.reshape(-1, head_dim))
-    values.index_put_((slot_index, column_index), value.reshape(-1, head_dim))
+    keys.view(-1, head_dim).index_copy_(0, write_index, key.reshape(-1, head_dim))
+    values.view(-1, head_dim).index_copy_(0, write_index, value.reshape(-1, head_dim))
     query = query.view(rows, m, kv_heads, groups, head_dim).transpose(1, 2).reshape(rows * kv_heads, m * groups,
                                                                                      head_dim)
     scores = torch.baddbmm(mask, query, keys[:, :width].transpose(1, 2), alpha=head_dim ** -0.5)
