@@ -67,7 +67,7 @@ ARMS: dict[str, tuple[str, ...]] = {
 }
 # The grid `compare` runs without --arms: every arm but the speculative ones, plus the speculative setting that
 # `nested-reft bench speculative` measured fastest on the compare_long warm-ups (docs/results/speculative_cpu.md).
-SPECULATIVE_DEFAULT = "spec0.5-g3"
+SPECULATIVE_DEFAULT = "spec0.75-g3"
 DEFAULT_ARMS = tuple(arm for arm in ARMS if not arm.startswith("spec")) + (SPECULATIVE_DEFAULT,)
 DEFAULT_SEEDS = (1, 2, 3)
 # --quick: one seed, a 4-layer model, a few SFT and RL steps, two evaluations (before and after RL).
