@@ -646,6 +646,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return _build(ExperimentConfig, tree, "")
 
 
+def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
+    """An ExperimentConfig from a nested dict (`ExperimentConfig.to_dict`'s form), validated like a YAML file; keys
+    added since the dict was written take their defaults."""
+    return _build(ExperimentConfig, tree, "")
+
+
 # ----------------------------------------------------------------------------------------------- reference
 
 def field_docs(cls: type) -> dict[str, str]:

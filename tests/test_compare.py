@@ -292,6 +292,33 @@ def test_rerun_reuses_finished_runs(quick_grid):
     assert f"0 run(s) to do, {len(DEFAULT_ARMS)} arm run(s) reused" in proc.stdout
 
 
+def test_a_run_saved_before_a_key_existed_is_reused_and_nothing_is_deleted(tmp_path):
+    """A finished run whose saved config lacks a key added since (its default is how the run ran) is the same run;
+    a directory that must be redone is moved aside, not deleted (a warm-up can be an hour of compute)."""
+    from nested_reft_ds.config import load_config
+
+    run = tmp_path / "runs" / BASELINE / "seed1"
+    job = compare.Job(BASELINE, 1, load_config(CONFIG, [f"train.output_dir={run}"]))
+    run.mkdir(parents=True)
+    (run / "checkpoint.bin").write_text("an hour of compute")
+    record = {"config": job.cfg.to_dict(), "deepspeed": None}
+    (run / compare.DONE_FILE).write_text(json.dumps(record))
+    assert compare.is_done(job, None)
+    del record["config"]["rollout"]["mode"], record["config"]["rollout"]["draft_length"]  # as written before them
+    (run / compare.DONE_FILE).write_text(json.dumps(record))
+    assert compare.is_done(job, None)
+    record["config"]["rollout"]["no_such_key"] = 1  # a key since removed: another run
+    (run / compare.DONE_FILE).write_text(json.dumps(record))
+    assert not compare.is_done(job, None)
+    assert not compare.is_done(compare.Job(BASELINE, 1, load_config(CONFIG, [f"train.output_dir={run}",
+                                                                            "rollout.draft_length=5"])), None)
+
+    compare.prepare_dir(job, None)
+    aside = [d for d in run.parent.iterdir() if d.name.startswith("seed1.previous-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoint.bin").read_text() == "an hour of compute"
+    assert run.is_dir() and not any(run.iterdir())
+
+
 def test_killed_compare_takes_its_workers_with_it(tmp_path):
     """SIGKILL to `compare` (no handler of its own can run) still ends its workers: none goes on training into a
     directory the next compare clears."""

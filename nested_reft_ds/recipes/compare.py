@@ -42,7 +42,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..config import ConfigError, ExperimentConfig, load_config
+from ..config import ConfigError, ExperimentConfig, config_from_dict, load_config
 
 # ------------------------------------------------------------------------------------------------ the grid
 
@@ -70,9 +70,10 @@ ARMS: dict[str, tuple[str, ...]] = {
 SPECULATIVE_DEFAULT = "spec0.75-g3"
 DEFAULT_ARMS = tuple(arm for arm in ARMS if not arm.startswith("spec")) + (SPECULATIVE_DEFAULT,)
 DEFAULT_SEEDS = (1, 2, 3)
-# --quick: one seed, a 4-layer model, a few SFT and RL steps, two evaluations (before and after RL).
+# --quick: one seed, a 4-layer model, a few SFT and RL steps, two evaluations (before and after RL). The last layer
+# is not protected, so skip 0.75 (3 of the 4 layers) can run.
 QUICK_OVERRIDES = (
-    "model.num_layers=4", "model.hidden_size=32", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.num_layers=4", "skip.protect_last=0", "model.hidden_size=32", "model.num_heads=4", "model.num_kv_heads=2",
     "model.intermediate_size=64", "data.eval_problems=8", "rollout.prompts_per_step=2", "rollout.group_size=2",
     "rollout.max_new_tokens=8", "train.sft_steps=4", "train.sft_layer_drop_from=2", "train.steps=3",
     "train.micro_batch_size=4", "logging.eval_every=0",
@@ -493,12 +494,22 @@ def is_done(job: Job, ds_config: str | None) -> bool:
     def located_anywhere(config: dict) -> dict:
         return {**config, "train": {**config["train"], "output_dir": None}}
 
-    return (located_anywhere(record["config"]) == located_anywhere(job.cfg.to_dict())
-            and record["deepspeed"] == ds_config)
+    try:  # read as a config today: a key added since takes its default, which is how the run ran
+        saved = config_from_dict(record["config"]).to_dict()
+    except ConfigError:  # a key removed or renamed since: not this job's run
+        return False
+    return located_anywhere(saved) == located_anywhere(job.cfg.to_dict()) and record["deepspeed"] == ds_config
 
 
 def prepare_dir(job: Job, sft: Job | None) -> None:
-    """Fresh output directory: a copy of the seed's SFT run (its checkpoint and base model), minus its logs."""
+    """Fresh output directory: a copy of the seed's SFT run (its checkpoint and base model), minus its logs. What the
+    directory held (a run of another config, or an unfinished one) is moved aside, never deleted: a warm-up can be
+    an hour of compute."""
+    if job.out_dir.exists() and any(job.out_dir.iterdir()):
+        aside = job.out_dir.with_name(f"{job.out_dir.name}.previous-{time.strftime('%Y%m%dT%H%M%S')}")
+        job.out_dir.rename(aside)
+        print(f"compare: {job.out_dir} held a run of another config or an unfinished one; moved to {aside}",
+              flush=True)
     shutil.rmtree(job.out_dir, ignore_errors=True)
     if sft is None:
         job.out_dir.mkdir(parents=True)
