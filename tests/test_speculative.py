@@ -321,19 +321,23 @@ def test_generate_refuses_speculative_lockstep_decoding(model_and_tokenizer):
 
 
 def test_speculative_train_run_single_process(tmp_path):
-    """rollout.mode=speculative through train.run (one process, ZeRO-0): the logged ratios are 1 (on-policy), the
-    acceptance and tokens per verify are logged, and held-out evaluation decodes plainly (no drafting)."""
+    """rollout.mode=speculative through `nested-reft train` (one process, ZeRO-0; a subprocess, so this test's
+    process never joins a process group): the logged ratios are 1 (on-policy), the acceptance and tokens per
+    verify are logged, and held-out evaluation decodes plainly (no drafting)."""
     import json
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from nested_reft_ds.config import load_config
-    from nested_reft_ds.recipes import train
-
-    cfg = load_config(None, SPECULATIVE + [
+    overrides = SPECULATIVE + [
         f"train.output_dir={tmp_path}", "model.hidden_size=32", "model.num_layers=4", "model.num_heads=2",
         "model.num_kv_heads=1", "model.intermediate_size=64", "rollout.prompts_per_step=2", "rollout.group_size=2",
         "rollout.max_new_tokens=16", "train.sft_steps=10", "train.steps=2", "train.micro_batch_size=2",
-        "data.eval_problems=3", "logging.tensorboard=false", "logging.progress_bar=false", "train.save_every=0"])
-    train.run(cfg, None, resume="none")
+        "data.eval_problems=3", "logging.tensorboard=false", "logging.progress_bar=false", "train.save_every=0"]
+    proc = subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "train",
+                           *[arg for override in overrides for arg in ("--set", override)]],
+                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in records if r["phase"] == "rl"]
     assert len(rl) == 2
