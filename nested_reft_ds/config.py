@@ -128,7 +128,7 @@ MAX_DRAFT_LENGTH = 16
 MAX_SEED = 2**32 - 1
 
 
-DecodeEngine = Literal["static", "static_compiled", "static_graphs", "reference"]
+DecodeEngine = Literal["static", "static_eager", "static_compiled", "static_graphs", "reference"]
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,9 @@ class RolloutConfig:
     """With rollout.mode "speculative": tokens the nested model drafts per verify forward of the full model."""
     engine: DecodeEngine = "static"
     """Decode engine of `rollout.generate`. "static": static shapes over the model's own weights
-    (nested_reft_ds/decode.py; qwen2 / qwen3 / llama / mistral, other models are refused); "static_compiled": the
+    (nested_reft_ds/decode.py; qwen2 / qwen3 / llama / mistral, other models are refused), its layer loop run by
+    TorchScript's interpreter; "static_eager": the same Python layer step run eagerly (same floats, slower: for
+    debugging, or where TorchScript is unavailable); "static_compiled": the
     same with the layer step under torch.compile (compiles once per batch bucket, never per skip set; opt-in, see
     docs/results/decode_cpu.md); "static_graphs" (CUDA): the layer step replayed from one CUDA graph per decoder
     layer and batch bucket, never recaptured for a new skip set (opt-in until it has passed scripts/gpu_check.sh on

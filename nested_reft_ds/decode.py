@@ -21,7 +21,9 @@ functional per-layer step with static shapes:
 - the host reads one device value (which rows are still alive) every `sync_every` steps: finished rows keep
   producing padding until then, and compaction happens at those reads.
 
-The layer step runs eagerly by default (`STEP_MODES`); a fixed-shape variant (`fixed_layer_step`: the write column
+By default the loop over the kept layers runs under TorchScript's interpreter (`scripted_layer_steps`: compiled
+once per process, the same kernels as the eager Python functions without a Python frame per operation;
+`rollout.engine=static_eager` runs those functions eagerly). A fixed-shape variant (`fixed_layer_step`: the write column
 a tensor, attention over every cache column with the unfilled ones masked) runs under `torch.compile`
 (`rollout.engine=static_compiled`) or as CUDA graphs captured per decoder layer and batch bucket (`DecodeGraphs`,
 `rollout.engine=static_graphs`); neither compiles nor captures anything for a new skip set. Measurements:
@@ -32,10 +34,9 @@ float summation order (tests/test_decode.py). Supported architectures: qwen2, qw
 against the model's config: activation, rotary type, sliding window); any other model is refused with an error
 that names `rollout.engine=reference`.
 """
-from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +71,8 @@ class UnsupportedModelError(ValueError):
     """The static engine cannot decode this model; the reference engine (`rollout.engine=reference`) can."""
 
 
-@dataclass(frozen=True)
-class DecoderShape:
-    """What the functional step needs to know of a model's text config."""
+class DecoderShape(NamedTuple):
+    """What the functional step needs to know of a model's text config (a NamedTuple: TorchScript reads it)."""
     model_type: str
     hidden_size: int
     num_heads: int
@@ -121,10 +121,18 @@ def whole(param: torch.Tensor | None, name: str) -> torch.Tensor | None:
     return param
 
 
-@dataclass
-class LayerWeights:
+def outer_weights(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weights around the decoder layers: the token embedding [V, H], the final norm [H] and the output head
+    [V, H] (the embedding itself when tied), each checked whole."""
+    base = getattr(model, "model", model)
+    return (whole(base.embed_tokens.weight, "embed_tokens.weight"), whole(base.norm.weight, "norm.weight"),
+            whole(model.get_output_embeddings().weight, "lm_head.weight"))
+
+
+class LayerWeights(NamedTuple):
     """One decoder layer's weights laid out for the functional step: projections transposed to [in, out] (one `mm`
-    or `addmm` each, no transpose per call), q/k/v fused and gate/up fused. Copies, made once per rollout."""
+    or `addmm` each, no transpose per call), q/k/v fused and gate/up fused. Copies, made once per rollout. A
+    NamedTuple, so that the scripted layer loop (`scripted_layer_steps`) takes a list of them."""
     input_norm: torch.Tensor        # [H]
     qkv: torch.Tensor               # [H, (Hq + 2 Hkv) D]
     qkv_bias: torch.Tensor | None   # [(Hq + 2 Hkv) D]
@@ -203,14 +211,14 @@ class StaticKVCache:
         count = rows * self.kv_heads
         return list(zip(self.keys[:, :count].unbind(0), self.values[:, :count].unbind(0)))
 
-    def step_views(self, rows: int, column: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+    def step_views(self, rows: int, column: int) -> tuple[list[torch.Tensor], ...]:
         """Per kept layer, for a step of `rows` slots writing column `column`: where the new key and value go
         ([rows, Hkv, D] each), and the filled keys transposed ([rows Hkv, D, column + 1]) and values
         ([rows Hkv, column + 1, D]) the step attends over. A handful of view operations per step for all layers."""
         keys, values = self.keys[:, :rows * self.kv_heads], self.values[:, :rows * self.kv_heads]
         new_shape = (keys.shape[0], rows, self.kv_heads, keys.shape[-1])
-        return (keys[:, :, column].view(new_shape).unbind(0), values[:, :, column].view(new_shape).unbind(0),
-                keys[:, :, :column + 1].transpose(2, 3).unbind(0), values[:, :, :column + 1].unbind(0))
+        return (list(keys[:, :, column].view(new_shape).unbind(0)), list(values[:, :, column].view(new_shape).unbind(0)),
+                list(keys[:, :, :column + 1].transpose(2, 3).unbind(0)), list(values[:, :, :column + 1].unbind(0)))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -218,11 +226,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.
     cast back before the weight. `weight` is the last dimension's size or broadcasts to `x`'s trailing dimensions
     (the per-head QK-norm weights); `eps` a 0-d float32 tensor. Five aten calls in float32 (the fused `rms_norm`
     makes about ten on the CPU)."""
-    if x.dtype != torch.float32:
-        return weight * rms_norm(x.float(), torch.ones((), device=x.device), eps).to(x.dtype)
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    scale = torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
-    return weight * (x * scale)
+    h = x if x.dtype == torch.float32 else x.float()
+    norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+    scale = torch.addcmul(eps, norm, norm, value=1.0 / h.shape[-1]).rsqrt_()
+    return weight * (h * scale) if x.dtype == torch.float32 else weight * (h * scale).to(x.dtype)
 
 
 def rotated_qkv(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, shape: DecoderShape,
@@ -234,14 +241,14 @@ def rotated_qkv(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     rows = x.shape[0]
     h = rms_norm(x, w.input_norm, eps)
-    qkv = torch.mm(h, w.qkv) if w.qkv_bias is None else torch.addmm(w.qkv_bias, h, w.qkv)
+    bias, qk_norm = w.qkv_bias, w.qk_norm  # locals: TorchScript refines Optional locals, not attributes
+    qkv = torch.mm(h, w.qkv) if bias is None else torch.addmm(bias, h, w.qkv)
     qkv = qkv.view(rows, heads + 2 * kv_heads, head_dim)
     qk = qkv[:, :heads + kv_heads]
-    if w.qk_norm is not None:
-        qk = rms_norm(qk, w.qk_norm, eps)
-    flipped = qk.unflatten(-1, (2, head_dim // 2)).flip(-2).flatten(-2)
-    qk = qk * cos
-    qk += flipped * sin
+    if qk_norm is not None:
+        qk = rms_norm(qk, qk_norm, eps)
+    flipped = qk.unflatten(-1, [2, head_dim // 2]).flip([-2]).flatten(-2)
+    qk = torch.addcmul(qk * cos, flipped, sin)
     query = qk[:, :heads].reshape(rows * kv_heads, heads // kv_heads, head_dim)
     return query, qk[:, heads:], qkv[:, heads + kv_heads:]
 
@@ -253,22 +260,28 @@ def _attention_and_mlp(x: torch.Tensor, w: LayerWeights, query: torch.Tensor, ke
     `mask` [b Hkv, 1, n], the output projection and residual, the post-attention norm and the MLP: -> x [b, H]."""
     rows = x.shape[0]
     scores = torch.baddbmm(mask, query, keys_t, alpha=shape.head_dim ** -0.5)  # [b Hkv, G, n]
-    if x.dtype == torch.float32:
-        probs = torch.softmax(scores, dim=-1)
-    else:  # as transformers does: the softmax in float32
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
+    probs = attention_probs(scores)
     return output_and_mlp(x, w, torch.bmm(probs, values).view(rows, shape.num_heads * shape.head_dim), eps)
+
+
+def attention_probs(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax of attention scores over the keys, in float32 whatever their dtype (as transformers does), returned
+    in the scores' dtype. One call in float32."""
+    if scores.dtype == torch.float32:
+        return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
 
 
 def output_and_mlp(x: torch.Tensor, w: LayerWeights, attended: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """The attention's output projection and residual, the post-attention norm and the MLP with its residual:
     x, attended [b, H], [b, Hq D] -> x [b, H]."""
-    x = torch.addmm(x, attended, w.o) if w.o_bias is None else x + torch.addmm(w.o_bias, attended, w.o)
+    o_bias, gate_up_bias, down_bias = w.o_bias, w.gate_up_bias, w.down_bias
+    x = torch.addmm(x, attended, w.o) if o_bias is None else x + torch.addmm(o_bias, attended, w.o)
     h = rms_norm(x, w.post_norm, eps)
-    gate_up = torch.mm(h, w.gate_up) if w.gate_up_bias is None else torch.addmm(w.gate_up_bias, h, w.gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    act = F.silu(gate) * up
-    return torch.addmm(x, act, w.down) if w.down_bias is None else x + torch.addmm(w.down_bias, act, w.down)
+    gate_up = torch.mm(h, w.gate_up) if gate_up_bias is None else torch.addmm(gate_up_bias, h, w.gate_up)
+    half = gate_up.shape[-1] // 2
+    act = F.silu(gate_up[:, :half]) * gate_up[:, half:]
+    return torch.addmm(x, act, w.down) if down_bias is None else x + torch.addmm(down_bias, act, w.down)
 
 
 def layer_step(x: torch.Tensor, w: LayerWeights, new_key: torch.Tensor, new_value: torch.Tensor,
@@ -299,6 +312,37 @@ def fixed_layer_step(x: torch.Tensor, w: LayerWeights, keys: torch.Tensor, value
     return _attention_and_mlp(x, w, query, keys.transpose(1, 2), values, mask, shape, eps)
 
 
+def layer_steps(x: torch.Tensor, weights: list[LayerWeights], new_keys: list[torch.Tensor],
+                new_values: list[torch.Tensor], keys_t: list[torch.Tensor], values: list[torch.Tensor],
+                cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, shape: DecoderShape,
+                eps: torch.Tensor) -> torch.Tensor:
+    """`layer_step` through the kept layers in order (the i-th cache views with the i-th weights): x [b, H] ->
+    [b, H]. Run scripted (`scripted_layer_steps`) by the static engine."""
+    for i in range(len(weights)):
+        x = layer_step(x, weights[i], new_keys[i], new_values[i], keys_t[i], values[i], cos, sin, mask, shape, eps)
+    return x
+
+
+_scripted_layer_steps = None
+
+
+def scripted_layer_steps():
+    """`layer_steps` compiled by TorchScript (once per process; no recompilation for any shape, skip set or dtype).
+
+    A decode step at RL batch sizes is bound by per-operation overhead; TorchScript's interpreter dispatches the
+    layer loop's ~35 operations per layer without a Python frame each, with the same kernels as the eager functions,
+    so the same floats (docs/results/decode_cpu.md has what it buys)."""
+    global _scripted_layer_steps
+    if _scripted_layer_steps is None:
+        try:
+            _scripted_layer_steps = torch.jit.script(layer_steps)
+        except Exception as error:  # TorchScript missing or changed in this torch build
+            raise RuntimeError(f"static decode engine: TorchScript could not compile the layer loop ({error}); "
+                               "decode with rollout.engine=static_eager (the same step, run eagerly)") from error
+        COMPILATIONS[0] += 1
+    return _scripted_layer_steps
+
+
 def rotary_tables(model: torch.nn.Module, length: int, dtype: torch.dtype,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [length, D] of positions 0..length-1 from the model's own rotary module (its scaling included);
@@ -320,7 +364,7 @@ class DecodeStats:
     prefill_rows: int = 0         # rows the prefill forward ran (one per prompt with shared prefill)
     compactions: int = 0
     host_reads: int = 0           # device values the host read while decoding (each one a sync on a GPU)
-    compilations: int = 0         # graphs torch.compile built while decoding ("static_compiled")
+    compilations: int = 0         # torch.compile graphs ("static_compiled"), TorchScript compilations ("static")
     captures: int = 0             # CUDA graphs captured while decoding ("static_graphs")
     # Speculative decoding (speculative.py): verify forwards, the alive rows they scored, the drafts those rows
     # proposed and the drafts kept.
@@ -332,20 +376,27 @@ class DecodeStats:
     verify_s: float = 0.0
     engine: str = ""              # the engine that decoded (rollout.ENGINES)
 
+    def add(self, other: "DecodeStats") -> None:
+        """Accumulate `other`'s counts and timers into these (the engine name is kept)."""
+        for item in fields(self):
+            if item.name != "engine":
+                setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
 
-# How the per-layer step runs. "eager": `layer_step`, attention over the filled columns only. "fixed":
+
+# How the per-layer step runs. "eager": `layer_step` through the kept layers (`layer_steps`), attention over the
+# filled columns only. "scripted": the same loop compiled by TorchScript (`scripted_layer_steps`). "fixed":
 # `fixed_layer_step` eagerly (every shape fixed for the rollout; what "compiled" and "graphs" run). "compiled":
 # `fixed_layer_step` under `torch.compile` (inductor, static shapes): one compilation per (batch bucket, cache
 # length bucket, dtype, architecture), shared by every layer and every skip set, because the layer's weights are
 # inputs of the compiled graph, not constants in it. "graphs" (CUDA): `fixed_layer_step` captured in one CUDA graph
 # per decoder layer and batch bucket, plus one for the embedding and one for the head per bucket (`DecodeGraphs`);
 # a rollout replays the graphs of its kept layers, so no skip set needs a capture of its own.
-STEP_MODES = ("eager", "fixed", "compiled", "graphs")
+STEP_MODES = ("eager", "scripted", "fixed", "compiled", "graphs")
 # The compiled step's cache length is rounded up to a multiple of this, so rollouts with different prompt widths
 # reuse one compilation.
 COLUMN_BUCKET = 64
 _compiled_layer_step = None
-COMPILATIONS = [0]  # graphs compiled so far by `_compiled_layer_step`, in this process
+COMPILATIONS = [0]  # graphs compiled so far by `_compiled_layer_step` and TorchScript, in this process
 
 
 def _counting_inductor(graph_module, example_inputs):
@@ -392,7 +443,7 @@ class DecodeGraphs:
         self.shape, self.rows, self.columns, self.dtype, self.num_layers = shape, rows, columns, dtype, num_layers
         self.cache = StaticKVCache(num_layers, rows, shape.num_kv_heads, columns, shape.head_dim, dtype, device)
         self.weights = [LayerWeights(**{name: None if value is None else torch.empty_like(value)
-                                        for name, value in vars(template).items()}) for _ in range(num_layers)]
+                                        for name, value in template._asdict().items()}) for _ in range(num_layers)]
         self.embed = torch.empty_like(embed)
         self.final_norm = torch.empty(shape.hidden_size, dtype=dtype, device=device)
         self.head = torch.empty_like(embed)
@@ -408,13 +459,13 @@ class DecodeGraphs:
                 and embed.shape == self.embed.shape and embed.dtype == self.dtype and embed.device == self.embed.device
                 and all((value is None) == (getattr(self.weights[0], name) is None)
                         and (value is None or value.shape == getattr(self.weights[0], name).shape)
-                        for name, value in vars(template).items()))
+                        for name, value in template._asdict().items()))
 
     def load(self, layers: dict[int, LayerWeights], embed: torch.Tensor, final_norm: torch.Tensor,
              head: torch.Tensor) -> None:
         """Copy this rollout's weights (the kept layers', by decoder layer index) into the graphs' buffers."""
         for index, weights in layers.items():
-            for name, value in vars(weights).items():
+            for name, value in weights._asdict().items():
                 if value is not None:
                     getattr(self.weights[index], name).copy_(value)
         self.embed.copy_(embed)
@@ -500,7 +551,7 @@ def decode_graphs(model: torch.nn.Module, shape: DecoderShape, rows: int, column
 def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask: torch.Tensor, plan: SkipPlan, *,
                     max_new_tokens: int, temperature: float, top_p: float, eos_ids: torch.Tensor, pad_token_id: int,
                     greedy: bool, seed: int, row_keys: torch.Tensor, group_size: int, compact_below: float,
-                    step_mode: str = "eager", sync_every: int = SYNC_EVERY,
+                    step_mode: str = "scripted", sync_every: int = SYNC_EVERY,
                     stats: DecodeStats | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens, completion mask and behaviour log-probs [B, T] of `rollout.generate`'s contract (arguments checked
     there): padded to `max_new_tokens` columns, the caller trims them."""
@@ -512,7 +563,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
     shape = decoder_shape(model)
     batch_size, prompt_width = input_ids.shape
     device = input_ids.device
-    fixed = step_mode != "eager"
+    fixed = step_mode in ("fixed", "compiled", "graphs")  # every shape fixed for the rollout
     needed = prompt_width + max_new_tokens
     columns = -(-needed // COLUMN_BUCKET) * COLUMN_BUCKET if fixed else needed
     if shape.sliding_window is not None and needed >= shape.sliding_window:
@@ -521,10 +572,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
     parent, attr = decoder_layers(model)
     all_layers = getattr(parent, attr)
     weights = [layer_weights(all_layers[i], shape, f"layers.{i}") for i in plan.kept]
-    base = getattr(model, "model", model)
-    embed = whole(base.embed_tokens.weight, "embed_tokens.weight")
-    final_norm = whole(base.norm.weight, "norm.weight")
-    head = whole(model.get_output_embeddings().weight, "lm_head.weight")
+    embed, final_norm, head = outer_weights(model)
     head_t = head.t()
 
     # Prefill: the model's own forward over the prompts (one per group with shared prefill), as the reference does.
@@ -568,11 +616,13 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
     minimum = torch.finfo(dtype).min
     additive = torch.zeros((bucket, 1, 1, columns), dtype=dtype, device=device)
     additive[:, 0, 0, :prompt_width].masked_fill_(prompt_mask.index_select(0, slot_sources) == 0, minimum)
+    compilations_before = COMPILATIONS[0]
     if fixed:
         additive[:, :, :, prompt_width:] = minimum
         step = compiled_layer_step() if step_mode == "compiled" else fixed_layer_step
-        compilations_before = COMPILATIONS[0]
         column_index = torch.zeros(1, dtype=torch.long, device=device)
+    else:
+        run_layers = scripted_layer_steps() if step_mode == "scripted" else layer_steps
     position = prompt_mask.long().sum(-1).index_select(0, slot_sources)  # rotary position of the next fed token
     cos_table, sin_table = rotary_tables(model, columns, dtype, device)
     eps = torch.tensor(shape.rms_norm_eps, device=device)
@@ -640,15 +690,16 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
                     x = step(x, w, keys, values, column_index, cos, sin, step_mask, shape, eps)
             else:
                 step_mask = _per_kv_head(additive[:bucket, :, :, :column + 1], shape.num_kv_heads)
-                for w, new_key, new_value, keys_t, values in zip(weights, *cache.step_views(bucket, column)):
-                    x = layer_step(x, w, new_key, new_value, keys_t, values, cos, sin, step_mask, shape, eps)
+                # TorchScript's plain interpreter: its optimising executor would re-profile at every new
+                # attention width and, on CUDA, fuse elementwise ops into kernels with other floats than eager's.
+                with torch.jit.optimized_execution(False):
+                    x = run_layers(x, weights, *cache.step_views(bucket, column), cos, sin, step_mask, shape, eps)
             logits = torch.mm(rms_norm(x, final_norm, eps), head_t)
         position += 1
         token = emit(logits, t)
         stats.steps += 1
         stats.row_steps += bucket
-    if step_mode == "compiled":
-        stats.compilations += COMPILATIONS[0] - compilations_before
+    stats.compilations += COMPILATIONS[0] - compilations_before
     return tokens[:batch_size], completion_mask[:batch_size], logprobs_out[:batch_size]
 
 

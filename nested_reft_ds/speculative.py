@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .config import MAX_DRAFT_LENGTH
-from .decode import (DecodeStats, DecoderShape, LayerWeights, StaticKVCache, UnsupportedModelError, decoder_shape,
-                     layer_weights, output_and_mlp, rms_norm, rotary_tables, rotated_qkv, text_config, whole)
+from .decode import (DecodeStats, DecoderShape, LayerWeights, StaticKVCache, UnsupportedModelError, attention_probs,
+                     decoder_shape, layer_weights, outer_weights, output_and_mlp, rms_norm, rotary_tables, rotated_qkv,
+                     text_config)
 from .nested import SkipPlan, decoder_layers, nested_view
 from .sampling import keyed_uniform_table, sample_tokens, sampling_logprobs, speculative_verify
 
@@ -112,11 +113,7 @@ def _multi_token_layer_step(x: torch.Tensor, w: LayerWeights, keys: torch.Tensor
     query = query.view(rows, m, kv_heads, groups, head_dim).transpose(1, 2).reshape(rows * kv_heads, m * groups,
                                                                                      head_dim)
     scores = torch.baddbmm(mask, query, keys[:, :width].transpose(1, 2), alpha=head_dim ** -0.5)
-    if x.dtype == torch.float32:
-        probs = torch.softmax(scores, dim=-1)
-    else:  # as transformers does: the softmax in float32
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
-    attended = torch.bmm(probs, values[:, :width])  # [b Hkv, m G, D]
+    attended = torch.bmm(attention_probs(scores), values[:, :width])  # [b Hkv, m G, D]
     attended = attended.view(rows, kv_heads, m, groups, head_dim).transpose(1, 2).reshape(
         rows * m, shape.num_heads * head_dim)
     return output_and_mlp(x, w, attended, eps)
@@ -146,10 +143,8 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
     parent, attr = decoder_layers(model)
     all_layers = getattr(parent, attr)
     weights = [layer_weights(layer, shape, f"layers.{i}") for i, layer in enumerate(all_layers)]
-    base = getattr(model, "model", model)
-    embed = whole(base.embed_tokens.weight, "embed_tokens.weight")
-    final_norm = whole(base.norm.weight, "norm.weight")
-    head_t = whole(model.get_output_embeddings().weight, "lm_head.weight").t()
+    embed, final_norm, head = outer_weights(model)
+    head_t = head.t()
     dtype = embed.dtype
 
     # Prefill both models over the prompts (one per group with shared prefill); the full model's last logits give

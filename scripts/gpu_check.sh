@@ -26,9 +26,9 @@ build_tiny_model(ModelConfig(arch="qwen2", num_layers=24, hidden_size=896, num_h
                              intermediate_size=4864), sys.argv[1], seed=0)
 PY
 
-echo "== decode per engine (static, CUDA graphs, reference) and transformers' generate (bf16, 64 rows x 256 tokens)"
+echo "== decode per engine (CUDA graphs, static (TorchScript loop), static_eager, reference) and transformers' generate (bf16, 64 rows x 256 tokens)"
 nested-reft bench decode --model "$model" --batch-size 64 --prompt-length 40 --new-tokens 256 --ratios 0,0.5 \
-  --engines static_graphs,static,reference --anchors hf-dynamic --repeats 1 --dtype bfloat16 --device cuda \
+  --engines static_graphs,static,static_eager,reference --anchors hf-dynamic --repeats 1 --dtype bfloat16 --device cuda \
   2>&1 | tee "$out/decode_64.txt"
 echo "== decode at 256 rows: the bandwidth end (bf16, 256 rows x 256 tokens)"
 nested-reft bench decode --model "$model" --batch-size 256 --prompt-length 40 --new-tokens 256 --ratios 0,0.5 \

@@ -202,6 +202,34 @@ def test_compiled_step_samples_the_reference_tokens_and_a_new_skip_set_compiles_
                                  **dict(kwargs, compact_below=0.9, group_size=GROUP)), compacted)
 
 
+def test_the_scripted_layer_loop_decodes_the_eager_floats_and_compiles_once_per_process(models, monkeypatch):
+    """"static" runs the layer loop under TorchScript's interpreter: the kernels of the eager functions
+    ("static_eager"), so the same tokens and bit-identical behaviour log-probs, in float32 and bfloat16, with QKV
+    biases (qwen2) and QK-norm (qwen3). TorchScript compiles the loop once per process: no later rollout (another
+    skip set, architecture, dtype or batch) compiles anything."""
+    import copy
+
+    from nested_reft_ds import decode
+
+    monkeypatch.setattr(decode, "_scripted_layer_steps", None)  # as in a fresh process
+    compilations = []
+    for arch in ("qwen2", "qwen3"):
+        model, tok = models[arch]
+        ids, mask = encode_prompts(tok, [p for p in PROMPTS for _ in range(GROUP)], "cpu")
+        kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.2, eos_token_id=STOPS, pad_token_id=tok.pad_token_id,
+                      seed=5, compact_below=0.9)
+        for dtype in (torch.float32, torch.bfloat16):
+            typed = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+            for skipped in [(2,), (0, 3)]:
+                stats = DecodeStats()
+                scripted = generate(typed, ids, mask, SkipPlan(6, skipped), engine="static", stats=stats, **kwargs)
+                eager = generate(typed, ids, mask, SkipPlan(6, skipped), engine="static_eager", **kwargs)
+                assert torch.equal(scripted.sequences, eager.sequences), (arch, dtype, skipped)
+                assert torch.equal(scripted.behavior_logprobs, eager.behavior_logprobs), (arch, dtype, skipped)
+                compilations.append(stats.compilations)
+    assert compilations == [1] + [0] * 7, compilations
+
+
 def fixed_shape_rollout(model, ids, mask, plan, step_mode, **kwargs):
     """`decode.static_generate` in a given step mode, with generate's defaults for what `kwargs` leaves out."""
     from nested_reft_ds.decode import static_generate

@@ -107,10 +107,7 @@ def run_speculative_bench(args: argparse.Namespace) -> int:
                 total = totals[row]
                 total["tokens"] += tokens
                 total["seconds"] += seconds
-                for name in ("steps", "verify_passes", "verified_rows", "drafted_tokens", "accepted_drafts"):
-                    setattr(total["stats"], name, getattr(total["stats"], name) + getattr(stats, name))
-                total["stats"].draft_s += stats.draft_s
-                total["stats"].verify_s += stats.verify_s
+                total["stats"].add(stats)
 
     def rate(row) -> float:
         return totals[row]["tokens"] / totals[row]["seconds"]
