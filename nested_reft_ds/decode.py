@@ -21,7 +21,7 @@ functional per-layer step with static shapes:
 - the host reads one device value (which rows are still alive) every `sync_every` steps: finished rows keep
   producing padding until then, and compaction happens at those reads.
 
-By default the loop over the kept layers runs under TorchScript's interpreter (`scripted_layer_steps`: compiled
+By default the loop over the kept layers runs under TorchScript's interpreter (`scripted(layer_steps)`: compiled
 once per process, the same kernels as the eager Python functions without a Python frame per operation;
 `rollout.engine=static_eager` runs those functions eagerly). A fixed-shape variant (`fixed_layer_step`: the write column
 a tensor, attention over every cache column with the unfilled ones masked) runs under `torch.compile`
@@ -132,7 +132,7 @@ def outer_weights(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, t
 class LayerWeights(NamedTuple):
     """One decoder layer's weights laid out for the functional step: projections transposed to [in, out] (one `mm`
     or `addmm` each, no transpose per call), q/k/v fused and gate/up fused. Copies, made once per rollout. A
-    NamedTuple, so that the scripted layer loop (`scripted_layer_steps`) takes a list of them."""
+    NamedTuple, so that the scripted layer loop (`scripted(layer_steps)`) takes a list of them."""
     input_norm: torch.Tensor        # [H]
     qkv: torch.Tensor               # [H, (Hq + 2 Hkv) D]
     qkv_bias: torch.Tensor | None   # [(Hq + 2 Hkv) D]
@@ -317,30 +317,31 @@ def layer_steps(x: torch.Tensor, weights: list[LayerWeights], new_keys: list[tor
                 cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, shape: DecoderShape,
                 eps: torch.Tensor) -> torch.Tensor:
     """`layer_step` through the kept layers in order (the i-th cache views with the i-th weights): x [b, H] ->
-    [b, H]. Run scripted (`scripted_layer_steps`) by the static engine."""
+    [b, H]. Run scripted (`scripted`) by the static engine."""
     for i in range(len(weights)):
         x = layer_step(x, weights[i], new_keys[i], new_values[i], keys_t[i], values[i], cos, sin, mask, shape, eps)
     return x
 
 
-_scripted_layer_steps = None
+_SCRIPTED: dict = {}  # function -> its TorchScript compilation, in this process
 
 
-def scripted_layer_steps():
-    """`layer_steps` compiled by TorchScript (once per process; no recompilation for any shape, skip set or dtype).
+def scripted(fn):
+    """`fn` compiled by TorchScript (once per process; no recompilation for any shape, skip set or dtype).
 
     A decode step at RL batch sizes is bound by per-operation overhead; TorchScript's interpreter dispatches the
     layer loop's ~35 operations per layer without a Python frame each, with the same kernels as the eager functions,
-    so the same floats (docs/results/decode_cpu.md has what it buys)."""
-    global _scripted_layer_steps
-    if _scripted_layer_steps is None:
+    so the same floats (docs/results/decode_cpu.md has what it buys). Call the result under
+    `torch.jit.optimized_execution(False)`: the optimising executor would re-profile at every new attention width
+    and, on CUDA, fuse elementwise ops into kernels with other floats than eager's."""
+    if fn not in _SCRIPTED:
         try:
-            _scripted_layer_steps = torch.jit.script(layer_steps)
+            _SCRIPTED[fn] = torch.jit.script(fn)
         except Exception as error:  # TorchScript missing or changed in this torch build
-            raise RuntimeError(f"static decode engine: TorchScript could not compile the layer loop ({error}); "
+            raise RuntimeError(f"static decode engine: TorchScript could not compile {fn.__name__} ({error}); "
                                "decode with rollout.engine=static_eager (the same step, run eagerly)") from error
         COMPILATIONS[0] += 1
-    return _scripted_layer_steps
+    return _SCRIPTED[fn]
 
 
 def rotary_tables(model: torch.nn.Module, length: int, dtype: torch.dtype,
@@ -384,7 +385,7 @@ class DecodeStats:
 
 
 # How the per-layer step runs. "eager": `layer_step` through the kept layers (`layer_steps`), attention over the
-# filled columns only. "scripted": the same loop compiled by TorchScript (`scripted_layer_steps`). "fixed":
+# filled columns only. "scripted": the same loop compiled by TorchScript (`scripted(layer_steps)`). "fixed":
 # `fixed_layer_step` eagerly (every shape fixed for the rollout; what "compiled" and "graphs" run). "compiled":
 # `fixed_layer_step` under `torch.compile` (inductor, static shapes): one compilation per (batch bucket, cache
 # length bucket, dtype, architecture), shared by every layer and every skip set, because the layer's weights are
@@ -622,7 +623,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
         step = compiled_layer_step() if step_mode == "compiled" else fixed_layer_step
         column_index = torch.zeros(1, dtype=torch.long, device=device)
     else:
-        run_layers = scripted_layer_steps() if step_mode == "scripted" else layer_steps
+        run_layers = scripted(layer_steps) if step_mode == "scripted" else layer_steps
     position = prompt_mask.long().sum(-1).index_select(0, slot_sources)  # rotary position of the next fed token
     cos_table, sin_table = rotary_tables(model, columns, dtype, device)
     eps = torch.tensor(shape.rms_norm_eps, device=device)
@@ -690,9 +691,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
                     x = step(x, w, keys, values, column_index, cos, sin, step_mask, shape, eps)
             else:
                 step_mask = _per_kv_head(additive[:bucket, :, :, :column + 1], shape.num_kv_heads)
-                # TorchScript's plain interpreter: its optimising executor would re-profile at every new
-                # attention width and, on CUDA, fuse elementwise ops into kernels with other floats than eager's.
-                with torch.jit.optimized_execution(False):
+                with torch.jit.optimized_execution(False):  # the plain interpreter (see `scripted`)
                     x = run_layers(x, weights, *cache.step_views(bucket, column), cos, sin, step_mask, shape, eps)
             logits = torch.mm(rms_norm(x, final_norm, eps), head_t)
         position += 1

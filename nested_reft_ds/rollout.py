@@ -223,7 +223,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         tokens, completion_mask, behavior_logprobs = speculative_generate(
             model, input_ids, prompt_mask, plan, draft_length=settings.draft_length, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_token_id=pad_token_id, greedy=greedy,
-            seed=seed, row_keys=row_keys, group_size=group_size, compact_below=compact_below, stats=stats)
+            seed=seed, row_keys=row_keys, group_size=group_size, compact_below=compact_below,
+            script=engine != "static_eager", stats=stats)
         stats.engine = "speculative"
         steps_taken = max_new_tokens
     elif engine in STATIC_ENGINES and use_cache and all_ranks_done is None and batch_size:

@@ -27,8 +27,9 @@ Cost model (reported by `nested-reft bench decode` next to the measurement): wit
 length g, drafter cost c per token and verify cost v, both relative to one full decode step, the expected
 speed-up over full decoding is (1 - a^(g+1)) / ((1 - a) (g c + v)) (`predicted_speedup`).
 
-This engine runs eagerly on the functional layer step of decode.py (qwen2 / qwen3 / llama / mistral); the CUDA
-graphs of the static engine do not cover its multi-token verify forward.
+This engine runs the functional layer step of decode.py (qwen2 / qwen3 / llama / mistral), its layer loops under
+TorchScript like the static engine's; the CUDA graphs of the static engine do not cover its multi-token verify
+forward.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from transformers import DynamicCache
 from .config import MAX_DRAFT_LENGTH
 from .decode import (DecodeStats, DecoderShape, LayerWeights, StaticKVCache, UnsupportedModelError, attention_probs,
                      decoder_shape, layer_weights, outer_weights, output_and_mlp, rms_norm, rotary_tables, rotated_qkv,
-                     text_config)
+                     scripted, text_config)
 from .nested import SkipPlan, decoder_layers, nested_view
 from .sampling import keyed_uniform_table, sample_tokens, sampling_logprobs, speculative_verify
 
@@ -66,8 +67,10 @@ class _Forward:
     full model's): embedding, rotary, the layer steps writing their keys and values into `cache`, the final norm."""
 
     def __init__(self, weights: list[LayerWeights], cache: StaticKVCache, shape: DecoderShape, embed: torch.Tensor,
-                 final_norm: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, eps: torch.Tensor):
+                 final_norm: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, eps: torch.Tensor,
+                 script: bool):
         self.weights, self.cache, self.shape = weights, cache, shape
+        self.run_layers = scripted(multi_token_layer_steps) if script else multi_token_layer_steps
         self.embed, self.final_norm, self.cos_table, self.sin_table, self.eps = (embed, final_norm, cos_table,
                                                                                  sin_table, eps)
 
@@ -92,13 +95,25 @@ class _Forward:
             ~visible, torch.finfo(x.dtype).min)
         mask = additive[:, None, :, None, :].expand(rows, kv_heads, m, groups, width).reshape(
             rows * kv_heads, m * groups, width)
-        for w, (keys, values) in zip(self.weights, self.cache.layer_views(rows)):
-            x = _multi_token_layer_step(x, w, keys, values, write_index, width, cos, sin, mask, shape, self.eps,
-                                        rows, m)
+        keys, values = (list(views) for views in zip(*self.cache.layer_views(rows)))
+        with torch.jit.optimized_execution(False):  # the plain interpreter (see `decode.scripted`)
+            x = self.run_layers(x, self.weights, keys, values, write_index, width, cos, sin, mask, shape, self.eps,
+                                rows, m)
         return rms_norm(x, self.final_norm, self.eps).view(rows, m, -1)
 
 
-def _multi_token_layer_step(x: torch.Tensor, w: LayerWeights, keys: torch.Tensor, values: torch.Tensor,
+def multi_token_layer_steps(x: torch.Tensor, weights: list[LayerWeights], keys: list[torch.Tensor],
+                            values: list[torch.Tensor], write_index: torch.Tensor, width: int, cos: torch.Tensor,
+                            sin: torch.Tensor, mask: torch.Tensor, shape: DecoderShape, eps: torch.Tensor, rows: int,
+                            m: int) -> torch.Tensor:
+    """`multi_token_layer_step` through the layers in order (the i-th cache with the i-th weights)."""
+    for i in range(len(weights)):
+        x = multi_token_layer_step(x, weights[i], keys[i], values[i], write_index, width, cos, sin, mask, shape, eps,
+                                   rows, m)
+    return x
+
+
+def multi_token_layer_step(x: torch.Tensor, w: LayerWeights, keys: torch.Tensor, values: torch.Tensor,
                             write_index: torch.Tensor, width: int, cos: torch.Tensor, sin: torch.Tensor,
                             mask: torch.Tensor, shape: DecoderShape, eps: torch.Tensor, rows: int,
                             m: int) -> torch.Tensor:
@@ -123,12 +138,13 @@ def _multi_token_layer_step(x: torch.Tensor, w: LayerWeights, keys: torch.Tensor
 def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask: torch.Tensor, plan: SkipPlan,
                          *, draft_length: int, max_new_tokens: int, temperature: float, top_p: float,
                          eos_ids: torch.Tensor, pad_token_id: int, greedy: bool, seed: int, row_keys: torch.Tensor,
-                         group_size: int, compact_below: float,
+                         group_size: int, compact_below: float, script: bool = True,
                          stats: DecodeStats | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens, completion mask and the full model's log-probs [B, max_new_tokens] of the sampled tokens
     (`rollout.generate`'s contract, arguments checked there): completions drawn from the full model by
     self-speculative sampling with `plan`'s nested model as drafter. Every layer's weights must be whole (under
-    ZeRO-3 gather every layer: the verifier runs them all)."""
+    ZeRO-3 gather every layer: the verifier runs them all). `script`: run the layer loops under TorchScript
+    (`decode.scripted`), else eagerly (`rollout.engine=static_eager`)."""
     if not 1 <= draft_length <= MAX_DRAFT_LENGTH:
         raise ValueError(f"speculative decoding: draft_length must be in [1, {MAX_DRAFT_LENGTH}], got {draft_length}")
     stats = stats if stats is not None else DecodeStats()
@@ -171,8 +187,9 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
     stats.prefill_rows += 2 * prefill_ids.shape[0]
     cos_table, sin_table = rotary_tables(model, columns, dtype, device)
     eps = torch.tensor(shape.rms_norm_eps, device=device)
-    full = _Forward(weights, full_cache, shape, embed, final_norm, cos_table, sin_table, eps)
-    draft = _Forward([weights[i] for i in plan.kept], draft_cache, shape, embed, final_norm, cos_table, sin_table, eps)
+    full = _Forward(weights, full_cache, shape, embed, final_norm, cos_table, sin_table, eps, script)
+    draft = _Forward([weights[i] for i in plan.kept], draft_cache, shape, embed, final_norm, cos_table, sin_table, eps,
+                     script)
 
     # Per-slot state (slots are the rows still in the batch; `slot_rows` maps them to output rows).
     width_out = limit + g + 1

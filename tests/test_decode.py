@@ -211,7 +211,7 @@ def test_the_scripted_layer_loop_decodes_the_eager_floats_and_compiles_once_per_
 
     from nested_reft_ds import decode
 
-    monkeypatch.setattr(decode, "_scripted_layer_steps", None)  # as in a fresh process
+    monkeypatch.setattr(decode, "_SCRIPTED", {})  # as in a fresh process
     compilations = []
     for arch in ("qwen2", "qwen3"):
         model, tok = models[arch]

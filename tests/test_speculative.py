@@ -213,6 +213,18 @@ def test_speculative_rows_do_not_depend_on_the_batch(model_and_tokenizer):
     torch.testing.assert_close(whole.behavior_logprobs, scored, atol=1e-4, rtol=0)
 
 
+def test_speculative_layer_loops_under_torchscript_decode_the_eager_floats(model_and_tokenizer):
+    """By default the drafter's and the verifier's layer loops run under TorchScript (`decode.scripted`); with
+    rollout.engine=static_eager they run eagerly. Same kernels: the same tokens and bit-identical log-probs."""
+    model, tok = model_and_tokenizer
+    prompts = [p for p in PROMPTS for _ in range(4)]
+    plan = SkipPlan(6, (1, 3))
+    scripted, _ = decode(model, tok, prompts, plan, draft_length=3, compact_below=0.9)
+    eager, _ = decode(model, tok, prompts, plan, draft_length=3, compact_below=0.9, engine="static_eager")
+    assert torch.equal(scripted.sequences, eager.sequences)
+    assert torch.equal(scripted.behavior_logprobs, eager.behavior_logprobs)
+
+
 def test_a_drafter_that_skips_nothing_is_always_accepted(model_and_tokenizer):
     model, tok = model_and_tokenizer
     _, stats = decode(model, tok, PROMPTS, SkipPlan(6), draft_length=3)
