@@ -194,17 +194,26 @@ class RolloutConfig:
     (nested_reft_ds/speculative.py), so completions are distributed as the full model's and training is on-policy
     (algorithm.correction none); under ZeRO-3 every layer is gathered for the rollout, the verifier runs them all."""
     draft_length: int = 4
-    """With rollout.mode "speculative": tokens the nested model drafts per verify forward of the full model."""
+    """With rollout.mode "speculative": tokens the nested model drafts per verify forward of the full model (with
+    rollout.adaptive_draft, the first step's)."""
+    adaptive_draft: bool = False
+    """With rollout.mode "speculative": each step's draft length is the g in [1, rollout.max_draft_length] that
+    maximises the predicted speed-up (1 - a^(g+1)) / ((1 - a) (g c + 1)), with a the draft acceptance of the earlier
+    steps (a moving average of their all-reduced rates, weight 0.3 on the newest) and c the kept share of the step's
+    layers (the cost model of a memory-bound decode). Every rank chooses the same g; a resumed run continues the
+    same sequence."""
+    max_draft_length: int = 8
+    """Longest draft length rollout.adaptive_draft may choose."""
     engine: DecodeEngine = "static"
     """Decode engine of `rollout.generate`. "static": static shapes over the model's own weights
     (nested_reft_ds/decode.py; qwen2 / qwen3 / llama / mistral, other models are refused), its layer loop run by
     TorchScript's interpreter; "static_eager": the same Python layer step run eagerly (same floats, slower: for
-    debugging, or where TorchScript is unavailable); "static_compiled": the
-    same with the layer step under torch.compile (compiles once per batch bucket, never per skip set; opt-in, see
-    docs/results/decode_cpu.md); "static_graphs" (CUDA): the layer step replayed from one CUDA graph per decoder
-    layer and batch bucket, never recaptured for a new skip set (opt-in until it has passed scripts/gpu_check.sh on
-    a GPU); "reference": the model's forward with a growing cache, for any model. Same tokens and behaviour
-    log-probs (up to float summation order); streamed ZeRO-3 decoding always runs the reference engine."""
+    debugging, or where TorchScript is unavailable); "static_compiled": the layer step under torch.compile
+    (compiles once per batch bucket, never per skip set; opt-in, see docs/results/decode_cpu.md); "static_graphs"
+    (CUDA): the layer step replayed from one CUDA graph per decoder layer and batch bucket, never recaptured for a
+    new skip set (opt-in until it has passed scripts/gpu_check.sh on a GPU); "reference": the model's forward with
+    a growing cache, for any model. Same tokens and behaviour log-probs (up to float summation order); streamed
+    ZeRO-3 decoding always runs the reference engine."""
 
     @property
     def generation(self) -> GenerationSettings:
@@ -226,6 +235,13 @@ class RolloutConfig:
         _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "a float in (0, 1]")
         _require(1 <= self.draft_length <= MAX_DRAFT_LENGTH, "rollout.draft_length", self.draft_length,
                  f"an integer in [1, {MAX_DRAFT_LENGTH}]")
+        _require(1 <= self.max_draft_length <= MAX_DRAFT_LENGTH, "rollout.max_draft_length", self.max_draft_length,
+                 f"an integer in [1, {MAX_DRAFT_LENGTH}]")
+        if self.adaptive_draft:
+            _require(self.mode == "speculative", "rollout.adaptive_draft", self.adaptive_draft,
+                     "false unless rollout.mode='speculative' (only speculative rollouts draft)")
+            _require(self.draft_length <= self.max_draft_length, "rollout.draft_length", self.draft_length,
+                     f"an integer <= rollout.max_draft_length={self.max_draft_length} with rollout.adaptive_draft")
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,46 @@ def predicted_speedup(acceptance: float, draft_length: int, draft_cost: float, v
     return tokens_per_round / (draft_length * draft_cost + verify_cost)
 
 
+def best_draft_length(acceptance: float, draft_cost: float, longest: int, verify_cost: float = 1.0) -> int:
+    """The draft length g in [1, `longest`] with the highest `predicted_speedup` (the shortest among equals)."""
+    return max(range(1, longest + 1), key=lambda g: (predicted_speedup(acceptance, g, draft_cost, verify_cost), -g))
+
+
+class DraftLengths:
+    """The draft length of each RL step: rollout.draft_length, or with rollout.adaptive_draft the `best_draft_length`
+    at the smoothed acceptance of the earlier steps and the step's kept share of the layers (the first step, with
+    nothing observed yet, drafts rollout.draft_length).
+
+    Pure and deterministic in its inputs: the training loop feeds it the all-reduced acceptance, so every rank
+    chooses the same g (keyed sampling then makes the completions independent of the world size), and it
+    round-trips through `state_dict()` so a resumed run continues the same sequence."""
+
+    SMOOTHING = 0.3  # weight of the newest step in the moving average of the acceptance
+
+    def __init__(self, draft_length: int, adaptive: bool, longest: int):
+        self.draft_length, self.adaptive, self.longest = draft_length, adaptive, longest
+        self.acceptance: float | None = None
+
+    def length(self, plan: SkipPlan) -> int:
+        if not self.adaptive or self.acceptance is None:
+            return self.draft_length
+        return best_draft_length(self.acceptance, len(plan.kept) / plan.num_layers, self.longest)
+
+    def observe(self, acceptance: float) -> None:
+        """Feed one step's global acceptance rate (a non-finite rate, e.g. of a step that drafted nothing, is
+        ignored)."""
+        if not 0.0 <= acceptance <= 1.0:
+            return
+        previous = self.acceptance
+        self.acceptance = acceptance if previous is None else previous + self.SMOOTHING * (acceptance - previous)
+
+    def state_dict(self) -> dict:
+        return {"acceptance": self.acceptance}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.acceptance = state["acceptance"]
+
+
 class _Forward:
     """A forward of some decoder layers over m new tokens per row, at per-row cache columns (the drafter's or the
     full model's): embedding, rotary, the layer steps writing their keys and values into `cache`, the final norm."""

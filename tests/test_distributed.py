@@ -273,14 +273,19 @@ def test_kl_in_reward_and_kept_token_normaliser_under_zero3(ranks):
 def test_speculative_rollouts_under_zero3_are_on_policy(ranks):
     """rollout.mode=speculative through train.run on 2 ranks, ZeRO-3 gather-once, every parameter partitioned: the
     behaviour log-probs are the full model's (ratios 1, KL 0: the verifier ran every gathered layer), the step's
-    metrics are global (equal on both ranks) and the nested drafter was sometimes rejected."""
+    metrics are global (equal on both ranks) and the nested drafter was sometimes rejected. With
+    rollout.adaptive_draft both ranks draft step 1 at the length chosen from step 0's global acceptance."""
+    from nested_reft_ds.speculative import best_draft_length
+
     _, (r0, r1) = ranks
     steps0, steps1 = r0["steps_mode_speculative"], r1["steps_mode_speculative"]
     assert [s["step"] for s in steps0] == [0, 1]
     for a, b in zip(steps0, steps1):
         assert a["skipped_layers"] == b["skipped_layers"] and len(a["skipped_layers"]) == 3
-        for key in ("loss", "spec_acceptance", "spec_tokens_per_verify", "reward_mean"):
+        for key in ("loss", "spec_acceptance", "spec_tokens_per_verify", "reward_mean", "spec_draft_length"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    assert steps0[0]["spec_draft_length"] == 3  # rollout.draft_length: nothing observed yet
+    assert steps0[1]["spec_draft_length"] == best_draft_length(steps0[0]["spec_acceptance"], 3 / 6, 6)
     for step in steps0:
         assert 0 < step["spec_acceptance"] <= 1 and step["spec_tokens_per_verify"] >= 1
         assert abs(step["ratio_tok_max"] - 1) < 1e-3 and abs(step["ratio_tok_min"] - 1) < 1e-3

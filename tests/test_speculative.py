@@ -318,6 +318,11 @@ def test_speculative_config_gives_generate_its_draft_length():
     ("rollout.draft_length=0", "'rollout.draft_length' has invalid value 0"),
     ("rollout.draft_length=17", "'rollout.draft_length' has invalid value 17"),
     ("rollout.mode=draft", "'rollout.mode' has invalid value 'draft'"),
+    ("rollout.max_draft_length=17", "'rollout.max_draft_length' has invalid value 17"),
+    ("rollout.adaptive_draft=true&rollout.draft_length=9", "'rollout.draft_length' has invalid value 9: expected an "
+                                                          "integer <= rollout.max_draft_length=8"),
+    ("rollout.mode=nested&rollout.adaptive_draft=true&algorithm.correction=token_tis",
+     "'rollout.adaptive_draft' has invalid value True: expected false unless rollout.mode='speculative'"),
 ])
 def test_speculative_config_refusals_name_the_key(override, message):
     from nested_reft_ds.config import ConfigError, load_config
@@ -332,10 +337,49 @@ def test_generate_refuses_speculative_lockstep_decoding(model_and_tokenizer):
         decode(model, tok, PROMPTS, SkipPlan(6, (2,)), draft_length=2, all_ranks_done=lambda done: done)
 
 
+def test_best_draft_length_maximises_the_predicted_speedup():
+    from nested_reft_ds.speculative import best_draft_length, predicted_speedup
+
+    for acceptance in (0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99):
+        for cost in (0.1, 0.25, 0.5, 0.9):
+            best = best_draft_length(acceptance, cost, 8)
+            speedups = [predicted_speedup(acceptance, g, cost) for g in range(1, 9)]
+            assert speedups[best - 1] == max(speedups) and 1 <= best <= 8
+    assert best_draft_length(0.0, 0.25, 8) == 1  # nothing is ever accepted: the shortest draft
+    assert best_draft_length(1.0, 0.25, 8) == 8  # everything is accepted: the longest
+    assert best_draft_length(1.0, 1.0, 8) == 1  # a drafter as costly as the verifier gains nothing: the shortest
+    # Longer drafts pay as the acceptance rises and as the drafter gets cheaper.
+    assert best_draft_length(0.6, 0.25, 8) < best_draft_length(0.9, 0.25, 8) < best_draft_length(0.97, 0.25, 16)
+    assert best_draft_length(0.9, 0.5, 8) < best_draft_length(0.9, 0.1, 8)
+
+
+def test_draft_lengths_fixed_adaptive_and_resumed():
+    from nested_reft_ds.speculative import DraftLengths, best_draft_length
+
+    plan = SkipPlan(8, (0, 2, 4, 6, 7))  # c = 3/8
+    fixed = DraftLengths(3, adaptive=False, longest=8)
+    fixed.observe(0.99)
+    assert fixed.length(plan) == 3
+    adaptive = DraftLengths(3, adaptive=True, longest=8)
+    assert adaptive.length(plan) == 3  # nothing observed yet
+    adaptive.observe(0.9)
+    assert adaptive.acceptance == 0.9 and adaptive.length(plan) == best_draft_length(0.9, 3 / 8, 8)
+    adaptive.observe(0.5)
+    assert adaptive.acceptance == pytest.approx(0.9 + 0.3 * (0.5 - 0.9))
+    adaptive.observe(float("nan"))  # a step that drafted nothing says nothing
+    assert adaptive.acceptance == pytest.approx(0.78)
+    resumed = DraftLengths(3, adaptive=True, longest=8)
+    resumed.load_state_dict(adaptive.state_dict())
+    assert resumed.length(plan) == adaptive.length(plan) == best_draft_length(0.78, 3 / 8, 8)
+    assert resumed.length(SkipPlan(8, (1,))) == best_draft_length(0.78, 7 / 8, 8)  # the step's own kept share
+
+
 def test_speculative_train_run_single_process(tmp_path):
     """rollout.mode=speculative through `nested-reft train` (one process, ZeRO-0; a subprocess, so this test's
     process never joins a process group): the logged ratios are 1 (on-policy), the acceptance and tokens per
-    verify are logged, and held-out evaluation decodes plainly (no drafting)."""
+    verify are logged, the adaptive draft length follows the logged acceptance, and held-out evaluation decodes
+    plainly (no drafting)."""
+    from nested_reft_ds.speculative import DraftLengths
     import json
     import subprocess
     import sys
@@ -344,7 +388,8 @@ def test_speculative_train_run_single_process(tmp_path):
     overrides = SPECULATIVE + [
         f"train.output_dir={tmp_path}", "model.hidden_size=32", "model.num_layers=4", "model.num_heads=2",
         "model.num_kv_heads=1", "model.intermediate_size=64", "rollout.prompts_per_step=2", "rollout.group_size=2",
-        "rollout.max_new_tokens=16", "train.sft_steps=10", "train.steps=2", "train.micro_batch_size=2",
+        "rollout.max_new_tokens=16", "train.sft_steps=10", "train.steps=3", "train.micro_batch_size=2",
+        "rollout.draft_length=2", "rollout.adaptive_draft=true", "rollout.max_draft_length=6",
         "data.eval_problems=3", "logging.tensorboard=false", "logging.progress_bar=false", "train.save_every=0"]
     proc = subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "train",
                            *[arg for override in overrides for arg in ("--set", override)]],
@@ -352,7 +397,12 @@ def test_speculative_train_run_single_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in records if r["phase"] == "rl"]
-    assert len(rl) == 2
+    assert len(rl) == 3
+    expected = DraftLengths(2, adaptive=True, longest=6)  # replayed from the logged global acceptances
+    for record in rl:
+        kept = SkipPlan(4, tuple(record["skipped_layers"]))
+        assert record["spec_draft_length"] == expected.length(kept)
+        expected.observe(record["spec_acceptance"])
     for record in rl:
         assert 0 < record["spec_acceptance"] <= 1 and record["spec_tokens_per_verify"] >= 1
         assert record["spec_predicted_speedup"] > 0

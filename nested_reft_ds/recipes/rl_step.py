@@ -13,6 +13,7 @@ Log-probs of every policy are taken at the rollout temperature, the distribution
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from ..reward import score_batch_with_stats
 from ..reward.score import BatchScores
 from ..rl import DiagnosticParts, compute_advantages, kl_estimate, loss_token_mask, merge, policy_loss_parts
 from ..rollout import DecodeStats, Rollout, completion_logprobs, encode_prompts, generate, lockstep_rule
-from ..speculative import predicted_speedup
+from ..speculative import DraftLengths, predicted_speedup
 from ..shared_prompt import PackedGroups, pack_groups, packing_pays, shared_prompt_logprobs, supports_block_mask
 from .batching import batch_indices, local_share, micro_batches
 
@@ -44,6 +45,7 @@ class StepContext:
     rank: int
     world: int
     reference: object = None          # the frozen KL reference engine (algorithm.kl_coef > 0)
+    draft: DraftLengths | None = None  # speculative draft lengths (None: rollout.draft_length at every step)
 
 
 @dataclass
@@ -90,6 +92,8 @@ def rl_step(ctx: StepContext, step: int) -> dict[str, float]:
     result = update(ctx, batch)                          # 6. loss, backward, optimizer step
     metrics = step_metrics(ctx, batch, result)           # 7. metrics over the global batch
     ctx.skip.observe(plan, ess=metrics["ess_tok_raw"], kl=metrics["kl_behavior_k3"])  # the adaptive feedback
+    if ctx.draft is not None and metrics.get("spec_drafted_tokens"):  # the adaptive draft length's feedback
+        ctx.draft.observe(metrics["spec_acceptance"])
     return {**metrics, **ctx.skip.metrics(), "skipped_layers": list(plan.skipped)}
 
 
@@ -145,12 +149,15 @@ def sample(ctx: StepContext, plan: SkipPlan, problems: list[MathProblem],
     step_seed, row_keys = sampling_keys(cfg.train.seed, step, ctx.rank * len(problems) * G, len(problems) * G,
                                         ds.device())
     decode = DecodeStats()
+    settings = cfg.rollout.generation
+    if cfg.rollout.mode == "speculative" and ctx.draft is not None:
+        settings = dataclasses.replace(settings, draft_length=ctx.draft.length(plan))
     ctx.engine.eval()
     # Speculative rollouts verify with the full model: every layer is gathered, `plan` only says who drafts.
     gathered = SkipPlan(plan.num_layers) if cfg.rollout.mode == "speculative" else plan
     with ds.skip_aware_gather(ctx.engine, gathered, mode=cfg.rollout.gather,
                               memory_fraction=cfg.rollout.gather_memory_fraction) as model:
-        rollout = generate(model, prompt_ids, prompt_mask, plan, cfg.rollout.generation,
+        rollout = generate(model, prompt_ids, prompt_mask, plan, settings,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            seed=step_seed, row_keys=row_keys, group_size=G if cfg.rollout.shared_prefill else 1,
                            stats=decode)
@@ -310,10 +317,10 @@ def step_metrics(ctx: StepContext, batch: RolloutBatch, result: UpdateResult) ->
 
 
 def speculative_metrics(ctx: StepContext, batch: RolloutBatch) -> dict[str, float]:
-    """rollout.mode speculative: the global draft acceptance, tokens committed per verify forward (a row's first
-    token comes from the prefill) and the speed-up the cost model predicts from them, with the drafter's cost per
-    token taken as its share of the layers and a verify forward as one decode step (a memory-bound decode).
-    Collective (one all-reduce of sums); {} in nested mode."""
+    """rollout.mode speculative: the step's draft length, the global draft acceptance, tokens committed per verify
+    forward (a row's first token comes from the prefill) and the speed-up the cost model predicts from them, with
+    the drafter's cost per token taken as its share of the layers and a verify forward as one decode step (a
+    memory-bound decode). Collective (one all-reduce of sums); {} in nested mode."""
     if ctx.cfg.rollout.mode != "speculative":
         return {}
     decode, rollout = batch.decode, batch.rollout
@@ -321,6 +328,8 @@ def speculative_metrics(ctx: StepContext, batch: RolloutBatch) -> dict[str, floa
         decode.verified_rows, decode.drafted_tokens, decode.accepted_drafts,
         rollout.num_completion_tokens - rollout.completion_mask.shape[0]])
     acceptance = accepted / max(drafted, 1)
+    draft_length = drafted // verified if verified else ctx.cfg.rollout.draft_length  # every verified row drafted g
     draft_cost = len(batch.plan.kept) / batch.plan.num_layers
-    return {"spec_acceptance": acceptance, "spec_tokens_per_verify": committed / max(verified, 1),
-            "spec_predicted_speedup": predicted_speedup(acceptance, ctx.cfg.rollout.draft_length, draft_cost)}
+    return {"spec_draft_length": draft_length, "spec_drafted_tokens": drafted, "spec_acceptance": acceptance,
+            "spec_tokens_per_verify": committed / max(verified, 1),
+            "spec_predicted_speedup": predicted_speedup(acceptance, draft_length, draft_cost)}

@@ -47,6 +47,7 @@ from ..model import build_tiny_model, check_model_dir, select_attn_implementatio
 from ..nested import SkipPlan, SkipScheduler, nested_view, sample_skip_plan
 from ..rollout import Rollout, completion_logprobs, encode_prompts
 from ..run_log import RunLog
+from ..speculative import DraftLengths
 from ..eval_metrics import EvalSums
 from .batching import batch_indices, local_share, micro_batches
 from .evaluate import EvalSettings, evaluate_problems
@@ -353,6 +354,7 @@ def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan:
     warnings = check_model_inputs(cfg, model.config, tokenizer, train_problems, eval_problems)
     engine = ds.build_engine(model, ds_config)
     skip = SkipScheduler(cfg.skip, model.config.num_hidden_layers, cfg.train.seed)
+    draft = DraftLengths(cfg.rollout.draft_length, cfg.rollout.adaptive_draft, cfg.rollout.max_draft_length)
     ckpt_dir = out_dir / "checkpoints"
     # What a checkpoint pins (nested_reft_ds.fingerprint): checked before a resume loads anything, recorded by
     # every save (an SFT checkpoint pins less than an RL one: RL may start from it with another rollout layout).
@@ -367,6 +369,8 @@ def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan:
                                             warn=warn if rank == 0 else lambda text: None)
         progress = Progress(**state["progress"])
         skip.load_state_dict(state["skip"])
+        if "draft" in state:  # checkpoints written before rollout.adaptive_draft existed have none
+            draft.load_state_dict(state["draft"])
         resumed_from = Path(plan.save_dir) / tag
         if plan.pinned and rank == 0 and ds.latest_tag(plan.save_dir) != tag:
             ds.make_current(plan.save_dir, tag)  # a crash before the next commit resumes here again
@@ -393,7 +397,8 @@ def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan:
             raise ConfigError(f"non-finite weights after {phase} step {step}: training diverged; checkpoint "
                               f"{progress.tag()} is not written (lower train.{'lr' if phase == 'rl' else 'sft_lr'} or "
                               "set train.grad_clip > 0; a rerun resumes from the last committed checkpoint)")
-        state = {"progress": vars(progress), "skip": skip.state_dict(), "config": cfg.to_dict()}
+        state = {"progress": vars(progress), "skip": skip.state_dict(), "draft": draft.state_dict(),
+                 "config": cfg.to_dict()}
         ds.save_checkpoint(engine, ckpt_dir, progress.tag(), state, keep=cfg.train.keep_checkpoints,
                            fingerprint=fingerprint["rl" if progress.rl_step else "sft"], write_extra=finish_tag)
 
@@ -426,7 +431,8 @@ def train_in_output_dir(cfg: ExperimentConfig, ds_config_path: str | None, plan:
     while progress.rl_step < cfg.train.steps:
         step = progress.rl_step
         ds.set_learning_rate(engine, cfg.train.lr * min(1.0, (step + 1) / max(cfg.train.lr_warmup_steps, 1)))
-        metrics = rl_step(StepContext(engine, tokenizer, cfg, train_problems, skip, rank, world, reference), step)
+        metrics = rl_step(StepContext(engine, tokenizer, cfg, train_problems, skip, rank, world, reference, draft),
+                          step)
         stop_if_diverged(engine, "rl", step, metrics, ("loss", "grad_norm"))
         (first_rewards if step < cfg.train.steps / 2 else last_rewards).append(metrics["reward_mean"])
         if step % cfg.logging.log_every == 0:

@@ -46,7 +46,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=6", "model.num_heads=2", "mode
 RECORDED = ("skipped_layers", "loss", "train_packed_micro_batches", "longest_completion_min", "longest_completion_max", "rollout_lockstep", "reward_mean", "completion_length", "grad_norm", "pg_loss", "ess",
             "ess_seq_raw", "ess_tok_raw", "frac_truncated", "frac_masked", "kl_behavior_k1", "kl_behavior_k3",
             "accept", "weight_mean", "nonfinite_count", "kl_ref", "kl_penalty_mean", "spec_acceptance",
-            "spec_tokens_per_verify", "spec_predicted_speedup",
+            "spec_tokens_per_verify", "spec_predicted_speedup", "spec_draft_length",
             *(f"ratio_{unit}_{stat}" for unit in ("tok", "seq") for stat in ("mean", "min", "max", "p10", "p50", "p90")))
 
 
@@ -249,12 +249,14 @@ def main() -> None:
         result[f"steps_mode_{mode}"] = list(records_a)
 
     # 8b. Speculative rollouts (rollout.mode=speculative) under ZeRO-3 gather-once with every parameter partitioned:
-    # the verifier runs every layer, so all are gathered; the drafter is the step's nested model.
+    # the verifier runs every layer, so all are gathered; the drafter is the step's nested model. The draft length
+    # is adaptive: step 1's is chosen from step 0's all-reduced acceptance.
     run_spec = out / "mode_speculative"
     start_from_warm_up(out, run_spec, rank)
     records_a.clear()
     cfg_spec = load_config(None, TINY + [f"train.output_dir={run_spec}", "rollout.mode=speculative",
-                                         "rollout.draft_length=3", "skip.schedule=fixed", "skip.ratio=0.5",
+                                         "rollout.draft_length=3", "rollout.adaptive_draft=true",
+                                         "rollout.max_draft_length=6", "skip.schedule=fixed", "skip.ratio=0.5",
                                          "algorithm.correction=none", "train.steps=2", "train.save_every=0",
                                          "rollout.max_new_tokens=40"])
     result["summary_mode_speculative"] = train.run(cfg_spec, str(kl_config), resume="auto")
