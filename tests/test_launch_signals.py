@@ -22,6 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
 
 
+def describe(processes: list[psutil.Process]) -> list[str]:
+    """What each process is doing, for a failure message: pid, state, CPU time and command line."""
+    lines = []
+    for process in processes:
+        try:
+            lines.append(f"{process.pid} {process.status()} cpu {sum(process.cpu_times()[:2]):.1f}s "
+                         f"{' '.join(process.cmdline())[:160]}")
+        except psutil.Error as error:
+            lines.append(f"{process.pid}: {error}")
+    return lines
+
+
 def test_sigint_to_the_launcher_alone_ends_both_ranks_and_frees_the_directory(tmp_path):
     out = tmp_path / "run"
     port = free_port()
@@ -30,8 +42,10 @@ def test_sigint_to_the_launcher_alone_ends_both_ranks_and_frees_the_directory(tm
     for setting in ("train.sft_steps=100000", "train.steps=1", "train.cpu_threads=1", f"train.output_dir={out}"):
         command += ["--set", setting]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # Its own group, so only our kill reaches it; SIGINT at its default disposition whatever this process inherited
+    # (an ignored SIGINT survives exec, and the launcher would then outlive the signal this test sends).
     launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)  # its own group: only our kill reaches it
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and launcher.poll() is None:
@@ -48,9 +62,9 @@ def test_sigint_to_the_launcher_alone_ends_both_ranks_and_frees_the_directory(tm
         assert len(ranks) == 2 and holder["pid"] in [p.pid for p in ranks]
         time.sleep(3)  # well into the warm-up
         os.kill(launcher.pid, signal.SIGINT)
-        launcher.wait(timeout=60)
-        gone, alive = psutil.wait_procs(descendants, timeout=60)
-        assert not alive, f"still running 60 s after the launcher's SIGINT: {[p.cmdline() for p in alive]}"
+        gone, alive = psutil.wait_procs([psutil.Process(launcher.pid), *descendants], timeout=90)
+        assert not alive, f"still running 90 s after the launcher's SIGINT: {describe(alive)}"
+        launcher.wait(timeout=5)
     finally:
         for process in psutil.Process().children(recursive=True):
             if process.pid == launcher.pid or launcher.pid in [p.pid for p in process.parents()]:
