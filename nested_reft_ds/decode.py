@@ -23,8 +23,8 @@ functional per-layer step with static shapes:
 
 By default the loop over the kept layers runs under TorchScript's interpreter (`scripted(layer_steps)`: compiled
 once per process, the same kernels as the eager Python functions without a Python frame per operation;
-`rollout.engine=static_eager` runs those functions eagerly). A fixed-shape variant (`fixed_layer_step`: the write column
-a tensor, attention over every cache column with the unfilled ones masked) runs under `torch.compile`
+`rollout.engine=static_eager` runs those functions eagerly). A fixed-shape variant (`fixed_layer_step`: the write
+column a tensor, attention over every cache column with the unfilled ones masked) runs under `torch.compile`
 (`rollout.engine=static_compiled`) or as CUDA graphs captured per decoder layer and batch bucket (`DecodeGraphs`,
 `rollout.engine=static_graphs`); neither compiles nor captures anything for a new skip set. Measurements:
 docs/results/decode_cpu.md.
@@ -217,7 +217,8 @@ class StaticKVCache:
         ([rows Hkv, column + 1, D]) the step attends over. A handful of view operations per step for all layers."""
         keys, values = self.keys[:, :rows * self.kv_heads], self.values[:, :rows * self.kv_heads]
         new_shape = (keys.shape[0], rows, self.kv_heads, keys.shape[-1])
-        return (list(keys[:, :, column].view(new_shape).unbind(0)), list(values[:, :, column].view(new_shape).unbind(0)),
+        return (list(keys[:, :, column].view(new_shape).unbind(0)),
+                list(values[:, :, column].view(new_shape).unbind(0)),
                 list(keys[:, :, :column + 1].transpose(2, 3).unbind(0)), list(values[:, :, :column + 1].unbind(0)))
 
 
