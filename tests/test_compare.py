@@ -154,9 +154,23 @@ def test_grid_has_the_issue_arms():
     assert BASELINE in ARMS and "adaptive-token_tis" in ARMS
     assert {f"skip{r}-{c}" for r in (0.25, 0.5) for c in ("none", "token_tis", "seq_mis")} <= set(ARMS)
     assert {f"spec{r}-g{g}" for r in (0.25, 0.5, 0.75) for g in range(2, 7)} <= set(ARMS)
+    assert {f"spec{r}-auto" for r in (0.25, 0.5, 0.75)} <= set(ARMS)
     assert compare.SPECULATIVE_DEFAULT in DEFAULT_ARMS and BASELINE in DEFAULT_ARMS
     assert not [arm for arm in DEFAULT_ARMS if arm.startswith("spec") and arm != compare.SPECULATIVE_DEFAULT]
     assert len(compare.DEFAULT_SEEDS) >= 3
+
+
+def test_every_arm_is_a_valid_config_whatever_the_base_sets_for_the_draft_length():
+    """Each arm sets what defines it, so a base config or --set that turns on rollout.adaptive_draft (valid only in
+    speculative mode) still gives every arm a valid config, and only the "-auto" arms draft adaptively."""
+    from nested_reft_ds.config import load_config
+
+    base = ["rollout.mode=speculative", "algorithm.correction=none", "rollout.adaptive_draft=true",
+            "skip.target_ess=0.9"]
+    for arm, overrides in ARMS.items():
+        cfg = load_config(None, [*base, *overrides])
+        assert cfg.rollout.adaptive_draft == arm.endswith("-auto"), arm
+        assert (cfg.rollout.mode == "speculative") == arm.startswith("spec"), arm
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -50,20 +50,25 @@ BASELINE = "reft"
 SFT_ARM = "sft"  # runs.jsonl tag of a seed's shared warm-up records
 # Arm name -> the overrides that define it, applied after the config file and --set. Arms set only the rollout
 # mode, skip ratio, schedule, correction and draft length; everything else (is_cap, the seq_mis band, the adaptive
-# targets) comes from the config file and --set, identical for every arm.
-NESTED = "rollout.mode=nested"
+# targets, rollout.max_draft_length) comes from the config file and --set, identical for every arm.
+NESTED = ("rollout.mode=nested", "rollout.adaptive_draft=false")
+SPECULATIVE = ("rollout.mode=speculative", "skip.schedule=fixed", "algorithm.correction=none")
 ARMS: dict[str, tuple[str, ...]] = {
-    BASELINE: (NESTED, "skip.ratio=0", "skip.schedule=fixed", "algorithm.correction=none"),
-    **{f"skip{ratio}-{correction}": (NESTED, f"skip.ratio={ratio}", "skip.schedule=fixed",
+    BASELINE: (*NESTED, "skip.ratio=0", "skip.schedule=fixed", "algorithm.correction=none"),
+    **{f"skip{ratio}-{correction}": (*NESTED, f"skip.ratio={ratio}", "skip.schedule=fixed",
                                      f"algorithm.correction={correction}")
        for ratio in (0.25, 0.5) for correction in ("none", "token_tis", "seq_mis")},
     # Starts at 0.25; moves by skip.step_size per step within [skip.ratio_min, skip.ratio_max] toward the largest
     # ratio whose ESS/N and KL stay inside skip.target_ess / skip.target_kl.
-    "adaptive-token_tis": (NESTED, "skip.ratio=0.25", "skip.schedule=adaptive", "algorithm.correction=token_tis"),
-    # Exact Nested-ReFT: the nested model of skip ratio r drafts g tokens, the full model verifies (on-policy).
-    **{f"spec{ratio}-g{g}": ("rollout.mode=speculative", f"skip.ratio={ratio}", "skip.schedule=fixed",
-                             "algorithm.correction=none", f"rollout.draft_length={g}")
+    "adaptive-token_tis": (*NESTED, "skip.ratio=0.25", "skip.schedule=adaptive", "algorithm.correction=token_tis"),
+    # Exact Nested-ReFT: the nested model of skip ratio r drafts g tokens, the full model verifies (on-policy);
+    # "-auto": the draft length chosen each step from the measured acceptance (rollout.adaptive_draft), from 3.
+    **{f"spec{ratio}-g{g}": (*SPECULATIVE, f"skip.ratio={ratio}", f"rollout.draft_length={g}",
+                             "rollout.adaptive_draft=false")
        for ratio in (0.25, 0.5, 0.75) for g in range(2, 7)},
+    **{f"spec{ratio}-auto": (*SPECULATIVE, f"skip.ratio={ratio}", "rollout.draft_length=3",
+                             "rollout.adaptive_draft=true")
+       for ratio in (0.25, 0.5, 0.75)},
 }
 # The grid `compare` runs without --arms: every arm but the speculative ones, plus the speculative setting that
 # `nested-reft bench speculative` measured fastest on the compare_long warm-ups (docs/results/speculative_cpu.md).
