@@ -77,10 +77,12 @@ def test_sigint_to_the_launcher_alone_ends_both_ranks_and_frees_the_directory(tm
                     process.kill()
             except psutil.Error:
                 pass
-    # The next run takes the directory over: the lock is free, and its record is rank 0's, which died holding it.
+    # The next run takes the directory over: the lock is free. Rank 0 either left through its watchdog (os._exit:
+    # its record stays, and the next holder finds it) or, when rank 1 left first, through the error its next
+    # collective raised, which releases the lock and clears the record on the way out. Which one is a race.
     from nested_reft_ds import run_dir
     taken = run_dir.acquire(out)
     try:
-        assert taken.previous is not None and taken.previous["pid"] == holder["pid"]
+        assert taken.previous is None or taken.previous["pid"] == holder["pid"], taken.previous
     finally:
         taken.release()
