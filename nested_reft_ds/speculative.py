@@ -88,8 +88,8 @@ class DraftLengths:
         return best_draft_length(self.acceptance, len(plan.kept) / plan.num_layers, self.longest)
 
     def observe(self, acceptance: float) -> None:
-        """Feed one step's global acceptance rate (a non-finite rate, e.g. of a step that drafted nothing, is
-        ignored)."""
+        """Feed one step's global acceptance rate; a value outside [0, 1] (NaN) is ignored. The training loop
+        feeds only steps that drafted something (rl_step)."""
         if not 0.0 <= acceptance <= 1.0:
             return
         previous = self.acceptance
