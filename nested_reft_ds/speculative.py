@@ -113,6 +113,9 @@ class _Forward:
         self.run_layers = scripted(multi_token_layer_steps) if script else multi_token_layer_steps
         self.embed, self.final_norm, self.cos_table, self.sin_table, self.eps = (embed, final_norm, cos_table,
                                                                                  sin_table, eps)
+        # Per batch size, every layer's keys and values [b Hkv, S, D]: views of the cache's leading slots, which
+        # compaction rewrites in place, so they are made once per size.
+        self.views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def __call__(self, tokens: torch.Tensor, columns: torch.Tensor, padding: torch.Tensor, key_ok: torch.Tensor,
                  width: int) -> torch.Tensor:
@@ -135,7 +138,9 @@ class _Forward:
             ~visible, torch.finfo(x.dtype).min)
         mask = additive[:, None, :, None, :].expand(rows, kv_heads, m, groups, width).reshape(
             rows * kv_heads, m * groups, width)
-        keys, values = (list(views) for views in zip(*self.cache.layer_views(rows)))
+        if rows not in self.views:
+            self.views[rows] = tuple(list(views) for views in zip(*self.cache.layer_views(rows)))
+        keys, values = self.views[rows]
         with torch.jit.optimized_execution(False):  # the plain interpreter (see `decode.scripted`)
             x = self.run_layers(x, self.weights, keys, values, write_index, width, cos, sin, mask, shape, self.eps,
                                 rows, m)

@@ -374,31 +374,37 @@ def test_draft_lengths_fixed_adaptive_and_resumed():
     assert resumed.length(SkipPlan(8, (1,))) == best_draft_length(0.78, 7 / 8, 8)  # the step's own kept share
 
 
-def test_speculative_train_run_single_process(tmp_path):
-    """rollout.mode=speculative through `nested-reft train` (one process, ZeRO-0; a subprocess, so this test's
+def test_speculative_train_run_single_process_and_its_resume(tmp_path):
+    """rollout.mode=speculative through `nested-reft train` (one process, ZeRO-0; subprocesses, so this test's
     process never joins a process group): the logged ratios are 1 (on-policy), the acceptance and tokens per
-    verify are logged, the adaptive draft length follows the logged acceptance, and held-out evaluation decodes
-    plainly (no drafting)."""
+    verify are logged, the adaptive draft length follows the logged acceptance, held-out evaluation decodes
+    plainly (no drafting), and a run resumed from the step-1 checkpoint drafts the lengths of the uninterrupted run
+    (the smoothed acceptance travels in the checkpoint) and samples the same completions."""
     from nested_reft_ds.speculative import DraftLengths
     import json
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
 
-    overrides = SPECULATIVE + [
-        f"train.output_dir={tmp_path}", "model.hidden_size=32", "model.num_layers=4", "model.num_heads=2",
-        "model.num_kv_heads=1", "model.intermediate_size=64", "rollout.prompts_per_step=2", "rollout.group_size=2",
-        "rollout.max_new_tokens=16", "train.sft_steps=10", "train.steps=3", "train.micro_batch_size=2",
-        "rollout.draft_length=2", "rollout.adaptive_draft=true", "rollout.max_draft_length=6",
-        "data.eval_problems=3", "logging.tensorboard=false", "logging.progress_bar=false", "train.save_every=0"]
-    proc = subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "train",
-                           *[arg for override in overrides for arg in ("--set", override)]],
-                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    def train(out_dir: Path) -> list[dict]:
+        overrides = SPECULATIVE + [
+            f"train.output_dir={out_dir}", "model.hidden_size=32", "model.num_layers=4", "model.num_heads=2",
+            "model.num_kv_heads=1", "model.intermediate_size=64", "rollout.prompts_per_step=2",
+            "rollout.group_size=2", "rollout.max_new_tokens=16", "train.sft_steps=10", "train.steps=3",
+            "train.micro_batch_size=2", "rollout.draft_length=6", "rollout.adaptive_draft=true",
+            "rollout.max_draft_length=6", "data.eval_problems=3", "logging.tensorboard=false",
+            "logging.progress_bar=false", "train.save_every=1"]
+        proc = subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "train",
+                               *[arg for override in overrides for arg in ("--set", override)]],
+                              capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+    records = train(tmp_path / "a")
     rl = [r for r in records if r["phase"] == "rl"]
     assert len(rl) == 3
-    expected = DraftLengths(2, adaptive=True, longest=6)  # replayed from the logged global acceptances
+    expected = DraftLengths(6, adaptive=True, longest=6)  # replayed from the logged global acceptances
     for record in rl:
         kept = SkipPlan(4, tuple(record["skipped_layers"]))
         assert record["spec_draft_length"] == expected.length(kept)
@@ -409,6 +415,19 @@ def test_speculative_train_run_single_process(tmp_path):
         assert abs(record["ratio_tok_max"] - 1) < 1e-4 and abs(record["kl_behavior_k3"]) < 1e-8
     evals = [r for r in records if r["phase"] == "eval"]
     assert evals and all(len(r["heldout_correct"]) == 3 for r in evals)
+
+    # Resume in a fresh directory from the checkpoint after RL step 0 ("rl_step1": one RL step done).
+    resumed_dir = tmp_path / "b"
+    shutil.copytree(tmp_path / "a" / "base_model", resumed_dir / "base_model")
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "rl_step1", resumed_dir / "checkpoints" / "rl_step1")
+    (resumed_dir / "checkpoints" / "latest").write_text("rl_step1")
+    resumed = [r for r in train(resumed_dir) if r["phase"] == "rl"]
+    assert [r["step"] for r in resumed] == [1, 2]
+    # A run that lost the smoothed acceptance would draft rollout.draft_length (6) again at its first step.
+    assert rl[1]["spec_draft_length"] != 6
+    for replayed, uninterrupted in zip(resumed, rl[1:]):
+        for key in ("spec_draft_length", "spec_drafted_tokens", "spec_acceptance", "reward_mean", "loss"):
+            assert replayed[key] == uninterrupted[key], key
 
 
 def test_bench_speculative_prints_measured_and_predicted_speedups():

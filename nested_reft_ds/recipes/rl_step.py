@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import engine as ds
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, GenerationSettings
 from ..data import MathProblem
 from ..data.templates import format_prompt
 from ..faults import maybe_fail
@@ -68,6 +68,7 @@ class RolloutBatch:
     group_ids: torch.Tensor           # [B*G] each row's prompt
     before_update: BeforeUpdate | None
     decode: DecodeStats
+    draft_length: int                 # tokens drafted per speculative round (0: not speculative)
     lockstep: bool                    # decoding ran collectives (streamed ZeRO-3)
     rollout_s: float
     reward_s: float
@@ -105,7 +106,8 @@ def collect(ctx: StepContext, plan: SkipPlan, step: int) -> RolloutBatch:
     start = time.perf_counter()
     problems = [ctx.problems[i] for i in local_share(
         batch_indices(len(ctx.problems), cfg.rollout.prompts_per_step, step, cfg.train.seed), ctx.rank, ctx.world)]
-    rollout, decode, lockstep = sample(ctx, plan, problems, step)                            # 2. rollout
+    settings = generation_settings(ctx, plan)
+    rollout, decode, lockstep = sample(ctx, plan, problems, step, settings)                  # 2. rollout
     sampled = time.perf_counter()
     texts = ctx.tokenizer.batch_decode(rollout.completions, skip_special_tokens=True)
     verdicts = verify(texts, [p.answer for p in problems for _ in range(G)], cfg)          # 3. reward
@@ -133,12 +135,21 @@ def collect(ctx: StepContext, plan: SkipPlan, step: int) -> RolloutBatch:
     advantages = compute_advantages(penalised, G, algo.advantage)                         # 5. advantages
     return RolloutBatch(plan=plan, rollout=rollout, verdicts=verdicts, rewards=rewards, kl_penalty=kl_penalty,
                         advantages=advantages, layout=layout, group_ids=group_ids, before_update=before_update,
-                        decode=decode, lockstep=lockstep, rollout_s=sampled - start, reward_s=verified - sampled,
+                        decode=decode, draft_length=settings.draft_length, lockstep=lockstep, rollout_s=sampled - start, reward_s=verified - sampled,
                         prepare_s=time.perf_counter() - verified)
 
 
-def sample(ctx: StepContext, plan: SkipPlan, problems: list[MathProblem],
-           step: int) -> tuple[Rollout, DecodeStats, bool]:
+def generation_settings(ctx: StepContext, plan: SkipPlan) -> GenerationSettings:
+    """The step's decoding settings: rollout.generation, in speculative mode with the step's draft length (the
+    same on every rank: `DraftLengths` reads all-reduced acceptances)."""
+    settings = ctx.cfg.rollout.generation
+    if ctx.cfg.rollout.mode == "speculative" and ctx.draft is not None:
+        settings = dataclasses.replace(settings, draft_length=ctx.draft.length(plan))
+    return settings
+
+
+def sample(ctx: StepContext, plan: SkipPlan, problems: list[MathProblem], step: int,
+           settings: GenerationSettings) -> tuple[Rollout, DecodeStats, bool]:
     """G completions per problem from the nested view `plan` of the policy (rollout.mode nested), or drafted by it
     and verified by the full policy (speculative), with their behaviour log-probs. Returns the rollout, what
     decoding computed, and whether it ran in lockstep (streamed ZeRO-3)."""
@@ -149,9 +160,6 @@ def sample(ctx: StepContext, plan: SkipPlan, problems: list[MathProblem],
     step_seed, row_keys = sampling_keys(cfg.train.seed, step, ctx.rank * len(problems) * G, len(problems) * G,
                                         ds.device())
     decode = DecodeStats()
-    settings = cfg.rollout.generation
-    if cfg.rollout.mode == "speculative" and ctx.draft is not None:
-        settings = dataclasses.replace(settings, draft_length=ctx.draft.length(plan))
     ctx.engine.eval()
     # Speculative rollouts verify with the full model: every layer is gathered, `plan` only says who drafts.
     gathered = SkipPlan(plan.num_layers) if cfg.rollout.mode == "speculative" else plan
@@ -328,7 +336,7 @@ def speculative_metrics(ctx: StepContext, batch: RolloutBatch) -> dict[str, floa
         decode.verified_rows, decode.drafted_tokens, decode.accepted_drafts,
         rollout.num_completion_tokens - rollout.completion_mask.shape[0]])
     acceptance = accepted / max(drafted, 1)
-    draft_length = drafted // verified if verified else ctx.cfg.rollout.draft_length  # every verified row drafted g
+    draft_length = batch.draft_length
     draft_cost = len(batch.plan.kept) / batch.plan.num_layers
     return {"spec_draft_length": draft_length, "spec_drafted_tokens": drafted, "spec_acceptance": acceptance,
             "spec_tokens_per_verify": committed / max(verified, 1),
