@@ -150,7 +150,8 @@ class GenerationSettings:
     draft_length: int = 0
     """0: sample from the model viewed through the skip plan. g >= 1: self-speculative sampling (speculative.py):
     the model viewed through the plan drafts g tokens per round and the full model verifies them, so completions are
-    distributed as the full model's; decoded by its own eager engine, whatever `engine` says."""
+    distributed as the full model's; decoded by speculative.py, its layer loops under TorchScript (eagerly with
+    engine "static_eager", from CUDA graphs with "static_graphs")."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.max_new_tokens <= MAX_NEW_TOKENS, "generation.max_new_tokens", self.max_new_tokens,
@@ -211,7 +212,8 @@ class RolloutConfig:
     debugging, or where TorchScript is unavailable); "static_compiled": the layer step under torch.compile
     (compiles once per batch bucket, never per skip set; opt-in, see docs/results/decode_cpu.md); "static_graphs"
     (CUDA): the layer step replayed from one CUDA graph per decoder layer and batch bucket, never recaptured for a
-    new skip set (opt-in until it has passed scripts/gpu_check.sh on a GPU); "reference": the model's forward with
+    new skip set, in speculative mode the drafter's and verifier's forwards too (opt-in until it has passed
+    scripts/gpu_check.sh on a GPU); "reference": the model's forward with
     a growing cache, for any model. Same tokens and behaviour log-probs (up to float summation order); streamed
     ZeRO-3 decoding always runs the reference engine."""
 

@@ -417,6 +417,64 @@ def compiled_layer_step():
     return _compiled_layer_step
 
 
+class GraphWeights:
+    """Fixed-address copies of a model's weights for CUDA graphs to read: every decoder layer's `LayerWeights`, the
+    embedding, final norm and head. A rollout copies its weights in (`load`): ZeRO-3 gathers them to fresh storage
+    at every rollout, and a graph reads the addresses it was captured with."""
+
+    def __init__(self, template: LayerWeights, num_layers: int, embed: torch.Tensor, hidden_size: int):
+        self.layers = [LayerWeights(**{name: None if value is None else torch.empty_like(value)
+                                       for name, value in template._asdict().items()}) for _ in range(num_layers)]
+        self.embed = torch.empty_like(embed)
+        self.final_norm = torch.empty(hidden_size, dtype=embed.dtype, device=embed.device)
+        self.head = torch.empty_like(embed)
+
+    def fits(self, template: LayerWeights, num_layers: int, embed: torch.Tensor) -> bool:
+        return (num_layers == len(self.layers) and embed.shape == self.embed.shape and embed.dtype == self.embed.dtype
+                and embed.device == self.embed.device
+                and all((value is None) == (getattr(self.layers[0], name) is None)
+                        and (value is None or value.shape == getattr(self.layers[0], name).shape)
+                        for name, value in template._asdict().items()))
+
+    def load(self, layers: dict[int, LayerWeights], embed: torch.Tensor, final_norm: torch.Tensor,
+             head: torch.Tensor) -> None:
+        """Copy this rollout's weights (the layers it runs, by decoder layer index) into the buffers."""
+        for index, weights in layers.items():
+            for name, value in weights._asdict().items():
+                if value is not None:
+                    getattr(self.layers[index], name).copy_(value)
+        self.embed.copy_(embed)
+        self.final_norm.copy_(final_norm)
+        self.head.copy_(head)
+
+
+class EagerReplay:
+    """What `capture_graph` returns off CUDA: `replay()` runs the function again, eagerly. It lets the CPU tests
+    drive the graph paths' fixed buffers, padding and capture bookkeeping; only the capture itself needs a GPU."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def capture_graph(fn, pool) -> "torch.cuda.CUDAGraph | EagerReplay":
+    """Run `fn` once, then capture it in a CUDA graph on the memory `pool` (a replay re-runs its kernels on the
+    same buffers). The first run is the warm-up capture requires (allocator and library handles), on a side stream;
+    its writes happen, the capture's do not. Off CUDA (`pool` None) the warm-up run happens and an `EagerReplay`
+    is returned."""
+    if pool is None:
+        fn()
+        return EagerReplay(fn)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
+
+
 @dataclass
 class _BucketInputs:
     """The fixed-address inputs and outputs of one batch bucket's graphs."""
@@ -440,58 +498,27 @@ class DecodeGraphs:
     length seen; a rollout needing more rebuilds everything (counted as captures)."""
 
     def __init__(self, model: torch.nn.Module, shape: DecoderShape, rows: int, columns: int, template: LayerWeights,
-                 num_layers: int, embed: torch.Tensor, device: torch.device):
-        dtype = embed.dtype
+                 num_layers: int, embed: torch.Tensor):
+        device, dtype = embed.device, embed.dtype
         self.shape, self.rows, self.columns, self.dtype, self.num_layers = shape, rows, columns, dtype, num_layers
         self.cache = StaticKVCache(num_layers, rows, shape.num_kv_heads, columns, shape.head_dim, dtype, device)
-        self.weights = [LayerWeights(**{name: None if value is None else torch.empty_like(value)
-                                        for name, value in template._asdict().items()}) for _ in range(num_layers)]
-        self.embed = torch.empty_like(embed)
-        self.final_norm = torch.empty(shape.hidden_size, dtype=dtype, device=device)
-        self.head = torch.empty_like(embed)
+        self.params = GraphWeights(template, num_layers, embed, shape.hidden_size)
         self.eps = torch.tensor(shape.rms_norm_eps, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
         self.cos_table, self.sin_table = rotary_tables(model, columns, dtype, device)
         self.inputs: dict[int, _BucketInputs] = {}
-        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph | EagerReplay] = {}
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
     def fits(self, rows: int, columns: int, template: LayerWeights, num_layers: int, embed: torch.Tensor) -> bool:
-        return (rows <= self.rows and columns <= self.columns and num_layers == self.num_layers
-                and embed.shape == self.embed.shape and embed.dtype == self.dtype and embed.device == self.embed.device
-                and all((value is None) == (getattr(self.weights[0], name) is None)
-                        and (value is None or value.shape == getattr(self.weights[0], name).shape)
-                        for name, value in template._asdict().items()))
-
-    def load(self, layers: dict[int, LayerWeights], embed: torch.Tensor, final_norm: torch.Tensor,
-             head: torch.Tensor) -> None:
-        """Copy this rollout's weights (the kept layers', by decoder layer index) into the graphs' buffers."""
-        for index, weights in layers.items():
-            for name, value in weights._asdict().items():
-                if value is not None:
-                    getattr(self.weights[index], name).copy_(value)
-        self.embed.copy_(embed)
-        self.final_norm.copy_(final_norm)
-        self.head.copy_(head)
-
-    def _capture(self, fn) -> torch.cuda.CUDAGraph:
-        # A warm-up run on a side stream first (allocator and library handles), as capture requires.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            fn()
-        return graph
+        return rows <= self.rows and columns <= self.columns and self.params.fits(template, num_layers, embed)
 
     def ensure_bucket(self, bucket: int) -> int:
         """Capture the graphs of `bucket` unless they exist; returns the number captured. `self.column` must hold the
         column the next step writes: each layer's warm-up writes garbage there, which that step overwrites."""
         if bucket in self.inputs:
             return 0
-        shape, device = self.shape, self.embed.device
+        shape, device = self.shape, self.params.embed.device
         inputs = _BucketInputs(
             token=torch.zeros(bucket, dtype=torch.long, device=device),
             position=torch.zeros(bucket, dtype=torch.long, device=device),
@@ -499,24 +526,24 @@ class DecodeGraphs:
             x=torch.zeros((bucket, shape.hidden_size), dtype=self.dtype, device=device),
             cos=torch.zeros((bucket, 1, shape.head_dim), dtype=self.dtype, device=device),
             sin=torch.zeros((bucket, 1, shape.head_dim), dtype=self.dtype, device=device),
-            logits=torch.zeros((bucket, self.embed.shape[0]), dtype=self.dtype, device=device))
+            logits=torch.zeros((bucket, self.params.embed.shape[0]), dtype=self.dtype, device=device))
         self.inputs[bucket] = inputs
 
         def embed_step():
-            inputs.x.copy_(F.embedding(inputs.token, self.embed))
+            inputs.x.copy_(F.embedding(inputs.token, self.params.embed))
             inputs.cos.copy_(self.cos_table[inputs.position].unsqueeze(1))
             inputs.sin.copy_(self.sin_table[inputs.position].unsqueeze(1))
 
         def head_step():
-            inputs.logits.copy_(torch.mm(rms_norm(inputs.x, self.final_norm, self.eps), self.head.t()))
+            inputs.logits.copy_(torch.mm(rms_norm(inputs.x, self.params.final_norm, self.eps), self.params.head.t()))
 
-        self.graphs["embed", bucket] = self._capture(embed_step)
+        self.graphs["embed", bucket] = capture_graph(embed_step, self.pool)
         for index, (keys, values) in enumerate(self.cache.layer_views(bucket)):
-            def layer(weights=self.weights[index], keys=keys, values=values):
+            def layer(weights=self.params.layers[index], keys=keys, values=values):
                 inputs.x.copy_(fixed_layer_step(inputs.x, weights, keys, values, self.column, inputs.cos, inputs.sin,
                                                 inputs.mask, shape, self.eps))
-            self.graphs[index, bucket] = self._capture(layer)
-        self.graphs["head", bucket] = self._capture(head_step)
+            self.graphs[index, bucket] = capture_graph(layer, self.pool)
+        self.graphs["head", bucket] = capture_graph(head_step, self.pool)
         return self.num_layers + 2
 
     def step(self, bucket: int, kept: Sequence[int], token: torch.Tensor, position: torch.Tensor,
@@ -533,19 +560,18 @@ class DecodeGraphs:
         return inputs.logits
 
 
-_GRAPHS_ATTR = "_nested_reft_decode_graphs"
+HELD_GRAPHS = "_nested_reft_graphs"  # model attribute: {graph holder class: its instance for this model}
 
 
-def decode_graphs(model: torch.nn.Module, shape: DecoderShape, rows: int, columns: int, template: LayerWeights,
-                  num_layers: int, embed: torch.Tensor) -> DecodeGraphs:
-    """The model's `DecodeGraphs`, built (or rebuilt, its graphs captured anew) when this rollout needs more rows,
-    columns or other shapes than the one it holds."""
-    graphs = model.__dict__.get(_GRAPHS_ATTR)
-    if graphs is not None and graphs.fits(rows, columns, template, num_layers, embed):
-        return graphs
-    model.__dict__.pop(_GRAPHS_ATTR, None)
-    graphs = DecodeGraphs(model, shape, rows, columns, template, num_layers, embed, embed.device)
-    model.__dict__[_GRAPHS_ATTR] = graphs
+def held_graphs(cls, model: torch.nn.Module, shape: DecoderShape, rows: int, columns: int, template: LayerWeights,
+                num_layers: int, embed: torch.Tensor):
+    """The model's `cls` (`DecodeGraphs`, `speculative.SpeculativeGraphs`), built, or rebuilt with its graphs
+    captured anew, when this rollout needs more rows, columns or other shapes than the one it holds."""
+    held = model.__dict__.setdefault(HELD_GRAPHS, {})
+    graphs = held.get(cls)
+    if graphs is None or not graphs.fits(rows, columns, template, num_layers, embed):
+        held.pop(cls, None)  # free the old buffers and graph pool before allocating new ones
+        graphs = held[cls] = cls(model, shape, rows, columns, template, num_layers, embed)
     return graphs
 
 
@@ -599,12 +625,9 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
                               torch.zeros(bucket - batch_size, dtype=torch.long, device=device)])
     dtype = embed.dtype
     graphs = None
-    if step_mode == "graphs":
-        if device.type != "cuda":
-            raise ValueError("static decode engine: CUDA graphs (rollout.engine=static_graphs) need a CUDA device, "
-                             f"not {device}")
-        graphs = decode_graphs(model, shape, bucket, columns, weights[0], len(all_layers), embed)
-        graphs.load(dict(zip(plan.kept, weights)), embed, final_norm, head)
+    if step_mode == "graphs":  # off CUDA the graphs replay eagerly (`capture_graph`; rollout.generate refuses it)
+        graphs = held_graphs(DecodeGraphs, model, shape, bucket, columns, weights[0], len(all_layers), embed)
+        graphs.params.load(dict(zip(plan.kept, weights)), embed, final_norm, head)
         cache, cache_layers, columns = graphs.cache, plan.kept, graphs.columns
     else:
         cache = StaticKVCache(len(plan.kept), bucket, shape.num_kv_heads, columns, shape.head_dim, dtype, device)

@@ -28,26 +28,31 @@ length g, drafter cost c per token and verify cost v, both relative to one full 
 speed-up over full decoding is (1 - a^(g+1)) / ((1 - a) (g c + v)) (`predicted_speedup`).
 
 This engine runs the functional layer step of decode.py (qwen2 / qwen3 / llama / mistral), its layer loops under
-TorchScript like the static engine's; the CUDA graphs of the static engine do not cover its multi-token verify
-forward.
+TorchScript like the static engine's (`rollout.engine=static_eager`: eagerly). With `rollout.engine=static_graphs`
+(CUDA) every forward replays CUDA graphs (`SpeculativeGraphs`): one per decoder layer, cache, batch bucket and
+tokens per row (the drafter's 2 and 1, the verify forward's g + 1), captured on first use and never for a new skip
+set; the batch is padded to its bucket and attention spans every cache column, the unseen ones masked.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .config import MAX_DRAFT_LENGTH
-from .decode import (DecodeStats, DecoderShape, LayerWeights, StaticKVCache, UnsupportedModelError, attention_probs,
-                     decoder_shape, layer_weights, outer_weights, output_and_mlp, rms_norm, rotary_tables, rotated_qkv,
-                     scripted, text_config)
+from .decode import (COLUMN_BUCKET, DecodeStats, DecoderShape, EagerReplay, GraphWeights, LayerWeights, StaticKVCache,
+                     UnsupportedModelError, attention_probs, batch_bucket, capture_graph, decoder_shape, layer_weights,
+                     held_graphs, outer_weights, output_and_mlp, rms_norm, rotary_tables, rotated_qkv, scripted,
+                     text_config)
 from .nested import SkipPlan, decoder_layers, nested_view
 from .sampling import keyed_uniform_table, sample_tokens, sampling_logprobs, speculative_verify
 
 # Uniform streams of one rollout: the draft's sample, the acceptance test and the resample / bonus draw per position.
 _DRAFT, _ACCEPT, _RESAMPLE = range(3)
+SPECULATIVE_STEP_MODES = ("scripted", "eager", "graphs")
 
 
 def predicted_speedup(acceptance: float, draft_length: int, draft_cost: float, verify_cost: float = 1.0) -> float:
@@ -122,29 +127,163 @@ class _Forward:
         """tokens, columns [b, m] (the cache column each token's key goes to), `padding` [b] (a row's left padding:
         its rotary position is column - padding), `key_ok` [b, S] (columns a query may see: real prompt tokens and
         completion columns), `width` (attention spans columns [0, width)) -> final hidden states [b, m, H]."""
-        shape = self.shape
         rows, m = tokens.shape
-        kv_heads, groups = shape.num_kv_heads, shape.num_heads // shape.num_kv_heads
-        x = F.embedding(tokens.reshape(-1), self.embed)  # [b m, H]
-        positions = (columns - padding[:, None]).reshape(-1)
-        cos, sin = self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)
-        # Where each token's key goes in a layer's cache viewed as [b Hkv S, D]: slot (row, KV head), column.
-        heads = torch.arange(kv_heads, device=tokens.device)
-        slots = torch.arange(rows, device=tokens.device)[:, None, None] * kv_heads + heads  # [b, 1, Hkv]
-        write_index = (slots * self.cache.keys.shape[2] + columns[:, :, None]).reshape(-1)  # [b m Hkv]
-        # A query sees the real columns up to its own; one additive mask [b Hkv, m G, width] serves every layer.
-        visible = (torch.arange(width, device=tokens.device) <= columns[:, :, None]) & key_ok[:, None, :width]
-        additive = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(
-            ~visible, torch.finfo(x.dtype).min)
-        mask = additive[:, None, :, None, :].expand(rows, kv_heads, m, groups, width).reshape(
-            rows * kv_heads, m * groups, width)
+        x, cos, sin, write_index, mask = forward_inputs(tokens, columns, padding, key_ok, width, self.embed,
+                                                        self.cos_table, self.sin_table, self.shape,
+                                                        self.cache.keys.shape[2])
         if rows not in self.views:
             self.views[rows] = tuple(list(views) for views in zip(*self.cache.layer_views(rows)))
         keys, values = self.views[rows]
         with torch.jit.optimized_execution(False):  # the plain interpreter (see `decode.scripted`)
-            x = self.run_layers(x, self.weights, keys, values, write_index, width, cos, sin, mask, shape, self.eps,
-                                rows, m)
+            x = self.run_layers(x, self.weights, keys, values, write_index, width, cos, sin, mask, self.shape,
+                                self.eps, rows, m)
         return rms_norm(x, self.final_norm, self.eps).view(rows, m, -1)
+
+
+def forward_inputs(tokens: torch.Tensor, columns: torch.Tensor, padding: torch.Tensor, key_ok: torch.Tensor,
+                   width: int, embed: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                   shape: DecoderShape, cache_columns: int) -> tuple[torch.Tensor, ...]:
+    """What every layer of a forward over tokens [b, m] at cache `columns` [b, m] reads (`_Forward.__call__` has the
+    arguments): the embedded tokens x [b m, H], their rotary cos / sin [b m, 1, D], where their keys go in a layer's
+    cache viewed as [b Hkv S, D] (`write_index` [b m Hkv]), and the additive attention mask [b Hkv, m G, width] (a
+    query sees the real columns up to its own)."""
+    rows, m = tokens.shape
+    kv_heads, groups = shape.num_kv_heads, shape.num_heads // shape.num_kv_heads
+    x = F.embedding(tokens.reshape(-1), embed)  # [b m, H]
+    positions = (columns - padding[:, None]).reshape(-1)
+    cos, sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+    heads = torch.arange(kv_heads, device=tokens.device)
+    slots = torch.arange(rows, device=tokens.device)[:, None, None] * kv_heads + heads  # [b, 1, Hkv]
+    write_index = (slots * cache_columns + columns[:, :, None]).reshape(-1)
+    visible = (torch.arange(width, device=tokens.device) <= columns[:, :, None]) & key_ok[:, None, :width]
+    additive = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(
+        ~visible, torch.finfo(x.dtype).min)
+    mask = additive[:, None, :, None, :].expand(rows, kv_heads, m, groups, width).reshape(
+        rows * kv_heads, m * groups, width)
+    return x, cos, sin, write_index, mask
+
+
+@dataclass
+class _RoundInputs:
+    """The fixed-address inputs and outputs of the graphs of one (batch bucket, tokens per row m)."""
+    tokens: torch.Tensor       # [b, m]
+    columns: torch.Tensor      # [b, m]
+    padding: torch.Tensor      # [b]
+    key_ok: torch.Tensor       # [b, S]
+    x: torch.Tensor            # [b m, H] the residual stream, updated in place by each layer's graph
+    cos: torch.Tensor          # [b m, 1, D]
+    sin: torch.Tensor          # [b m, 1, D]
+    write_index: torch.Tensor  # [b m Hkv]
+    mask: torch.Tensor         # [b Hkv, m G, S]
+    hidden: torch.Tensor       # [b m, H] the final norm's output
+
+
+class SpeculativeGraphs:
+    """CUDA graphs of the speculative engine's forwards (`rollout.engine=static_graphs`), kept on the model across
+    rollouts.
+
+    Per (batch bucket, m tokens per row): a prologue graph (`forward_inputs` into fixed buffers), one graph per
+    decoder layer and cache (`multi_token_layer_step` over every cache column, the unseen ones masked) and an
+    epilogue (the final norm). The drafter's forwards run at m = 2 (its first step of a round) and m = 1, the verify
+    forward at m = g + 1. Both caches (the drafter's and the full model's) keep a slot per decoder layer and all
+    layers of a cache are captured on its first use of a (bucket, m), so a new skip set captures nothing: a rollout
+    replays its kept layers' graphs on the drafter's cache and every layer's on the full model's. A rollout needing
+    more rows, columns or other shapes rebuilds everything (counted as captures)."""
+
+    def __init__(self, model: torch.nn.Module, shape: DecoderShape, rows: int, columns: int, template: LayerWeights,
+                 num_layers: int, embed: torch.Tensor):
+        device, dtype = embed.device, embed.dtype
+        self.shape, self.rows, self.columns, self.num_layers = shape, rows, columns, num_layers
+        self.caches = {name: StaticKVCache(num_layers, rows, shape.num_kv_heads, columns, shape.head_dim, dtype,
+                                           device) for name in ("draft", "full")}
+        self.params = GraphWeights(template, num_layers, embed, shape.hidden_size)
+        self.cos_table, self.sin_table = rotary_tables(model, columns, dtype, device)
+        self.eps = torch.tensor(shape.rms_norm_eps, device=device)
+        self.inputs: dict[tuple[int, int], _RoundInputs] = {}
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph | EagerReplay] = {}
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+
+    def fits(self, rows: int, columns: int, template: LayerWeights, num_layers: int, embed: torch.Tensor) -> bool:
+        return rows <= self.rows and columns <= self.columns and self.params.fits(template, num_layers, embed)
+
+    def round_inputs(self, bucket: int, m: int) -> _RoundInputs:
+        if (bucket, m) not in self.inputs:
+            shape, device, dtype = self.shape, self.params.embed.device, self.params.embed.dtype
+            tokens, kv_heads = bucket * m, shape.num_kv_heads
+            self.inputs[bucket, m] = _RoundInputs(
+                tokens=torch.zeros((bucket, m), dtype=torch.long, device=device),
+                columns=torch.zeros((bucket, m), dtype=torch.long, device=device),
+                padding=torch.zeros(bucket, dtype=torch.long, device=device),
+                key_ok=torch.zeros((bucket, self.columns), dtype=torch.bool, device=device),
+                x=torch.zeros((tokens, shape.hidden_size), dtype=dtype, device=device),
+                cos=torch.zeros((tokens, 1, shape.head_dim), dtype=dtype, device=device),
+                sin=torch.zeros((tokens, 1, shape.head_dim), dtype=dtype, device=device),
+                write_index=torch.zeros(tokens * kv_heads, dtype=torch.long, device=device),
+                mask=torch.zeros((bucket * kv_heads, m * (shape.num_heads // kv_heads), self.columns), dtype=dtype,
+                                 device=device),
+                hidden=torch.zeros((tokens, shape.hidden_size), dtype=dtype, device=device))
+        return self.inputs[bucket, m]
+
+    def ensure(self, cache: str, bucket: int, m: int) -> int:
+        """Capture the graphs `cache`'s forwards at (bucket, m) replay unless they exist; returns the number captured.
+        The round inputs must hold real values: the warm-up runs write keys at their positions in every layer of the
+        cache, which the replay that follows overwrites in the layers it runs (the others' entries there are never
+        read: a rollout writes every completion column of a layer before attending to it)."""
+        inputs, shape = self.inputs[bucket, m], self.shape
+        captured = 0
+
+        def prologue():
+            for target, value in zip((inputs.x, inputs.cos, inputs.sin, inputs.write_index, inputs.mask),
+                                     forward_inputs(inputs.tokens, inputs.columns, inputs.padding, inputs.key_ok,
+                                                    self.columns, self.params.embed, self.cos_table, self.sin_table,
+                                                    shape, self.columns)):
+                target.copy_(value)
+
+        def epilogue():
+            inputs.hidden.copy_(rms_norm(inputs.x, self.params.final_norm, self.eps))
+
+        for name, fn in (("prologue", prologue), ("epilogue", epilogue)):
+            if (name, bucket, m) not in self.graphs:
+                self.graphs[name, bucket, m] = capture_graph(fn, self.pool)
+                captured += 1
+        if (cache, 0, bucket, m) not in self.graphs:
+            for index, (keys, values) in enumerate(self.caches[cache].layer_views(bucket)):
+                def layer(weights=self.params.layers[index], keys=keys, values=values):
+                    inputs.x.copy_(multi_token_layer_step(inputs.x, weights, keys, values, inputs.write_index,
+                                                          self.columns, inputs.cos, inputs.sin, inputs.mask, shape,
+                                                          self.eps, bucket, m))
+                self.graphs[cache, index, bucket, m] = capture_graph(layer, self.pool)
+                captured += 1
+        return captured
+
+    def replay(self, cache: str, layers: list[int], bucket: int, m: int) -> torch.Tensor:
+        """The forward of `layers` over the round inputs at (bucket, m) -> final hidden states [b m, H] (a buffer the
+        next forward at these shapes reuses)."""
+        self.graphs["prologue", bucket, m].replay()
+        for index in layers:
+            self.graphs[cache, index, bucket, m].replay()
+        self.graphs["epilogue", bucket, m].replay()
+        return self.inputs[bucket, m].hidden
+
+
+class _GraphedForward:
+    """`_Forward`'s call, replayed from `SpeculativeGraphs`: the batch padded to its bucket (padding slots repeat
+    the first row and write into cache slots no row uses), attention over every cache column."""
+
+    def __init__(self, graphs: SpeculativeGraphs, cache: str, layers: list[int], stats: DecodeStats):
+        self.graphs, self.cache, self.layers, self.stats = graphs, cache, list(layers), stats
+
+    def __call__(self, tokens: torch.Tensor, columns: torch.Tensor, padding: torch.Tensor, key_ok: torch.Tensor,
+                 width: int) -> torch.Tensor:
+        rows, m = tokens.shape
+        bucket = batch_bucket(rows)
+        inputs = self.graphs.round_inputs(bucket, m)
+        for target, value in ((inputs.tokens, tokens), (inputs.columns, columns), (inputs.padding, padding),
+                              (inputs.key_ok, key_ok)):
+            target[:rows] = value
+            target[rows:] = value[:1]
+        self.stats.captures += self.graphs.ensure(self.cache, bucket, m)
+        return self.graphs.replay(self.cache, self.layers, bucket, m).view(bucket, m, -1)[:rows]
 
 
 def multi_token_layer_steps(x: torch.Tensor, weights: list[LayerWeights], keys: list[torch.Tensor],
@@ -183,15 +322,19 @@ def multi_token_layer_step(x: torch.Tensor, w: LayerWeights, keys: torch.Tensor,
 def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask: torch.Tensor, plan: SkipPlan,
                          *, draft_length: int, max_new_tokens: int, temperature: float, top_p: float,
                          eos_ids: torch.Tensor, pad_token_id: int, greedy: bool, seed: int, row_keys: torch.Tensor,
-                         group_size: int, compact_below: float, script: bool = True,
+                         group_size: int, compact_below: float, step_mode: str = "scripted",
                          stats: DecodeStats | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens, completion mask and the full model's log-probs [B, max_new_tokens] of the sampled tokens
     (`rollout.generate`'s contract, arguments checked there): completions drawn from the full model by
     self-speculative sampling with `plan`'s nested model as drafter. Every layer's weights must be whole (under
-    ZeRO-3 gather every layer: the verifier runs them all). `script`: run the layer loops under TorchScript
-    (`decode.scripted`), else eagerly (`rollout.engine=static_eager`)."""
+    ZeRO-3 gather every layer: the verifier runs them all). `step_mode`: "scripted" runs the layer loops under
+    TorchScript (`decode.scripted`), "eager" runs them eagerly (`rollout.engine=static_eager`), "graphs" replays
+    `SpeculativeGraphs` (`rollout.engine=static_graphs`; off CUDA the graphs replay eagerly, see
+    `decode.capture_graph`)."""
     if not 1 <= draft_length <= MAX_DRAFT_LENGTH:
         raise ValueError(f"speculative decoding: draft_length must be in [1, {MAX_DRAFT_LENGTH}], got {draft_length}")
+    if step_mode not in SPECULATIVE_STEP_MODES:
+        raise ValueError(f"speculative decoding: step_mode must be one of {SPECULATIVE_STEP_MODES}, got {step_mode!r}")
     stats = stats if stats is not None else DecodeStats()
     shape = decoder_shape(model)
     g, limit = draft_length, max_new_tokens
@@ -216,25 +359,42 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
     positions = (prefill_mask.cumsum(-1) - 1).clamp(min=0)
     sources = torch.arange(batch_size, device=device) // group_size if shared else torch.arange(batch_size,
                                                                                                   device=device)
-    full_cache = StaticKVCache(len(all_layers), batch_size, shape.num_kv_heads, columns, shape.head_dim, dtype, device)
-    draft_cache = StaticKVCache(len(plan.kept), batch_size, shape.num_kv_heads, columns, shape.head_dim, dtype,
-                                device)
-    for cache, view_plan in ((full_cache, SkipPlan(len(all_layers))), (draft_cache, plan)):
+    graphs = None
+    if step_mode == "graphs":  # fixed addresses: caches with a slot per decoder layer, every column rounded up
+        columns = -(-columns // COLUMN_BUCKET) * COLUMN_BUCKET
+        graphs = held_graphs(SpeculativeGraphs, model, shape, batch_bucket(batch_size), columns, weights[0],
+                             len(all_layers), embed)
+        graphs.params.load(dict(enumerate(weights)), embed, final_norm, head)
+        full_cache, draft_cache, columns = graphs.caches["full"], graphs.caches["draft"], graphs.columns
+        draft_slots = list(plan.kept)  # the drafter's i-th layer lives in its decoder layer's slot
+    else:
+        full_cache = StaticKVCache(len(all_layers), batch_size, shape.num_kv_heads, columns, shape.head_dim, dtype,
+                                   device)
+        draft_cache = StaticKVCache(len(plan.kept), batch_size, shape.num_kv_heads, columns, shape.head_dim, dtype,
+                                    device)
+        draft_slots = list(range(len(plan.kept)))
+    for cache, view_plan, slots in ((full_cache, SkipPlan(len(all_layers)), range(len(all_layers))),
+                                    (draft_cache, plan, draft_slots)):
         with nested_view(model, view_plan):
             prefill = DynamicCache(config=text_config(model))
             out = model(input_ids=prefill_ids, attention_mask=prefill_mask, position_ids=positions, cache=prefill,
                         use_cache=True, logits_to_keep=1)
-        for i, layer in enumerate(prefill.layers):
-            cache.fill(i, layer.keys, layer.values, sources)
+        for slot, layer in zip(slots, prefill.layers):
+            cache.fill(slot, layer.keys, layer.values, sources)
         if cache is full_cache:
             first_logits = out.logits[:, -1].index_select(0, sources)
         del prefill, out
     stats.prefill_rows += 2 * prefill_ids.shape[0]
-    cos_table, sin_table = rotary_tables(model, columns, dtype, device)
-    eps = torch.tensor(shape.rms_norm_eps, device=device)
-    full = _Forward(weights, full_cache, shape, embed, final_norm, cos_table, sin_table, eps, script)
-    draft = _Forward([weights[i] for i in plan.kept], draft_cache, shape, embed, final_norm, cos_table, sin_table, eps,
-                     script)
+    if graphs is not None:
+        full = _GraphedForward(graphs, "full", range(len(all_layers)), stats)
+        draft = _GraphedForward(graphs, "draft", plan.kept, stats)
+    else:
+        cos_table, sin_table = rotary_tables(model, columns, dtype, device)
+        eps = torch.tensor(shape.rms_norm_eps, device=device)
+        script = step_mode == "scripted"
+        full = _Forward(weights, full_cache, shape, embed, final_norm, cos_table, sin_table, eps, script)
+        draft = _Forward([weights[i] for i in plan.kept], draft_cache, shape, embed, final_norm, cos_table, sin_table,
+                         eps, script)
 
     # Per-slot state (slots are the rows still in the batch; `slot_rows` maps them to output rows).
     width_out = limit + g + 1

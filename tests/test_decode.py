@@ -249,11 +249,27 @@ def test_the_fixed_shape_step_graphs_capture_samples_the_eager_tokens(models):
     ids, mask = encode_prompts(tok, [p for p in PROMPTS for _ in range(GROUP)], "cpu")
     kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.2, eos_token_id=STOPS, pad_token_id=tok.pad_token_id,
                   seed=11, compact_below=0.9, group_size=GROUP)
-    for plan in (SkipPlan(6, (2,)), SkipPlan(6, (0, 3))):
+    from nested_reft_ds import decode
+
+    held = model.__dict__.setdefault(decode.HELD_GRAPHS, {})
+    held.pop(decode.DecodeGraphs, None)
+    captures = []
+    for plan in (SkipPlan(6, (2,)), SkipPlan(6, (0, 3)), SkipPlan(6, (1, 4))):
         eager = fixed_shape_rollout(model, ids, mask, plan, "eager", **kwargs)
         fixed = fixed_shape_rollout(model, ids, mask, plan, "fixed", **kwargs)
         assert torch.equal(fixed[0], eager[0]) and torch.equal(fixed[1], eager[1])
         torch.testing.assert_close(fixed[2], eager[2], atol=1e-5, rtol=0)
+        # The graph path's buffers, bucket inputs and capture bookkeeping (`DecodeGraphs`), its "graphs" replayed
+        # eagerly off CUDA: the fixed step's floats; a new skip set captures nothing at the buckets already met.
+        stats = DecodeStats()
+        buckets_before = set(getattr(held.get(decode.DecodeGraphs), "inputs", {}))
+        graphed = fixed_shape_rollout(model, ids, mask, plan, "graphs", stats=stats, **kwargs)
+        assert torch.equal(graphed[0], fixed[0]) and torch.equal(graphed[1], fixed[1])
+        torch.testing.assert_close(graphed[2], fixed[2], atol=1e-6, rtol=0)
+        new_buckets = set(held[decode.DecodeGraphs].inputs) - buckets_before
+        assert stats.compactions >= 1 and stats.captures == (6 + 2) * len(new_buckets)  # layers, embedding, head
+        captures.append(stats.captures)
+    assert captures[0] > 0 and captures[1] == 0, captures
     with pytest.raises(ValueError, match="need a CUDA device"):
         generate(model, ids, mask, SkipPlan(6), max_new_tokens=3, eos_token_id=STOPS, pad_token_id=tok.pad_token_id,
                  engine="static_graphs")

@@ -62,6 +62,13 @@ def cpu_name() -> str:
                 platform.processor() or platform.machine())
 
 
+def device_name(device: str, threads: int) -> str:
+    """What a benchmark ran on: the GPU's name for a CUDA device, else the CPU's with the thread count."""
+    if device.startswith("cuda"):
+        return f"GPU {torch.cuda.get_device_name(torch.device(device))}"
+    return f"{threads} thread(s), {cpu_name()}"
+
+
 def skip_ratios_argument(text: str) -> list[float]:
     """argparse `type` for --ratios: the validated list, or a usage error naming the bad entry."""
     try:

@@ -1,7 +1,8 @@
 """`nested-reft bench speculative`: self-speculative sampling against plain full and nested decoding, in one run.
 
     nested-reft bench speculative --model runs/compare_long/hf_seed1 --config configs/compare_long.yaml \
-        [--ratios 0.25,0.5,0.75 --drafts 2,3,4,5,6 --prompts 2 --group-size 8 --repeats 3 --threads 1]
+        [--ratios 0.25,0.5,0.75 --drafts 2,3,4,5,6 --prompts 2 --group-size 8 --repeats 3 --threads 1] \
+        [--engine static|static_eager|static_graphs --device cpu|cuda --dtype float32|bfloat16]
 
 Workload: the RL rollout of the config: `--prompts` held-out problems of `--config` (its prompt template), each
 sampled `--group-size` times (shared prefill), up to rollout.max_new_tokens tokens, stopping at EOS, at
@@ -9,14 +10,16 @@ rollout.temperature; each repeat takes the next prompts. Completions are real, s
 rows and modes: rates are ratios of sums over the repeats (tokens / seconds). A trained model is what makes the
 acceptance meaningful (an embedded random model is the default only so the command runs anywhere).
 
-Rows, interleaved within each repeat after an untimed warm-up repeat: `full` (every layer, the static engine: ReFT's
-rollout), `nested` at each skip ratio (the off-policy behaviour model), `speculative` at each ratio and draft
+Rows, interleaved within each repeat after an untimed warm-up repeat, every one decoded by `--engine`: `full`
+(every layer: ReFT's rollout), `nested` at each skip ratio (the off-policy behaviour model), `speculative` at each ratio and draft
 length. Columns:
 - tokens/s and x full: completion tokens per second, and over `full`'s: the measured speed-up of speculative
   sampling over sampling the full model directly (the same distribution).
 - acceptance a: drafts kept / drafts proposed; tokens/verify: tokens committed per row per verify forward.
 - c, v: one drafter step and one verify forward (with the rule), each over one decode step of `full` (`full`'s
-  time / its forwards), from the engine's host timers (`DecodeStats.draft_s`, `verify_s`).
+  time / its forwards), from the engine's host timers (`DecodeStats.draft_s`, `verify_s`). On a GPU, which runs
+  ahead of the host, c and v are approximate (each phase ends at a host read, but the timers split at launch
+  time); tokens/s and x full are exact (a rollout ends with a device read).
 - predicted: (1 - a^(g+1)) / ((1 - a) (g c + v)) with the measured a, c, v; predicted (ideal): the same with c the
   kept fraction of the layers and v = 1 (a memory-bound GPU's cost model: a step costs the weights it reads).
 """
@@ -37,7 +40,7 @@ from ..model import build_tiny_model, load_model_and_tokenizer
 from ..nested import SkipPlan, sample_skip_plan
 from ..rollout import DecodeStats, encode_prompts, generate
 from ..speculative import predicted_speedup
-from .bench import cpu_name, skip_ratios_argument
+from .bench import device_name, skip_ratios_argument
 
 
 def add_speculative_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -52,6 +55,10 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--group-size", type=int, default=8, help="samples per problem")
     parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per row")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--engine", choices=["static", "static_eager", "static_graphs"], default="static",
+                        help="decode engine of every row (static_graphs: CUDA graphs, on a CUDA device)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     return parser
 
 
@@ -65,13 +72,15 @@ def run_speculative_bench(args: argparse.Namespace) -> int:
     for name in ("prompts", "group_size", "repeats", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"nested-reft bench speculative: --{name.replace('_', '-')} must be >= 1")
+    if args.engine == "static_graphs" and not args.device.startswith("cuda"):
+        raise SystemExit("nested-reft bench speculative: --engine static_graphs needs --device cuda")
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
     path = Path(args.model) if args.model else build_tiny_model(
         ModelConfig(arch="qwen3", num_layers=16, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=192),
         tempfile.mkdtemp(), seed=0)
-    model, tokenizer = load_model_and_tokenizer(path)
-    model.eval()
+    model, tokenizer = load_model_and_tokenizer(path, dtype=getattr(torch, args.dtype))
+    model.to(args.device).eval()
     num_layers = model.config.num_hidden_layers
     _, held_out = problems_from_config(cfg.data, cfg.train.seed)
     needed = args.prompts * (args.repeats + 1)
@@ -79,7 +88,7 @@ def run_speculative_bench(args: argparse.Namespace) -> int:
         raise SystemExit(f"nested-reft bench speculative: {args.config} holds {len(held_out)} held-out problems; "
                          f"{needed} are needed (--prompts x (--repeats + 1)); raise data.eval_problems with --set")
     settings = GenerationSettings(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                  compact_below=cfg.rollout.compact_below)
+                                  compact_below=cfg.rollout.compact_below, engine=args.engine)
     plans = {ratio: sample_skip_plan(num_layers, ratio, step=0, seed=cfg.train.seed,
                                      protect_first=cfg.skip.protect_first,
                                      protect_last=cfg.skip.protect_last) for ratio in args.ratios}
@@ -91,7 +100,7 @@ def run_speculative_bench(args: argparse.Namespace) -> int:
         mode, ratio, g = row
         problems = held_out[repeat * args.prompts:(repeat + 1) * args.prompts]
         prompts = [format_prompt(p.question, tokenizer, cfg.data.prompt_template) for p in problems]
-        ids, mask = encode_prompts(tokenizer, [p for p in prompts for _ in range(args.group_size)], "cpu")
+        ids, mask = encode_prompts(tokenizer, [p for p in prompts for _ in range(args.group_size)], args.device)
         stats = DecodeStats()
         start = time.perf_counter()
         out = generate(model, ids, mask, SkipPlan(num_layers) if mode == "full" else plans[ratio], settings,
@@ -115,7 +124,8 @@ def run_speculative_bench(args: argparse.Namespace) -> int:
     full = totals[("full", 0.0, 0)]
     full_step_s = full["seconds"] / (full["stats"].steps + args.repeats)  # decode forwards + one prefill a rollout
     print(f"speculative benchmark: {path}; {args.prompts} problems x G={args.group_size} of {args.config}, up to "
-          f"{settings.max_new_tokens} tokens at T={settings.temperature}; {args.threads} thread(s), {cpu_name()}; "
+          f"{settings.max_new_tokens} tokens at T={settings.temperature}; engine {args.engine}, {args.dtype} on "
+          f"{device_name(args.device, args.threads)}; "
           f"ratio of sums over {args.repeats} repeats; 1-min load {os.getloadavg()[0]:.1f}; "
           f"{time.perf_counter() - began:.0f} s")
     header = (f"{'mode':<12} {'skip':>4} {'g':>2} {'layers':>6} {'tokens/s':>9} {'x full':>6} {'accept':>6} "
