@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .config import MAX_DRAFT_LENGTH
-from .decode import (COLUMN_BUCKET, DecodeStats, DecoderShape, EagerReplay, GraphWeights, LayerWeights, StaticKVCache,
-                     UnsupportedModelError, attention_probs, batch_bucket, capture_graph, decoder_shape, layer_weights,
-                     held_graphs, outer_weights, output_and_mlp, rms_norm, rotary_tables, rotated_qkv, scripted,
-                     text_config)
+from .decode import (COLUMN_BUCKET, COMPILATIONS, DecodeStats, DecoderShape, EagerReplay, GraphWeights, LayerWeights,
+                     StaticKVCache, UnsupportedModelError, attention_probs, batch_bucket, capture_graph, decoder_shape,
+                     held_graphs, layer_weights, outer_weights, output_and_mlp, rms_norm, rotary_tables, rotated_qkv,
+                     scripted, text_config)
 from .nested import SkipPlan, decoder_layers, nested_view
 from .sampling import keyed_uniform_table, sample_tokens, sampling_logprobs, speculative_verify
 
@@ -385,6 +385,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
             first_logits = out.logits[:, -1].index_select(0, sources)
         del prefill, out
     stats.prefill_rows += 2 * prefill_ids.shape[0]
+    compilations_before = COMPILATIONS[0]
     if graphs is not None:
         full = _GraphedForward(graphs, "full", range(len(all_layers)), stats)
         draft = _GraphedForward(graphs, "draft", plan.kept, stats)
@@ -395,6 +396,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
         full = _Forward(weights, full_cache, shape, embed, final_norm, cos_table, sin_table, eps, script)
         draft = _Forward([weights[i] for i in plan.kept], draft_cache, shape, embed, final_norm, cos_table, sin_table,
                          eps, script)
+    stats.compilations += COMPILATIONS[0] - compilations_before  # the scripted loop, once per process
 
     # Per-slot state (slots are the rows still in the batch; `slot_rows` maps them to output rows).
     width_out = limit + g + 1

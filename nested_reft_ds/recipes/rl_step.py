@@ -316,6 +316,9 @@ def step_metrics(ctx: StepContext, batch: RolloutBatch, result: UpdateResult) ->
                  # rows the prefill ran (one per prompt with shared prefill).
                  decode_row_steps=decode.row_steps, decode_alive_row_steps=decode.alive_row_steps,
                  prefill_rows=decode.prefill_rows,
+                 # TorchScript / torch.compile compilations and CUDA graph captures this step's decoding triggered
+                 # (the first steps only, unless a shape is new: a new skip set triggers none), most on any rank.
+                 decode_compilations_max=decode.compilations, decode_captures_max=decode.captures,
                  time_rollout_s=batch.rollout_s, time_reward_s=batch.reward_s, time_train_s=train_s,
                  time_step_s=batch.rollout_s + batch.reward_s + train_s, grad_norm=result.grad_norm,
                  skip_ratio=batch.plan.ratio, rollout_lockstep=float(batch.lockstep))
