@@ -215,7 +215,8 @@ class RolloutConfig:
     new skip set, in speculative mode the drafter's and verifier's forwards too (opt-in until it has passed
     scripts/gpu_check.sh on a GPU); "reference": the model's forward with
     a growing cache, for any model. Same tokens and behaviour log-probs (up to float summation order); streamed
-    ZeRO-3 decoding always runs the reference engine."""
+    ZeRO-3 decoding always runs the reference engine. With rollout.mode "speculative", "static_eager" and
+    "static_graphs" choose how its rounds run and every other engine runs them scripted."""
 
     @property
     def generation(self) -> GenerationSettings:

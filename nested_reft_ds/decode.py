@@ -366,8 +366,9 @@ class DecodeStats:
     prefill_rows: int = 0         # rows the prefill forward ran (one per prompt with shared prefill)
     compactions: int = 0
     host_reads: int = 0           # device values the host read while decoding (each one a sync on a GPU)
-    compilations: int = 0         # torch.compile graphs ("static_compiled"), TorchScript compilations ("static")
-    captures: int = 0             # CUDA graphs captured while decoding ("static_graphs")
+    compilations: int = 0         # torch.compile graphs ("static_compiled"), TorchScript compilations ("static",
+                                  # and the speculative engine's scripted loop)
+    captures: int = 0             # CUDA graphs captured while decoding ("static_graphs", either engine)
     # Speculative decoding (speculative.py): verify forwards, the alive rows they scored, the drafts those rows
     # proposed and the drafts kept.
     verify_passes: int = 0
@@ -423,11 +424,15 @@ class GraphWeights:
     at every rollout, and a graph reads the addresses it was captured with."""
 
     def __init__(self, template: LayerWeights, num_layers: int, embed: torch.Tensor, hidden_size: int):
-        self.layers = [LayerWeights(**{name: None if value is None else torch.empty_like(value)
+        # Zeros, not uninitialised memory: capturing a bucket runs every layer's step once, loaded or not, and writes
+        # its keys and values into that layer's cache slot. A fixed-shape step later attends over every column, the
+        # unfilled ones masked, and a masked NaN still poisons the softmax and the values' product; zero weights keep
+        # those writes finite.
+        self.layers = [LayerWeights(**{name: None if value is None else torch.zeros_like(value)
                                        for name, value in template._asdict().items()}) for _ in range(num_layers)]
-        self.embed = torch.empty_like(embed)
-        self.final_norm = torch.empty(hidden_size, dtype=embed.dtype, device=embed.device)
-        self.head = torch.empty_like(embed)
+        self.embed = torch.zeros_like(embed)
+        self.final_norm = torch.zeros(hidden_size, dtype=embed.dtype, device=embed.device)
+        self.head = torch.zeros_like(embed)
 
     def fits(self, template: LayerWeights, num_layers: int, embed: torch.Tensor) -> bool:
         return (num_layers == len(self.layers) and embed.shape == self.embed.shape and embed.dtype == self.embed.dtype

@@ -188,7 +188,11 @@ class SpeculativeGraphs:
     forward at m = g + 1. Both caches (the drafter's and the full model's) keep a slot per decoder layer and all
     layers of a cache are captured on its first use of a (bucket, m), so a new skip set captures nothing: a rollout
     replays its kept layers' graphs on the drafter's cache and every layer's on the full model's. A rollout needing
-    more rows, columns or other shapes rebuilds everything (counted as captures)."""
+    more rows, columns or other shapes rebuilds everything (counted as captures).
+
+    Memory, held on the model between rollouts (training included): a copy of every layer's weights and two KV
+    caches of every layer at the largest bucket and column count seen; a run whose evaluation decodes with the
+    static engine's graphs (`DecodeGraphs`) holds that holder's copy and cache too."""
 
     def __init__(self, model: torch.nn.Module, shape: DecoderShape, rows: int, columns: int, template: LayerWeights,
                  num_layers: int, embed: torch.Tensor):
@@ -226,9 +230,10 @@ class SpeculativeGraphs:
 
     def ensure(self, cache: str, bucket: int, m: int) -> int:
         """Capture the graphs `cache`'s forwards at (bucket, m) replay unless they exist; returns the number captured.
-        The round inputs must hold real values: the warm-up runs write keys at their positions in every layer of the
-        cache, which the replay that follows overwrites in the layers it runs (the others' entries there are never
-        read: a rollout writes every completion column of a layer before attending to it)."""
+        The round inputs must hold this call's tokens, columns, padding and visible keys: the layers' warm-up runs
+        write keys at those positions in every layer of the cache, which the replay that follows overwrites in the
+        layers it runs (the others' entries there are never read: a rollout writes every completion column of a
+        layer before attending to it)."""
         inputs, shape = self.inputs[bucket, m], self.shape
         captured = 0
 
@@ -247,6 +252,9 @@ class SpeculativeGraphs:
                 self.graphs[name, bucket, m] = capture_graph(fn, self.pool)
                 captured += 1
         if (cache, 0, bucket, m) not in self.graphs:
+            # The drafter and the verifier share the round inputs of an m (g = 1: both at m = 2): recompute the
+            # derived inputs from this call's tokens, or the warm-ups would write the other forward's keys.
+            self.graphs["prologue", bucket, m].replay()
             for index, (keys, values) in enumerate(self.caches[cache].layer_views(bucket)):
                 def layer(weights=self.params.layers[index], keys=keys, values=values):
                     inputs.x.copy_(multi_token_layer_step(inputs.x, weights, keys, values, inputs.write_index,
@@ -447,6 +455,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
             length_host, live = length_host[alive_slots], len(alive_slots)
             stats.compactions += 1
         rows, longest = len(slot_rows), int(length_host.max())
+        step_rows = batch_bucket(rows) if graphs is not None else rows  # rows a forward runs, padding included
         column = prompt_width + length  # [b] where the next token goes
 
         # Draft g tokens: the first step feeds tokens t - 2 and t - 1, each later one the previous draft.
@@ -463,7 +472,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
                 drafts[:, i] = sample_tokens(logprobs, uniforms[_DRAFT].gather(1, (length + i)[:, None]).squeeze(1))
             draft_logprobs[:, i] = logprobs
             stats.steps += 1
-            stats.row_steps += rows
+            stats.row_steps += step_rows
             if i + 1 < g:
                 feed = (column + i)[:, None]
                 hidden = draft(drafts[:, i:i + 1], feed, padding, key_ok, prompt_width + longest + i + 1)[:, 0]
@@ -481,7 +490,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
             target_logprobs, draft_logprobs, drafts, uniforms[_ACCEPT].gather(1, positions[:, :g]),
             uniforms[_RESAMPLE].gather(1, positions), greedy=greedy)
         stats.steps += 1
-        stats.row_steps += rows
+        stats.row_steps += step_rows
         stats.verify_passes += 1
         stats.verify_s += time.perf_counter() - verifying
 

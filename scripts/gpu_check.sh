@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check on one H100/H200, in under 8 minutes: the CUDA tests (the static decode engine's CUDA graphs against its
-# eager fixed-shape step, the speculative engine's graphs against its scripted rounds, no recapture across skip sets), the decode table per engine at a Qwen2-0.5B-class shape
+# eager fixed-shape step, the speculative engine's graphs against its scripted rounds, no recapture across skip
+# sets), the decode table per engine at a Qwen2-0.5B-class shape
 # (24 layers x 896 hidden, 14 heads, 2 KV heads, MLP 4864; built from its config with the embedded tokenizer, no
 # hub) in bf16 at 64 and 256 rows, with the bytes read as a fraction of the measured copy bandwidth, and the whole
 # RL step.
@@ -35,7 +36,8 @@ nested-reft bench decode --model "$model" --batch-size 256 --prompt-length 40 --
   --engines static_graphs,static --anchors "" --repeats 1 --dtype bfloat16 --device cuda --no-profile \
   2>&1 | tee "$out/decode_256.txt"
 
-echo "== speculative sampling against full and nested decoding, CUDA graphs (verify forward of g + 1 tokens captured per bucket) and the TorchScript loop (bf16, 2 problems x G = 32)"
+echo "== speculative sampling against full and nested decoding (bf16, 2 problems x G = 32): CUDA graphs (the verify"
+echo "   forward of g + 1 tokens captured per bucket), then the TorchScript loop"
 for engine in static_graphs static; do
   nested-reft bench speculative --model "$model" --ratios 0.5,0.75 --drafts 3,4 --prompts 2 --group-size 32 \
     --repeats 1 --engine "$engine" --device cuda --dtype bfloat16 2>&1 | tee "$out/speculative_$engine.txt"

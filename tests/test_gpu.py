@@ -175,25 +175,31 @@ def test_bf16_scripted_layer_loop_decodes_the_eager_floats_on_cuda(tiny_models):
 def test_speculative_cuda_graphs_sample_the_scripted_rounds_and_a_new_skip_set_captures_nothing(tiny_models):
     """rollout.mode=speculative with rollout.engine=static_graphs (`SpeculativeGraphs`: per decoder layer, cache,
     batch bucket and tokens per row, the verify forward of g + 1 tokens included) against the scripted rounds in
-    float32 (the graphs attend over every cache column, so the floats differ by summation order only), with
-    compaction; a later rollout with another skip set captures nothing."""
+    float32 (the graphs attend over every cache column, so the floats differ by summation order only): 12 rows
+    (bucket 12, then smaller buckets after compaction, padding slots), g = 3 and g = 1 (drafter and verifier share
+    the round inputs at 2 tokens per row); a rollout with another skip set captures nothing at the (cache, bucket,
+    tokens per row) already captured."""
     from nested_reft_ds import speculative
     from nested_reft_ds.decode import HELD_GRAPHS
 
     model, tok = _model(tiny_models, "sdpa", dtype=torch.float32)
     held = model.__dict__.setdefault(HELD_GRAPHS, {})
     held.pop(speculative.SpeculativeGraphs, None)
-    captures = []
-    for skipped in [(2,), (1, 4), (0, 3)]:
+    ids, mask = encode_prompts(tok, [p for p in PROMPTS for _ in range(3)], "cuda")
+    for skipped, g in [((2,), 3), ((1, 4), 3), ((0, 3), 3), ((1, 4), 1)]:
         plan = SkipPlan(6, skipped)
-        ids, mask = encode_prompts(tok, [p for p in PROMPTS for _ in range(GROUP)], "cuda")
         kwargs = dict(max_new_tokens=24, temperature=1.0, eos_token_id=STOPS, pad_token_id=tok.pad_token_id, seed=5,
-                      draft_length=3, compact_below=0.0)
+                      draft_length=g, compact_below=0.9)
+        before = set(getattr(held.get(speculative.SpeculativeGraphs), "graphs", {}))
         stats = DecodeStats()
         graphed = generate(model, ids, mask, plan, engine="static_graphs", stats=stats, **kwargs)
         scripted = generate(model, ids, mask, plan, engine="static", **kwargs)
         assert stats.engine == "speculative" and stats.verify_passes > 0
-        assert torch.equal(graphed.sequences, scripted.sequences)
+        assert torch.equal(graphed.sequences, scripted.sequences), (skipped, g)
         torch.testing.assert_close(graphed.behavior_logprobs, scripted.behavior_logprobs, atol=1e-4, rtol=0)
-        captures.append(stats.captures)
-    assert captures[0] > 0 and captures[1:] == [0, 0], captures
+        new = set(held[speculative.SpeculativeGraphs].graphs) - before
+        assert stats.captures == len(new)
+        captured_before = {(key[0], key[2], key[3]) for key in before if len(key) == 4}  # (cache, bucket, m)
+        assert not any((key[0], key[2], key[3]) in captured_before for key in new if len(key) == 4), new
+        if not before:
+            assert stats.captures > 0

@@ -242,9 +242,10 @@ def graphed_rounds(model, tok, prompts, plan, step_mode, **kwargs):
 def test_speculative_graph_path_replays_the_rounds_and_a_new_skip_set_captures_nothing(model_and_tokenizer):
     """The graph path (`SpeculativeGraphs`: the batch padded to a bucket, attention over every cache column, a graph
     per decoder layer, cache, bucket and tokens per row) samples what the scripted rounds sample, with compaction
-    (smaller buckets) and shared prefill; once the first rollout has captured its shapes, rollouts with other skip
-    sets capture nothing, and a new draft length captures only the verify forward of its own width. On the CPU the
-    "graphs" replay eagerly; tests/test_gpu.py runs the CUDA capture."""
+    (smaller buckets), shared prefill, g = 1 (drafter and verifier both at 2 tokens per row, sharing the round
+    inputs) and narrower prompts in the held caches; once the first rollout has captured its shapes, rollouts with
+    other skip sets capture nothing, and a new draft length captures only the verify forward of its own width. On
+    the CPU the "graphs" replay eagerly; tests/test_gpu.py runs the CUDA capture."""
     from nested_reft_ds import speculative
     from nested_reft_ds.decode import HELD_GRAPHS
 
@@ -252,32 +253,35 @@ def test_speculative_graph_path_replays_the_rounds_and_a_new_skip_set_captures_n
     held = model.__dict__.setdefault(HELD_GRAPHS, {})
     held.pop(speculative.SpeculativeGraphs, None)
     prompts = [p for p in PROMPTS for _ in range(3)]  # 12 rows: bucket 12, then smaller ones after compaction
-    captures, new_graphs = [], []
-    for skipped, g in [((1, 3), 3), ((0, 4), 3), ((2, 3, 4), 3), ((2,), 2)]:
+    narrow = [p for p in ("x", "1+2?", "y z") for _ in range(3)]  # a narrower prompt width than the first rollout's
+    captures, new_graphs, holders = [], [], set()
+    rollouts = [(prompts, (1, 3), 3, 1), (prompts, (0, 4), 3, 1), (prompts, (2, 3, 4), 3, 1), (prompts, (2,), 2, 1),
+                (prompts, (2,), 1, 1), (narrow, (0, 3), 3, 1), (prompts, (1, 3), 3, 3)]
+    for rows, skipped, g, group in rollouts:
         plan = SkipPlan(6, skipped)
-        kwargs = dict(draft_length=g, compact_below=0.9)
+        kwargs = dict(draft_length=g, compact_below=0.9, group_size=group)
         before = set(getattr(held.get(speculative.SpeculativeGraphs), "graphs", {}))
-        graphed, stats = graphed_rounds(model, tok, prompts, plan, "graphs", **kwargs)
-        scripted, _ = graphed_rounds(model, tok, prompts, plan, "scripted", **kwargs)
-        assert torch.equal(graphed[0], scripted[0]) and torch.equal(graphed[1], scripted[1])
+        graphed, stats = graphed_rounds(model, tok, rows, plan, "graphs", **kwargs)
+        scripted, _ = graphed_rounds(model, tok, rows, plan, "scripted", **kwargs)
+        assert torch.equal(graphed[0], scripted[0]) and torch.equal(graphed[1], scripted[1]), (skipped, g, group)
         torch.testing.assert_close(graphed[2], scripted[2], atol=1e-5, rtol=0)
         assert stats.verified_rows > 0 and stats.compactions >= 1
         graphs = held[speculative.SpeculativeGraphs]
+        holders.add(id(graphs))
         captures.append(stats.captures)
         new_graphs.append(set(graphs.graphs) - before)
         assert stats.captures == len(new_graphs[-1])
+    assert len(holders) == 1  # every rollout fitted the first one's buffers
     # Rollout 1 captures a prologue, an epilogue and 6 layers per cache for each (bucket, m) it meets; rollouts 2 and
     # 3 (other skip sets, at buckets rollout 1 met) capture nothing; rollout 4 (g = 2) adds its verify forward's
-    # width m = 3, and otherwise only buckets no earlier rollout ran at.
+    # width m = 3, rollout 5 (g = 1) the verifier's layers at m = 2, and otherwise only buckets not met before.
     assert captures[0] >= 2 * (2 + 2 * 6) and captures[1:3] == [0, 0], captures
     seen = {key[-2] for key in new_graphs[0]}
     assert any(key[-1] == 3 for key in new_graphs[3])
     assert all(key[-1] == 3 or key[-2] not in seen for key in new_graphs[3]), new_graphs[3]
-    shared, _ = graphed_rounds(model, tok, [p for p in PROMPTS for _ in range(3)], SkipPlan(6, (1, 3)), "graphs",
-                               draft_length=3, group_size=3, compact_below=0.9,
-                               row_keys=torch.arange(12))
-    alone, _ = graphed_rounds(model, tok, prompts, SkipPlan(6, (1, 3)), "scripted", draft_length=3, compact_below=0.9)
-    assert torch.equal(shared[0], alone[0])
+    seen |= {key[-2] for key in new_graphs[3]}
+    assert any(key[0] == "full" and key[-1] == 2 for key in new_graphs[4])
+    assert all((key[0] == "full" and key[-1] == 2) or key[-2] not in seen for key in new_graphs[4]), new_graphs[4]
 
 
 def test_a_drafter_that_skips_nothing_is_always_accepted(model_and_tokenizer):

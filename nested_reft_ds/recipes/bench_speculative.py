@@ -11,8 +11,8 @@ rows and modes: rates are ratios of sums over the repeats (tokens / seconds). A 
 acceptance meaningful (an embedded random model is the default only so the command runs anywhere).
 
 Rows, interleaved within each repeat after an untimed warm-up repeat, every one decoded by `--engine`: `full`
-(every layer: ReFT's rollout), `nested` at each skip ratio (the off-policy behaviour model), `speculative` at each ratio and draft
-length. Columns:
+(every layer: ReFT's rollout), `nested` at each skip ratio (the off-policy behaviour model), `speculative` at each
+ratio and draft length. Columns:
 - tokens/s and x full: completion tokens per second, and over `full`'s: the measured speed-up of speculative
   sampling over sampling the full model directly (the same distribution).
 - acceptance a: drafts kept / drafts proposed; tokens/verify: tokens committed per row per verify forward.
@@ -127,7 +127,9 @@ def run_speculative_bench(args: argparse.Namespace) -> int:
           f"{settings.max_new_tokens} tokens at T={settings.temperature}; engine {args.engine}, {args.dtype} on "
           f"{device_name(args.device, args.threads)}; "
           f"ratio of sums over {args.repeats} repeats; 1-min load {os.getloadavg()[0]:.1f}; "
-          f"{time.perf_counter() - began:.0f} s")
+          f"{time.perf_counter() - began:.0f} s; compilations / graph captures inside the timed repeats: "
+          f"{sum(total['stats'].compilations for total in totals.values())} / "
+          f"{sum(total['stats'].captures for total in totals.values())} (the warm-up repeat takes the first ones)")
     header = (f"{'mode':<12} {'skip':>4} {'g':>2} {'layers':>6} {'tokens/s':>9} {'x full':>6} {'accept':>6} "
               f"{'tok/verify':>10} {'c':>5} {'v':>5} {'predicted':>9} {'pred.ideal':>10}")
     print(header)

@@ -135,7 +135,8 @@ def collect(ctx: StepContext, plan: SkipPlan, step: int) -> RolloutBatch:
     advantages = compute_advantages(penalised, G, algo.advantage)                         # 5. advantages
     return RolloutBatch(plan=plan, rollout=rollout, verdicts=verdicts, rewards=rewards, kl_penalty=kl_penalty,
                         advantages=advantages, layout=layout, group_ids=group_ids, before_update=before_update,
-                        decode=decode, draft_length=settings.draft_length, lockstep=lockstep, rollout_s=sampled - start, reward_s=verified - sampled,
+                        decode=decode, draft_length=settings.draft_length, lockstep=lockstep,
+                        rollout_s=sampled - start, reward_s=verified - sampled,
                         prepare_s=time.perf_counter() - verified)
 
 
