@@ -199,12 +199,17 @@ class StaticKVCache:
         self.keys[layer, :rows, :width] = keys.index_select(0, sources).flatten(0, 1)
         self.values[layer, :rows, :width] = values.index_select(0, sources).flatten(0, 1)
 
-    def compact(self, slots: torch.Tensor) -> None:
-        """Slot i takes what slot `slots[i]` held, for i < len(slots)."""
+    def compact(self, slots: torch.Tensor, layers: Sequence[int] | None = None) -> None:
+        """Slot i takes what slot `slots[i]` held, for i < len(slots), in `layers` (default: every layer)."""
         heads = torch.arange(self.kv_heads, device=slots.device)
         rows = (slots[:, None] * self.kv_heads + heads).flatten()
-        self.keys[:, :len(rows)] = self.keys.index_select(1, rows)
-        self.values[:, :len(rows)] = self.values.index_select(1, rows)
+        if layers is None:
+            self.keys[:, :len(rows)] = self.keys.index_select(1, rows)
+            self.values[:, :len(rows)] = self.values.index_select(1, rows)
+            return
+        for layer in layers:
+            self.keys[layer, :len(rows)] = self.keys[layer].index_select(0, rows)
+            self.values[layer, :len(rows)] = self.values[layer].index_select(0, rows)
 
     def layer_views(self, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per kept layer, the keys and values [rows Hkv, S, D] of the first `rows` slots (fixed-shape steps)."""

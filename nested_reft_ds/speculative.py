@@ -447,7 +447,8 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
             flush()
             keep = alive_slots.to(device)
             full_cache.compact(keep)
-            draft_cache.compact(keep)
+            # With graphs the drafter's cache has a slot per decoder layer: move the drafter's layers only.
+            draft_cache.compact(keep, draft_slots if graphs is not None else None)
             (slot_rows, padding, key_ok, sequence, out_tokens, out_logprobs, length, alive) = (
                 t.index_select(0, keep) for t in (slot_rows, padding, key_ok, sequence, out_tokens, out_logprobs,
                                                   length, alive))
