@@ -199,14 +199,11 @@ class StaticKVCache:
         self.keys[layer, :rows, :width] = keys.index_select(0, sources).flatten(0, 1)
         self.values[layer, :rows, :width] = values.index_select(0, sources).flatten(0, 1)
 
-    def compact(self, slots: torch.Tensor, layers: Sequence[int] | None = None) -> None:
-        """Slot i takes what slot `slots[i]` held, for i < len(slots), in `layers` (default: every layer)."""
+    def compact(self, slots: torch.Tensor, layers: Sequence[int]) -> None:
+        """Slot i takes what slot `slots[i]` held, for i < len(slots), in the cache slots of `layers` (the layers a
+        rollout runs: a graph holder's cache keeps a slot for every decoder layer)."""
         heads = torch.arange(self.kv_heads, device=slots.device)
         rows = (slots[:, None] * self.kv_heads + heads).flatten()
-        if layers is None:
-            self.keys[:, :len(rows)] = self.keys.index_select(1, rows)
-            self.values[:, :len(rows)] = self.values.index_select(1, rows)
-            return
         for layer in layers:
             self.keys[layer, :len(rows)] = self.keys[layer].index_select(0, rows)
             self.values[layer, :len(rows)] = self.values[layer].index_select(0, rows)
@@ -520,9 +517,6 @@ class DecodeGraphs:
         self.graphs: dict[tuple, torch.cuda.CUDAGraph | EagerReplay] = {}
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
-    def fits(self, rows: int, columns: int, template: LayerWeights, num_layers: int, embed: torch.Tensor) -> bool:
-        return rows <= self.rows and columns <= self.columns and self.params.fits(template, num_layers, embed)
-
     def ensure_bucket(self, bucket: int) -> int:
         """Capture the graphs of `bucket` unless they exist; returns the number captured. `self.column` must hold the
         column the next step writes: each layer's warm-up writes garbage there, which that step overwrites."""
@@ -579,7 +573,8 @@ def held_graphs(cls, model: torch.nn.Module, shape: DecoderShape, rows: int, col
     captured anew, when this rollout needs more rows, columns or other shapes than the one it holds."""
     held = model.__dict__.setdefault(HELD_GRAPHS, {})
     graphs = held.get(cls)
-    if graphs is None or not graphs.fits(rows, columns, template, num_layers, embed):
+    if (graphs is None or rows > graphs.rows or columns > graphs.columns
+            or not graphs.params.fits(template, num_layers, embed)):
         held.pop(cls, None)  # free the old buffers and graph pool before allocating new ones
         graphs = held[cls] = cls(model, shape, rows, columns, template, num_layers, embed)
     return graphs
@@ -696,7 +691,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
                 # Alive slots move to the front; the rest of the smaller bucket repeats the first alive slot and
                 # writes to the discarded output row.
                 keep = torch.cat([alive_slots, alive_slots[:1].expand(smaller - len(alive_slots))]).to(device)
-                cache.compact(keep)
+                cache.compact(keep, cache_layers)
                 slot_rows = slot_rows.index_select(0, keep)
                 slot_rows[len(alive_slots):] = batch_size
                 alive = alive.index_select(0, keep)

@@ -207,9 +207,6 @@ class SpeculativeGraphs:
         self.graphs: dict[tuple, torch.cuda.CUDAGraph | EagerReplay] = {}
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
-    def fits(self, rows: int, columns: int, template: LayerWeights, num_layers: int, embed: torch.Tensor) -> bool:
-        return rows <= self.rows and columns <= self.columns and self.params.fits(template, num_layers, embed)
-
     def round_inputs(self, bucket: int, m: int) -> _RoundInputs:
         if (bucket, m) not in self.inputs:
             shape, device, dtype = self.shape, self.params.embed.device, self.params.embed.dtype
@@ -446,9 +443,8 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
         if compact_below > 0 and len(alive_slots) <= compact_below * live and len(alive_slots) < len(slot_rows):
             flush()
             keep = alive_slots.to(device)
-            full_cache.compact(keep)
-            # With graphs the drafter's cache has a slot per decoder layer: move the drafter's layers only.
-            draft_cache.compact(keep, draft_slots if graphs is not None else None)
+            full_cache.compact(keep, range(len(all_layers)))
+            draft_cache.compact(keep, draft_slots)
             (slot_rows, padding, key_ok, sequence, out_tokens, out_logprobs, length, alive) = (
                 t.index_select(0, keep) for t in (slot_rows, padding, key_ok, sequence, out_tokens, out_logprobs,
                                                   length, alive))
