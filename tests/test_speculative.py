@@ -501,10 +501,11 @@ def test_bench_speculative_prints_measured_and_predicted_speedups():
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "bench", "speculative", "--ratios", "0.5",
                            "--drafts", "2,3", "--repeats", "1", "--prompts", "1", "--group-size", "2",
-                           "--set", "rollout.max_new_tokens=12"], capture_output=True, text=True, timeout=600,
-                          cwd=repo)
+                           "--set", "rollout.max_new_tokens=12", "--engine", "static_eager", "--device", "cpu",
+                           "--dtype", "float32"], capture_output=True, text=True, timeout=600, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
+    assert "engine static_eager, float32 on 1 thread(s)" in lines[0]
     assert any(line.startswith("full ") for line in lines) and any(line.startswith("nested ") for line in lines)
     speculative = [line.split() for line in lines if line.startswith("speculative ") and "benchmark:" not in line]
     assert [row[2] for row in speculative] == ["2", "3"]
@@ -514,3 +515,6 @@ def test_bench_speculative_prints_measured_and_predicted_speedups():
     bad = subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "bench", "speculative", "--drafts", "0"],
                          capture_output=True, text=True, timeout=600, cwd=repo)
     assert bad.returncode != 0 and "--drafts must be integers >= 1" in bad.stderr
+    graphs = subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "bench", "speculative", "--engine",
+                             "static_graphs"], capture_output=True, text=True, timeout=600, cwd=repo)
+    assert graphs.returncode != 0 and "--engine static_graphs needs --device cuda" in graphs.stderr
