@@ -21,8 +21,9 @@ functional per-layer step with static shapes:
 - the host reads one device value (which rows are still alive) every `sync_every` steps: finished rows keep
   producing padding until then, and compaction happens at those reads.
 
-By default the loop over the kept layers runs under TorchScript's interpreter (`scripted(layer_steps)`: compiled
-once per process, the same kernels as the eager Python functions without a Python frame per operation;
+By default the decode steps between two host reads (embedding, the kept layers, head, sampling and bookkeeping:
+`decode_steps`) run under TorchScript's interpreter (`scripted(decode_steps)`: compiled once per process, the same
+kernels as the eager Python functions without a Python frame per operation or per step;
 `rollout.engine=static_eager` runs those functions eagerly). A fixed-shape variant (`fixed_layer_step`: the write
 column a tensor, attention over every cache column with the unfilled ones masked) runs under `torch.compile`
 (`rollout.engine=static_compiled`) or as CUDA graphs captured per decoder layer and batch bucket (`DecodeGraphs`,
@@ -132,7 +133,7 @@ def outer_weights(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, t
 class LayerWeights(NamedTuple):
     """One decoder layer's weights laid out for the functional step: projections transposed to [in, out] (one `mm`
     or `addmm` each, no transpose per call), q/k/v fused and gate/up fused. Copies, made once per rollout. A
-    NamedTuple, so that the scripted layer loop (`scripted(layer_steps)`) takes a list of them."""
+    NamedTuple, so that the scripted decode steps (`scripted(decode_steps)`) take a list of them."""
     input_norm: torch.Tensor        # [H]
     qkv: torch.Tensor               # [H, (Hq + 2 Hkv) D]
     qkv_bias: torch.Tensor | None   # [(Hq + 2 Hkv) D]
@@ -212,16 +213,6 @@ class StaticKVCache:
         """Per kept layer, the keys and values [rows Hkv, S, D] of the first `rows` slots (fixed-shape steps)."""
         count = rows * self.kv_heads
         return list(zip(self.keys[:, :count].unbind(0), self.values[:, :count].unbind(0)))
-
-    def step_views(self, rows: int, column: int) -> tuple[list[torch.Tensor], ...]:
-        """Per kept layer, for a step of `rows` slots writing column `column`: where the new key and value go
-        ([rows, Hkv, D] each), and the filled keys transposed ([rows Hkv, D, column + 1]) and values
-        ([rows Hkv, column + 1, D]) the step attends over. A handful of view operations per step for all layers."""
-        keys, values = self.keys[:, :rows * self.kv_heads], self.values[:, :rows * self.kv_heads]
-        new_shape = (keys.shape[0], rows, self.kv_heads, keys.shape[-1])
-        return (list(keys[:, :, column].view(new_shape).unbind(0)),
-                list(values[:, :, column].view(new_shape).unbind(0)),
-                list(keys[:, :, :column + 1].transpose(2, 3).unbind(0)), list(values[:, :, :column + 1].unbind(0)))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -320,10 +311,92 @@ def layer_steps(x: torch.Tensor, weights: list[LayerWeights], new_keys: list[tor
                 cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, shape: DecoderShape,
                 eps: torch.Tensor) -> torch.Tensor:
     """`layer_step` through the kept layers in order (the i-th cache views with the i-th weights): x [b, H] ->
-    [b, H]. Run scripted (`scripted`) by the static engine."""
+    [b, H]. One decode step's layers in `decode_steps`."""
     for i in range(len(weights)):
         x = layer_step(x, weights[i], new_keys[i], new_values[i], keys_t[i], values[i], cos, sin, mask, shape, eps)
     return x
+
+
+def step_views(keys: torch.Tensor, values: torch.Tensor, rows: int, kv_heads: int,
+               column: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per kept layer of a `StaticKVCache`'s `keys` / `values` [layers, slots Hkv, S, D], for a step of `rows` slots
+    writing column `column`: where the new key and value go ([rows, Hkv, D] each), and the filled keys transposed
+    ([rows Hkv, D, column + 1]) and values ([rows Hkv, column + 1, D]) the step attends over. A handful of view
+    operations per step for all layers."""
+    keys, values = keys[:, :rows * kv_heads], values[:, :rows * kv_heads]
+    layers, head_dim = keys.shape[0], keys.shape[-1]
+    return (keys[:, :, column].view(layers, rows, kv_heads, head_dim).unbind(0),
+            values[:, :, column].view(layers, rows, kv_heads, head_dim).unbind(0),
+            keys[:, :, :column + 1].transpose(2, 3).unbind(0), values[:, :, :column + 1].unbind(0))
+
+
+def per_kv_head(additive: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[b, 1, 1, n] per-slot mask -> [b Hkv, 1, n], the layout of the attention's batched matmuls."""
+    rows, width = additive.shape[0], additive.shape[-1]
+    return additive.expand(rows, kv_heads, 1, width).reshape(rows * kv_heads, 1, width)
+
+
+class StepOutputs(NamedTuple):
+    """Where decode steps write: the output rows' tokens, behaviour log-probs and completion mask [B + 1, T] (row B
+    is the discarded row padding slots write to), and per slot the output row it writes to and whether it is alive
+    (updated in place)."""
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    completion_mask: torch.Tensor
+    slot_rows: torch.Tensor
+    alive: torch.Tensor
+
+
+class Sampler(NamedTuple):
+    """How a decode step picks its token: temperature / top-p sampling at the slots' keyed uniforms [b, T] (float64),
+    or the argmax (`greedy`); `eos_ids` end a row, whose later tokens are `pad` with log-prob `zero` (0-d tensors)."""
+    temperature: float
+    top_p: float
+    greedy: bool
+    uniforms: torch.Tensor
+    eos_ids: torch.Tensor
+    pad: torch.Tensor
+    zero: torch.Tensor
+
+
+def record_step(logits: torch.Tensor, t: int, sampler: Sampler, out: StepOutputs) -> torch.Tensor:
+    """Sample each slot's token at completion position `t` from `logits` [b, V], write it, its behaviour log-prob
+    and its mask bit into column `t` of the slots' output rows, and retire the slots that produced EOS: -> token [b]."""
+    step_logprobs = sampling_logprobs(logits, sampler.temperature, sampler.top_p)  # [b, V]
+    if sampler.greedy:
+        token = step_logprobs.argmax(-1)
+    else:
+        token = sample_tokens(step_logprobs, sampler.uniforms[:, t])
+    token_logprob = step_logprobs.gather(-1, token[:, None]).squeeze(-1)
+    alive = out.alive
+    out.tokens[:, t].index_copy_(0, out.slot_rows, torch.where(alive, token, sampler.pad))
+    out.logprobs[:, t].index_copy_(0, out.slot_rows, torch.where(alive, token_logprob, sampler.zero))
+    out.completion_mask[:, t].index_copy_(0, out.slot_rows, alive.long())
+    alive.logical_and_(torch.logical_not(torch.isin(token, sampler.eos_ids)))
+    return token
+
+
+def decode_steps(first: int, stop: int, token: torch.Tensor, position: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, additive: torch.Tensor, weights: list[LayerWeights], embed: torch.Tensor,
+                 final_norm: torch.Tensor, head_t: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                 prompt_width: int, sampler: Sampler, out: StepOutputs, shape: DecoderShape,
+                 eps: torch.Tensor) -> torch.Tensor:
+    """Decode steps `first` .. `stop` - 1 of the slots fed `token` [b] at rotary `position` [b] (advanced in place):
+    embedding, the kept layers over `keys` / `values` (a `StaticKVCache`'s tensors), the final norm and head, and
+    `record_step`: -> the last token fed back [b]. The whole stretch between two host reads, so that, scripted, it
+    runs without a Python frame per operation or per step."""
+    rows = token.shape[0]
+    for t in range(first, stop):
+        column = prompt_width + t - 1  # where the fed token's key goes
+        x = F.embedding(token, embed)
+        cos, sin = cos_table[position].unsqueeze(1), sin_table[position].unsqueeze(1)
+        mask = per_kv_head(additive[:rows, :, :, :column + 1], shape.num_kv_heads)
+        new_keys, new_values, keys_t, filled_values = step_views(keys, values, rows, shape.num_kv_heads, column)
+        x = layer_steps(x, weights, new_keys, new_values, keys_t, filled_values, cos, sin, mask, shape, eps)
+        logits = torch.mm(rms_norm(x, final_norm, eps), head_t)
+        position.add_(1)
+        token = record_step(logits, t, sampler, out)
+    return token
 
 
 _SCRIPTED: dict = {}  # function -> its TorchScript compilation, in this process
@@ -388,8 +461,8 @@ class DecodeStats:
                 setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
 
 
-# How the per-layer step runs. "eager": `layer_step` through the kept layers (`layer_steps`), attention over the
-# filled columns only. "scripted": the same loop compiled by TorchScript (`scripted(layer_steps)`). "fixed":
+# How the per-layer step runs. "eager": `decode_steps` (`layer_step` through the kept layers), attention over the
+# filled columns only. "scripted": the same steps compiled by TorchScript (`scripted(decode_steps)`). "fixed":
 # `fixed_layer_step` eagerly (every shape fixed for the rollout; what "compiled" and "graphs" run). "compiled":
 # `fixed_layer_step` under `torch.compile` (inductor, static shapes): one compilation per (batch bucket, cache
 # length bucket, dtype, architecture), shared by every layer and every skip set, because the layer's weights are
@@ -652,86 +725,68 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt_mask
         step = compiled_layer_step() if step_mode == "compiled" else fixed_layer_step
         column_index = torch.zeros(1, dtype=torch.long, device=device)
     else:
-        run_layers = scripted(layer_steps) if step_mode == "scripted" else layer_steps
+        run_steps = scripted(decode_steps) if step_mode == "scripted" else decode_steps
     position = prompt_mask.long().sum(-1).index_select(0, slot_sources)  # rotary position of the next fed token
     cos_table, sin_table = rotary_tables(model, columns, dtype, device)
     eps = torch.tensor(shape.rms_norm_eps, device=device)
     uniforms = keyed_uniform_table(seed, row_keys, max_new_tokens)  # [B, T] float64
-    slot_uniforms = uniforms.index_select(0, slot_sources)
-
-    tokens = torch.full((batch_size + 1, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logprobs_out = torch.zeros((batch_size + 1, max_new_tokens), device=device)
-    completion_mask = torch.zeros((batch_size + 1, max_new_tokens), dtype=torch.long, device=device)
-    alive = slot_rows < batch_size
-    pad = torch.tensor(pad_token_id, device=device)
-    zero = torch.zeros((), device=device)
+    sampler = Sampler(float(temperature), float(top_p), bool(greedy), uniforms.index_select(0, slot_sources),
+                      eos_ids, torch.tensor(pad_token_id, device=device), torch.zeros((), device=device))
+    out = StepOutputs(torch.full((batch_size + 1, max_new_tokens), pad_token_id, dtype=torch.long, device=device),
+                      torch.zeros((batch_size + 1, max_new_tokens), device=device),
+                      torch.zeros((batch_size + 1, max_new_tokens), dtype=torch.long, device=device),
+                      slot_rows, slot_rows < batch_size)
     live = batch_size  # real rows in the batch (alive or not), as the host last saw them
 
-    def emit(logits: torch.Tensor, t: int) -> torch.Tensor:
-        step_logprobs = sampling_logprobs(logits, temperature, top_p)  # [b, V]
-        token = step_logprobs.argmax(-1) if greedy else sample_tokens(step_logprobs, slot_uniforms[:, t])
-        token_logprob = step_logprobs.gather(-1, token[:, None]).squeeze(-1)
-        tokens[:, t].index_copy_(0, slot_rows, torch.where(alive, token, pad))
-        logprobs_out[:, t].index_copy_(0, slot_rows, torch.where(alive, token_logprob, zero))
-        completion_mask[:, t].index_copy_(0, slot_rows, alive.long())
-        alive.logical_and_(~torch.isin(token, eos_ids))
-        return token
-
-    token = emit(first_logits.index_select(0, slot_sources), 0)
+    token = record_step(first_logits.index_select(0, slot_sources), 0, sampler, out)
     layer_caches = cache.layer_views(bucket)
-    for t in range(1, max_new_tokens):
-        if t % sync_every == 1 or sync_every == 1:
-            alive_host = alive.cpu()  # the one device read of these `sync_every` steps
-            stats.host_reads += 1
-            alive_slots = alive_host.nonzero().squeeze(-1)
-            if not len(alive_slots):
-                break
-            smaller = batch_bucket(len(alive_slots))
-            if compact_below > 0 and len(alive_slots) <= compact_below * live and smaller < bucket:
-                # Alive slots move to the front; the rest of the smaller bucket repeats the first alive slot and
-                # writes to the discarded output row.
-                keep = torch.cat([alive_slots, alive_slots[:1].expand(smaller - len(alive_slots))]).to(device)
-                cache.compact(keep, cache_layers)
-                slot_rows = slot_rows.index_select(0, keep)
-                slot_rows[len(alive_slots):] = batch_size
-                alive = alive.index_select(0, keep)
-                alive[len(alive_slots):] = False
-                additive[:smaller] = additive.index_select(0, keep)
-                position, token = position.index_select(0, keep), token.index_select(0, keep)
-                slot_uniforms = slot_uniforms.index_select(0, keep)
-                bucket, live = smaller, len(alive_slots)
-                layer_caches = cache.layer_views(bucket)
-                stats.compactions += 1
-        column = prompt_width + t - 1  # where the fed token's key goes
-        if graphs is not None:
+    for first in range(1, max_new_tokens, sync_every):
+        alive_host = out.alive.cpu()  # the one device read of these `sync_every` steps
+        stats.host_reads += 1
+        alive_slots = alive_host.nonzero().squeeze(-1)
+        if not len(alive_slots):
+            break
+        smaller = batch_bucket(len(alive_slots))
+        if compact_below > 0 and len(alive_slots) <= compact_below * live and smaller < bucket:
+            # Alive slots move to the front; the rest of the smaller bucket repeats the first alive slot and writes
+            # to the discarded output row.
+            keep = torch.cat([alive_slots, alive_slots[:1].expand(smaller - len(alive_slots))]).to(device)
+            cache.compact(keep, cache_layers)
+            slot_rows, alive = out.slot_rows.index_select(0, keep), out.alive.index_select(0, keep)
+            slot_rows[len(alive_slots):] = batch_size
+            alive[len(alive_slots):] = False
+            out = out._replace(slot_rows=slot_rows, alive=alive)
+            sampler = sampler._replace(uniforms=sampler.uniforms.index_select(0, keep))
+            additive[:smaller] = additive.index_select(0, keep)
+            position, token = position.index_select(0, keep), token.index_select(0, keep)
+            bucket, live = smaller, len(alive_slots)
+            layer_caches = cache.layer_views(bucket)
+            stats.compactions += 1
+        stop = min(first + sync_every, max_new_tokens)
+        stats.steps += stop - first
+        stats.row_steps += bucket * (stop - first)
+        if not fixed:
+            with torch.jit.optimized_execution(False):  # the plain interpreter (see `scripted`)
+                token = run_steps(first, stop, token, position, cache.keys, cache.values, additive, weights, embed,
+                                  final_norm, head_t, cos_table, sin_table, prompt_width, sampler, out, shape, eps)
+            continue
+        for t in range(first, stop):
+            column = prompt_width + t - 1  # where the fed token's key goes
             additive[:bucket, :, :, column] = 0
-            graphs.column.fill_(column)
-            stats.captures += graphs.ensure_bucket(bucket)
-            logits = graphs.step(bucket, plan.kept, token, position,
-                                 _per_kv_head(additive[:bucket], shape.num_kv_heads))
-        else:
-            x = F.embedding(token, embed)
-            cos, sin = cos_table[position].unsqueeze(1), sin_table[position].unsqueeze(1)
-            if fixed:
-                additive[:bucket, :, :, column] = 0
+            if graphs is not None:
+                graphs.column.fill_(column)
+                stats.captures += graphs.ensure_bucket(bucket)
+                logits = graphs.step(bucket, plan.kept, token, position,
+                                     per_kv_head(additive[:bucket], shape.num_kv_heads))
+            else:
+                x = F.embedding(token, embed)
+                cos, sin = cos_table[position].unsqueeze(1), sin_table[position].unsqueeze(1)
                 column_index.fill_(column)
-                step_mask = _per_kv_head(additive[:bucket], shape.num_kv_heads)
+                step_mask = per_kv_head(additive[:bucket], shape.num_kv_heads)
                 for w, (keys, values) in zip(weights, layer_caches):
                     x = step(x, w, keys, values, column_index, cos, sin, step_mask, shape, eps)
-            else:
-                step_mask = _per_kv_head(additive[:bucket, :, :, :column + 1], shape.num_kv_heads)
-                with torch.jit.optimized_execution(False):  # the plain interpreter (see `scripted`)
-                    x = run_layers(x, weights, *cache.step_views(bucket, column), cos, sin, step_mask, shape, eps)
-            logits = torch.mm(rms_norm(x, final_norm, eps), head_t)
-        position += 1
-        token = emit(logits, t)
-        stats.steps += 1
-        stats.row_steps += bucket
+                logits = torch.mm(rms_norm(x, final_norm, eps), head_t)
+            position += 1
+            token = record_step(logits, t, sampler, out)
     stats.compilations += COMPILATIONS[0] - compilations_before
-    return tokens[:batch_size], completion_mask[:batch_size], logprobs_out[:batch_size]
-
-
-def _per_kv_head(additive: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[b, 1, 1, n] per-slot mask -> [b Hkv, 1, n], the layout of the attention's batched matmuls."""
-    rows, _, _, width = additive.shape
-    return additive.expand(rows, kv_heads, 1, width).reshape(rows * kv_heads, 1, width)
+    return out.tokens[:batch_size], out.completion_mask[:batch_size], out.logprobs[:batch_size]
