@@ -99,10 +99,10 @@ def speculative_verify(target_logprobs: torch.Tensor, draft_logprobs: torch.Tens
     position's token is then distributed as p's (Leviathan et al. 2023, Chen et al. 2023), whatever q is, as long
     as q is the distribution the draft was really sampled from. `greedy`: a draft is kept when it is p's argmax,
     and the next token is p's argmax (the full model's greedy decode)."""
-    rows, g, vocab = draft_logprobs.shape
-    if target_logprobs.shape != (rows, g + 1, vocab) or drafts.shape != (rows, g):
-        raise ValueError(f"speculative_verify: target {tuple(target_logprobs.shape)}, draft "
-                         f"{tuple(draft_logprobs.shape)} and drafts {tuple(drafts.shape)} do not agree")
+    rows, g, vocab = draft_logprobs.shape[0], draft_logprobs.shape[1], draft_logprobs.shape[2]
+    if list(target_logprobs.shape) != [rows, g + 1, vocab] or list(drafts.shape) != [rows, g]:
+        raise ValueError(f"speculative_verify: target {list(target_logprobs.shape)}, draft "
+                         f"{list(draft_logprobs.shape)} and drafts {list(drafts.shape)} do not agree")
     if greedy:
         keep = drafts == target_logprobs[:, :g].argmax(-1)
     else:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -107,47 +108,163 @@ class DraftLengths:
         self.acceptance = state["acceptance"]
 
 
-class _Forward:
-    """A forward of some decoder layers over m new tokens per row, at per-row cache columns (the drafter's or the
-    full model's): embedding, rotary, the layer steps writing their keys and values into `cache`, the final norm."""
+class ForwardWeights(NamedTuple):
+    """What a forward of some decoder layers reads (the drafter's kept layers, or all of them for the verifier): the
+    layers' weights, their caches' keys and values [b Hkv, S, D] at the batch's rows, the embedding, the final
+    norm, the rotary tables and the norms' eps."""
+    layers: list[LayerWeights]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    embed: torch.Tensor
+    final_norm: torch.Tensor
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+    eps: torch.Tensor
+    minimum: float  # the dtype's lowest value: the additive mask of a key a query may not see
 
-    def __init__(self, weights: list[LayerWeights], cache: StaticKVCache, shape: DecoderShape, embed: torch.Tensor,
-                 final_norm: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, eps: torch.Tensor,
-                 script: bool):
-        self.weights, self.cache, self.shape = weights, cache, shape
-        self.run_layers = scripted(multi_token_layer_steps) if script else multi_token_layer_steps
-        self.embed, self.final_norm, self.cos_table, self.sin_table, self.eps = (embed, final_norm, cos_table,
-                                                                                 sin_table, eps)
-        # Per batch size, every layer's keys and values [b Hkv, S, D]: views of the cache's leading slots, which
-        # compaction rewrites in place, so they are made once per size.
-        self.views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def __call__(self, tokens: torch.Tensor, columns: torch.Tensor, padding: torch.Tensor, key_ok: torch.Tensor,
-                 width: int) -> torch.Tensor:
-        """tokens, columns [b, m] (the cache column each token's key goes to), `padding` [b] (a row's left padding:
-        its rotary position is column - padding), `key_ok` [b, S] (columns a query may see: real prompt tokens and
-        completion columns), `width` (attention spans columns [0, width)) -> final hidden states [b, m, H]."""
-        rows, m = tokens.shape
-        x, cos, sin, write_index, mask = forward_inputs(tokens, columns, padding, key_ok, width, self.embed,
-                                                        self.cos_table, self.sin_table, self.shape,
-                                                        self.cache.keys.shape[2])
-        if rows not in self.views:
-            self.views[rows] = tuple(list(views) for views in zip(*self.cache.layer_views(rows)))
-        keys, values = self.views[rows]
-        with torch.jit.optimized_execution(False):  # the plain interpreter (see `decode.scripted`)
-            x = self.run_layers(x, self.weights, keys, values, write_index, width, cos, sin, mask, self.shape,
-                                self.eps, rows, m)
-        return rms_norm(x, self.final_norm, self.eps).view(rows, m, -1)
+class _CachedLayers:
+    """A forward's `ForwardWeights` for each batch size: the caches' views are of their leading slots, which
+    compaction rewrites in place, so they are made once per size."""
+
+    def __init__(self, weights: list[LayerWeights], cache: StaticKVCache, embed: torch.Tensor,
+                 final_norm: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, eps: torch.Tensor):
+        self.weights, self.cache = weights, cache
+        self.outer = (embed, final_norm, cos_table, sin_table, eps, torch.finfo(embed.dtype).min)
+        self.sizes: dict[int, ForwardWeights] = {}
+
+    def at(self, rows: int) -> ForwardWeights:
+        if rows not in self.sizes:
+            keys, values = (list(views) for views in zip(*self.cache.layer_views(rows)))
+            self.sizes[rows] = ForwardWeights(self.weights, keys, values, *self.outer)
+        return self.sizes[rows]
+
+
+def multi_token_forward(tokens: torch.Tensor, columns: torch.Tensor, padding: torch.Tensor, key_ok: torch.Tensor,
+                        width: int, layers: ForwardWeights, shape: DecoderShape) -> torch.Tensor:
+    """A forward of `layers` over m new tokens per row at per-row cache columns: embedding, rotary, the layer steps
+    writing their keys and values into the caches, the final norm. tokens, columns [b, m] (the cache column each
+    token's key goes to), `padding` [b] (a row's left padding: its rotary position is column - padding), `key_ok`
+    [b, S] (columns a query may see: real prompt tokens and completion columns), `width` (attention spans columns
+    [0, width)) -> final hidden states [b, m, H]."""
+    rows, m = tokens.shape[0], tokens.shape[1]
+    x, cos, sin, write_index, mask = forward_inputs(tokens, columns, padding, key_ok, width, layers.embed,
+                                                    layers.cos_table, layers.sin_table, shape,
+                                                    layers.keys[0].shape[1], layers.minimum)
+    x = multi_token_layer_steps(x, layers.layers, layers.keys, layers.values, write_index, width, cos, sin, mask,
+                                shape, layers.eps, rows, m)
+    return rms_norm(x, layers.final_norm, layers.eps).view(rows, m, -1)
+
+
+def draft_sample(hidden: torch.Tensor, head_t: torch.Tensor, temperature: float, top_p: float, greedy: bool,
+                 uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drafter's next token per row from its final hidden states [b, H], and the sampling distribution it was
+    drawn from: -> token [b], log-probs [b, V] (the q of the speculative rule)."""
+    logprobs = sampling_logprobs(torch.mm(hidden, head_t), temperature, top_p)
+    token = logprobs.argmax(-1) if greedy else sample_tokens(logprobs, uniforms)
+    return token, logprobs
+
+
+def draft_phase(g: int, sequence: torch.Tensor, column: torch.Tensor, padding: torch.Tensor, key_ok: torch.Tensor,
+                width: int, length: torch.Tensor, draft_uniforms: torch.Tensor, head_t: torch.Tensor,
+                drafter: ForwardWeights, shape: DecoderShape, temperature: float, top_p: float,
+                greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drafter's g tokens per row: its first step feeds tokens t - 2 and t - 1 (`column` [b]: where token t
+    goes), each later one the previous draft; `width`: the columns the first step attends over. -> drafts [b, g],
+    their distributions [b, g, V]. (`_graphed_draft_phase` is the same loop over graph replays.)"""
+    rows = sequence.shape[0]
+    drafts = torch.empty((rows, g), dtype=torch.long, device=sequence.device)
+    draft_logprobs = torch.empty((rows, g, head_t.shape[1]), device=sequence.device)
+    feed = torch.stack([column - 2, column - 1], dim=1)
+    hidden = multi_token_forward(sequence.gather(1, feed), feed, padding, key_ok, width, drafter, shape)[:, -1]
+    for i in range(g):
+        token, logprobs = draft_sample(hidden, head_t, temperature, top_p, greedy,
+                                       draft_uniforms.gather(1, (length + i)[:, None]).squeeze(1))
+        drafts[:, i], draft_logprobs[:, i] = token, logprobs
+        if i + 1 < g:
+            feed = (column + i)[:, None]
+            hidden = multi_token_forward(drafts[:, i:i + 1], feed, padding, key_ok, width + i + 1, drafter,
+                                         shape)[:, 0]
+    return drafts, draft_logprobs
+
+
+class RoundState(NamedTuple):
+    """Per slot, what the rounds update in place: the token sequence by cache column [b, S], the completion's tokens
+    and full-model log-probs by position [b, W], the committed length [b] and whether the row still decodes [b];
+    `counts` [2]: verified alive rows and the drafts they kept, summed over the rounds."""
+    sequence: torch.Tensor
+    out_tokens: torch.Tensor
+    out_logprobs: torch.Tensor
+    length: torch.Tensor
+    alive: torch.Tensor
+    counts: torch.Tensor
+
+
+class RoundRules(NamedTuple):
+    """The fixed settings of the rounds: sampling (temperature, top_p, greedy), the per-slot uniforms of the
+    acceptance test and of the resample / bonus draw [b, W], the EOS ids, the pad token (0-d), the completion length
+    limit and the prompt width."""
+    temperature: float
+    top_p: float
+    greedy: bool
+    accept_uniforms: torch.Tensor
+    resample_uniforms: torch.Tensor
+    eos_ids: torch.Tensor
+    pad: torch.Tensor
+    limit: int
+    prompt_width: int
+
+
+def verify_and_commit(hidden: torch.Tensor, head_t: torch.Tensor, drafts: torch.Tensor, draft_logprobs: torch.Tensor,
+                      state: RoundState, rules: RoundRules) -> None:
+    """The speculative rule on the verifier's final hidden states [b, g + 1, H] at token t - 1 and the drafts, then
+    the commit: the kept drafts and the new token enter `state`, up to the first EOS and the length limit."""
+    rows, g = drafts.shape[0], drafts.shape[1]
+    target_logprobs = sampling_logprobs(torch.mm(hidden.flatten(0, 1), head_t), rules.temperature,
+                                        rules.top_p).view(rows, g + 1, -1)
+    length, alive = state.length, state.alive
+    offsets = torch.arange(g + 1, device=drafts.device)
+    positions = length[:, None] + offsets  # completion positions the round decides, [b, g + 1]
+    accepted, next_token = speculative_verify(
+        target_logprobs, draft_logprobs, drafts, rules.accept_uniforms.gather(1, positions[:, :g]),
+        rules.resample_uniforms.gather(1, positions), greedy=rules.greedy)
+    candidates = torch.cat([drafts, drafts[:, :1]], dim=1).scatter_(1, accepted[:, None], next_token[:, None])
+    candidate_logprobs = target_logprobs.gather(-1, candidates[..., None]).squeeze(-1)
+    valid = (offsets <= accepted[:, None]) & (positions < rules.limit) & alive[:, None]
+    is_eos = torch.isin(candidates, rules.eos_ids) & valid
+    first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), torch.full_like(accepted, g + 1))
+    valid &= offsets <= first_eos[:, None]
+    state.out_tokens.scatter_(1, positions, torch.where(valid, candidates, rules.pad))
+    state.out_logprobs.scatter_(1, positions, torch.where(valid, candidate_logprobs, torch.zeros_like(
+        candidate_logprobs)))
+    state.sequence.scatter_(1, rules.prompt_width + positions, torch.where(valid, candidates, rules.pad))
+    state.counts.add_(torch.stack([alive.sum(), torch.where(alive, accepted, torch.zeros_like(accepted)).sum()]))
+    length.add_(valid.sum(1))
+    alive.logical_and_(torch.logical_not(is_eos.any(1)) & (length < rules.limit))
+
+
+def verify_phase(drafts: torch.Tensor, draft_logprobs: torch.Tensor, column: torch.Tensor, padding: torch.Tensor,
+                 key_ok: torch.Tensor, width: int, head_t: torch.Tensor, verifier: ForwardWeights,
+                 shape: DecoderShape, state: RoundState, rules: RoundRules) -> None:
+    """The full model over token t - 1 and the g drafts (attending over `width` columns), then
+    `verify_and_commit`."""
+    g = drafts.shape[1]
+    feed = column[:, None] - 1 + torch.arange(g + 1, device=drafts.device)
+    hidden = multi_token_forward(torch.cat([state.sequence.gather(1, feed[:, :1]), drafts], dim=1), feed, padding,
+                                 key_ok, width, verifier, shape)
+    verify_and_commit(hidden, head_t, drafts, draft_logprobs, state, rules)
 
 
 def forward_inputs(tokens: torch.Tensor, columns: torch.Tensor, padding: torch.Tensor, key_ok: torch.Tensor,
                    width: int, embed: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
-                   shape: DecoderShape, cache_columns: int) -> tuple[torch.Tensor, ...]:
-    """What every layer of a forward over tokens [b, m] at cache `columns` [b, m] reads (`_Forward.__call__` has the
-    arguments): the embedded tokens x [b m, H], their rotary cos / sin [b m, 1, D], where their keys go in a layer's
-    cache viewed as [b Hkv S, D] (`write_index` [b m Hkv]), and the additive attention mask [b Hkv, m G, width] (a
-    query sees the real columns up to its own)."""
-    rows, m = tokens.shape
+                   shape: DecoderShape, cache_columns: int,
+                   minimum: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every layer of a forward over tokens [b, m] at cache `columns` [b, m] reads (`multi_token_forward` has
+    the arguments): the embedded tokens x [b m, H], their rotary cos / sin [b m, 1, D], where their keys go in a
+    layer's cache viewed as [b Hkv S, D] (`write_index` [b m Hkv]), and the additive attention mask
+    [b Hkv, m G, width] (a query sees the real columns up to its own; `minimum`, the dtype's lowest value, where
+    it may not)."""
+    rows, m = tokens.shape[0], tokens.shape[1]
     kv_heads, groups = shape.num_kv_heads, shape.num_heads // shape.num_kv_heads
     x = F.embedding(tokens.reshape(-1), embed)  # [b m, H]
     positions = (columns - padding[:, None]).reshape(-1)
@@ -156,8 +273,7 @@ def forward_inputs(tokens: torch.Tensor, columns: torch.Tensor, padding: torch.T
     slots = torch.arange(rows, device=tokens.device)[:, None, None] * kv_heads + heads  # [b, 1, Hkv]
     write_index = (slots * cache_columns + columns[:, :, None]).reshape(-1)
     visible = (torch.arange(width, device=tokens.device) <= columns[:, :, None]) & key_ok[:, None, :width]
-    additive = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(
-        ~visible, torch.finfo(x.dtype).min)
+    additive = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, minimum)
     mask = additive[:, None, :, None, :].expand(rows, kv_heads, m, groups, width).reshape(
         rows * kv_heads, m * groups, width)
     return x, cos, sin, write_index, mask
@@ -238,7 +354,7 @@ class SpeculativeGraphs:
             for target, value in zip((inputs.x, inputs.cos, inputs.sin, inputs.write_index, inputs.mask),
                                      forward_inputs(inputs.tokens, inputs.columns, inputs.padding, inputs.key_ok,
                                                     self.columns, self.params.embed, self.cos_table, self.sin_table,
-                                                    shape, self.columns)):
+                                                    shape, self.columns, torch.finfo(self.params.embed.dtype).min)):
                 target.copy_(value)
 
         def epilogue():
@@ -272,7 +388,7 @@ class SpeculativeGraphs:
 
 
 class _GraphedForward:
-    """`_Forward`'s call, replayed from `SpeculativeGraphs`: the batch padded to its bucket (padding slots repeat
+    """`multi_token_forward` replayed from `SpeculativeGraphs`: the batch padded to its bucket (padding slots repeat
     the first row and write into cache slots no row uses), attention over every cache column."""
 
     def __init__(self, graphs: SpeculativeGraphs, cache: str, layers: list[int], stats: DecodeStats):
@@ -289,6 +405,26 @@ class _GraphedForward:
             target[rows:] = value[:1]
         self.stats.captures += self.graphs.ensure(self.cache, bucket, m)
         return self.graphs.replay(self.cache, self.layers, bucket, m).view(bucket, m, -1)[:rows]
+
+
+def _graphed_draft_phase(drafter: _GraphedForward, g: int, sequence: torch.Tensor, column: torch.Tensor,
+                         padding: torch.Tensor, key_ok: torch.Tensor, width: int, length: torch.Tensor,
+                         draft_uniforms: torch.Tensor, head_t: torch.Tensor, temperature: float, top_p: float,
+                         greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draft_phase` with the drafter's forwards replayed from graphs (a replay is a host call, which TorchScript
+    cannot make)."""
+    rows = sequence.shape[0]
+    drafts = torch.empty((rows, g), dtype=torch.long, device=sequence.device)
+    draft_logprobs = torch.empty((rows, g, head_t.shape[1]), device=sequence.device)
+    feed = torch.stack([column - 2, column - 1], dim=1)
+    hidden = drafter(sequence.gather(1, feed), feed, padding, key_ok, width)[:, -1]
+    for i in range(g):
+        drafts[:, i], draft_logprobs[:, i] = draft_sample(hidden, head_t, temperature, top_p, greedy,
+                                                          draft_uniforms.gather(1, (length + i)[:, None]).squeeze(1))
+        if i + 1 < g:
+            feed = (column + i)[:, None]
+            hidden = drafter(drafts[:, i:i + 1], feed, padding, key_ok, width + i + 1)[:, 0]
+    return drafts, draft_logprobs
 
 
 def multi_token_layer_steps(x: torch.Tensor, weights: list[LayerWeights], keys: list[torch.Tensor],
@@ -397,11 +533,13 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
     else:
         cos_table, sin_table = rotary_tables(model, columns, dtype, device)
         eps = torch.tensor(shape.rms_norm_eps, device=device)
+        full = _CachedLayers(weights, full_cache, embed, final_norm, cos_table, sin_table, eps)
+        draft = _CachedLayers([weights[i] for i in plan.kept], draft_cache, embed, final_norm, cos_table, sin_table,
+                              eps)
         script = step_mode == "scripted"
-        full = _Forward(weights, full_cache, shape, embed, final_norm, cos_table, sin_table, eps, script)
-        draft = _Forward([weights[i] for i in plan.kept], draft_cache, shape, embed, final_norm, cos_table, sin_table,
-                         eps, script)
-    stats.compilations += COMPILATIONS[0] - compilations_before  # the scripted loop, once per process
+        run_draft_phase = scripted(draft_phase) if script else draft_phase
+        run_verify_phase = scripted(verify_phase) if script else verify_phase
+    stats.compilations += COMPILATIONS[0] - compilations_before  # the scripted phases, once per process
 
     # Per-slot state (slots are the rows still in the batch; `slot_rows` maps them to output rows).
     width_out = limit + g + 1
@@ -423,19 +561,20 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
     out_tokens[:, 0], out_logprobs[:, 0] = token, first.gather(-1, token[:, None]).squeeze(-1)
     sequence[:, prompt_width] = token
     length = torch.ones(batch_size, dtype=torch.long, device=device)
-    alive = ~torch.isin(token, eos_ids) & (length < limit)
-    offsets = torch.arange(g + 1, device=device)
-    pad = torch.tensor(pad_token_id, device=device)
+    state = RoundState(sequence, out_tokens, out_logprobs, length, ~torch.isin(token, eos_ids) & (length < limit),
+                       torch.zeros(2, dtype=torch.long, device=device))
+    rules = RoundRules(float(temperature), float(top_p), bool(greedy), uniforms[_ACCEPT], uniforms[_RESAMPLE],
+                       eos_ids, torch.tensor(pad_token_id, device=device), limit, prompt_width)
+    draft_uniforms = uniforms[_DRAFT]
 
     def flush() -> None:
-        final_tokens.index_copy_(0, slot_rows, out_tokens)
-        final_logprobs.index_copy_(0, slot_rows, out_logprobs)
-        final_lengths.index_copy_(0, slot_rows, length)
+        final_tokens.index_copy_(0, slot_rows, state.out_tokens)
+        final_logprobs.index_copy_(0, slot_rows, state.out_logprobs)
+        final_lengths.index_copy_(0, slot_rows, state.length)
 
     live = batch_size
-    counts = torch.zeros(2, dtype=torch.long, device=device)  # verified alive rows, drafts they kept
     while True:
-        alive_host, length_host = torch.stack([alive.long(), length]).cpu()  # the round's one device read
+        alive_host, length_host = torch.stack([state.alive.long(), state.length]).cpu()  # the round's one device read
         stats.host_reads += 1
         alive_slots = alive_host.nonzero().squeeze(-1)
         if not len(alive_slots):
@@ -445,67 +584,45 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
             keep = alive_slots.to(device)
             full_cache.compact(keep, range(len(all_layers)))
             draft_cache.compact(keep, draft_slots)
-            (slot_rows, padding, key_ok, sequence, out_tokens, out_logprobs, length, alive) = (
-                t.index_select(0, keep) for t in (slot_rows, padding, key_ok, sequence, out_tokens, out_logprobs,
-                                                  length, alive))
-            uniforms = [u.index_select(0, keep) for u in uniforms]
+            slot_rows, padding, key_ok, draft_uniforms = (t.index_select(0, keep) for t in (slot_rows, padding, key_ok,
+                                                                                        draft_uniforms))
+            state = RoundState(*(t.index_select(0, keep) for t in state[:-1]), state.counts)
+            rules = rules._replace(accept_uniforms=rules.accept_uniforms.index_select(0, keep),
+                                   resample_uniforms=rules.resample_uniforms.index_select(0, keep))
             length_host, live = length_host[alive_slots], len(alive_slots)
             stats.compactions += 1
         rows, longest = len(slot_rows), int(length_host.max())
         step_rows = batch_bucket(rows) if graphs is not None else rows  # rows a forward runs, padding included
-        column = prompt_width + length  # [b] where the next token goes
+        column = prompt_width + state.length  # [b] where the next token goes
+        width = prompt_width + longest  # the columns the drafter's first step attends over
 
-        # Draft g tokens: the first step feeds tokens t - 2 and t - 1, each later one the previous draft.
         drafting = time.perf_counter()
-        drafts = torch.empty((rows, g), dtype=torch.long, device=device)
-        draft_logprobs = torch.empty((rows, g, embed.shape[0]), device=device)
-        feed = torch.stack([column - 2, column - 1], dim=1)
-        hidden = draft(sequence.gather(1, feed), feed, padding, key_ok, prompt_width + longest)[:, -1]
-        for i in range(g):
-            logprobs = sampling_logprobs(torch.mm(hidden, head_t), temperature, top_p)
-            if greedy:
-                drafts[:, i] = logprobs.argmax(-1)
-            else:
-                drafts[:, i] = sample_tokens(logprobs, uniforms[_DRAFT].gather(1, (length + i)[:, None]).squeeze(1))
-            draft_logprobs[:, i] = logprobs
-            stats.steps += 1
-            stats.row_steps += step_rows
-            if i + 1 < g:
-                feed = (column + i)[:, None]
-                hidden = draft(drafts[:, i:i + 1], feed, padding, key_ok, prompt_width + longest + i + 1)[:, 0]
-
-        # Verify: the full model over token t - 1 and the drafts, then the speculative rule.
+        if graphs is None:
+            with torch.jit.optimized_execution(False):  # the plain interpreter (see `decode.scripted`)
+                drafts, draft_logprobs = run_draft_phase(g, state.sequence, column, padding, key_ok, width,
+                                                         state.length, draft_uniforms, head_t, draft.at(rows), shape,
+                                                         rules.temperature, rules.top_p, rules.greedy)
+        else:
+            drafts, draft_logprobs = _graphed_draft_phase(draft, g, state.sequence, column, padding, key_ok, width,
+                                                          state.length, draft_uniforms, head_t, rules.temperature,
+                                                          rules.top_p, rules.greedy)
         verifying = time.perf_counter()
         stats.draft_s += verifying - drafting
-        feed = column[:, None] - 1 + offsets
-        hidden = full(torch.cat([sequence.gather(1, feed[:, :1]), drafts], dim=1), feed, padding, key_ok,
-                      prompt_width + longest + g)
-        target_logprobs = sampling_logprobs(torch.mm(hidden.flatten(0, 1), head_t), temperature, top_p).view(
-            rows, g + 1, -1)
-        positions = length[:, None] + offsets  # completion positions the round decides, [b, g + 1]
-        accepted, next_token = speculative_verify(
-            target_logprobs, draft_logprobs, drafts, uniforms[_ACCEPT].gather(1, positions[:, :g]),
-            uniforms[_RESAMPLE].gather(1, positions), greedy=greedy)
-        stats.steps += 1
-        stats.row_steps += step_rows
-        stats.verify_passes += 1
+        if graphs is None:
+            with torch.jit.optimized_execution(False):
+                run_verify_phase(drafts, draft_logprobs, column, padding, key_ok, width + g, head_t, full.at(rows),
+                                 shape, state, rules)
+        else:
+            feed = column[:, None] - 1 + torch.arange(g + 1, device=device)
+            hidden = full(torch.cat([state.sequence.gather(1, feed[:, :1]), drafts], dim=1), feed, padding, key_ok,
+                          width + g)
+            verify_and_commit(hidden, head_t, drafts, draft_logprobs, state, rules)
         stats.verify_s += time.perf_counter() - verifying
-
-        # Commit the kept drafts and the new token, up to the first EOS and the length limit.
-        candidates = torch.cat([drafts, drafts[:, :1]], dim=1).scatter_(1, accepted[:, None], next_token[:, None])
-        candidate_logprobs = target_logprobs.gather(-1, candidates[..., None]).squeeze(-1)
-        valid = (offsets <= accepted[:, None]) & (positions < limit) & alive[:, None]
-        is_eos = torch.isin(candidates, eos_ids) & valid
-        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), g + 1)
-        valid &= offsets <= first_eos[:, None]
-        out_tokens.scatter_(1, positions, torch.where(valid, candidates, pad))
-        out_logprobs.scatter_(1, positions, torch.where(valid, candidate_logprobs, 0.0))
-        sequence.scatter_(1, prompt_width + positions, torch.where(valid, candidates, pad))
-        counts += torch.stack([alive.sum(), torch.where(alive, accepted, 0).sum()])
-        length += valid.sum(1)
-        alive &= ~is_eos.any(1) & (length < limit)
+        stats.steps += g + 1
+        stats.row_steps += (g + 1) * step_rows
+        stats.verify_passes += 1
     flush()
-    verified_rows, accepted_drafts = counts.tolist()
+    verified_rows, accepted_drafts = state.counts.tolist()
     stats.verified_rows += verified_rows
     stats.drafted_tokens += g * verified_rows
     stats.accepted_drafts += accepted_drafts
