@@ -150,7 +150,7 @@ class GenerationSettings:
     draft_length: int = 0
     """0: sample from the model viewed through the skip plan. g >= 1: self-speculative sampling (speculative.py):
     the model viewed through the plan drafts g tokens per round and the full model verifies them, so completions are
-    distributed as the full model's; decoded by speculative.py, its layer loops under TorchScript (eagerly with
+    distributed as the full model's; decoded by speculative.py, each round's draft and verify phases under TorchScript (eagerly with
     engine "static_eager", from CUDA graphs with "static_graphs")."""
 
     def __post_init__(self) -> None:
@@ -207,7 +207,7 @@ class RolloutConfig:
     """Longest draft length rollout.adaptive_draft may choose."""
     engine: DecodeEngine = "static"
     """Decode engine of `rollout.generate`. "static": static shapes over the model's own weights
-    (nested_reft_ds/decode.py; qwen2 / qwen3 / llama / mistral, other models are refused), its layer loop run by
+    (nested_reft_ds/decode.py; qwen2 / qwen3 / llama / mistral, other models are refused), its decode steps run by
     TorchScript's interpreter; "static_eager": the same Python layer step run eagerly (same floats, slower: for
     debugging, or where TorchScript is unavailable); "static_compiled": the layer step under torch.compile
     (compiles once per batch bucket, never per skip set; opt-in, see docs/results/decode_cpu.md); "static_graphs"

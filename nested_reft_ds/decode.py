@@ -406,7 +406,7 @@ def scripted(fn):
     """`fn` compiled by TorchScript (once per process; no recompilation for any shape, skip set or dtype).
 
     A decode step at RL batch sizes is bound by per-operation overhead; TorchScript's interpreter dispatches the
-    layer loop's ~35 operations per layer without a Python frame each, with the same kernels as the eager functions,
+    ~35 operations per layer and the step's sampling and bookkeeping without a Python frame each, with the same kernels as the eager functions,
     so the same floats (docs/results/decode_cpu.md has what it buys). Call the result under
     `torch.jit.optimized_execution(False)`: the optimising executor would re-profile at every new attention width
     and, on CUDA, fuse elementwise ops into kernels with other floats than eager's."""
@@ -442,7 +442,7 @@ class DecodeStats:
     compactions: int = 0
     host_reads: int = 0           # device values the host read while decoding (each one a sync on a GPU)
     compilations: int = 0         # torch.compile graphs ("static_compiled"), TorchScript compilations ("static",
-                                  # and the speculative engine's scripted loop)
+                                  # and the speculative engine's two scripted phases)
     captures: int = 0             # CUDA graphs captured while decoding ("static_graphs", either engine)
     # Speculative decoding (speculative.py): verify forwards, the alive rows they scored, the drafts those rows
     # proposed and the drafts kept.

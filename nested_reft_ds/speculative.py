@@ -27,8 +27,9 @@ Cost model (reported by `nested-reft bench decode` next to the measurement): wit
 length g, drafter cost c per token and verify cost v, both relative to one full decode step, the expected
 speed-up over full decoding is (1 - a^(g+1)) / ((1 - a) (g c + v)) (`predicted_speedup`).
 
-This engine runs the functional layer step of decode.py (qwen2 / qwen3 / llama / mistral), its layer loops under
-TorchScript like the static engine's (`rollout.engine=static_eager`: eagerly). With `rollout.engine=static_graphs`
+This engine runs the functional layer step of decode.py (qwen2 / qwen3 / llama / mistral). Each round is two calls
+under TorchScript, like the static engine's decode steps (`rollout.engine=static_eager`: eagerly): `draft_phase`
+(the drafter's g forwards and samples) and `verify_phase` (the verify forward, the rule and the commit). With `rollout.engine=static_graphs`
 (CUDA) every forward replays CUDA graphs (`SpeculativeGraphs`): one per decoder layer, cache, batch bucket and
 tokens per row (the drafter's 2 and 1, the verify forward's g + 1), captured on first use and never for a new skip
 set; the batch is padded to its bucket and attention spans every cache column, the unseen ones masked.
@@ -468,7 +469,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
     """Tokens, completion mask and the full model's log-probs [B, max_new_tokens] of the sampled tokens
     (`rollout.generate`'s contract, arguments checked there): completions drawn from the full model by
     self-speculative sampling with `plan`'s nested model as drafter. Every layer's weights must be whole (under
-    ZeRO-3 gather every layer: the verifier runs them all). `step_mode`: "scripted" runs the layer loops under
+    ZeRO-3 gather every layer: the verifier runs them all). `step_mode`: "scripted" runs the round's two phases under
     TorchScript (`decode.scripted`), "eager" runs them eagerly (`rollout.engine=static_eager`), "graphs" replays
     `SpeculativeGraphs` (`rollout.engine=static_graphs`; off CUDA the graphs replay eagerly, see
     `decode.capture_graph`)."""
