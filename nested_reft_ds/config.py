@@ -150,8 +150,8 @@ class GenerationSettings:
     draft_length: int = 0
     """0: sample from the model viewed through the skip plan. g >= 1: self-speculative sampling (speculative.py):
     the model viewed through the plan drafts g tokens per round and the full model verifies them, so completions are
-    distributed as the full model's; decoded by speculative.py, each round's draft and verify phases under TorchScript (eagerly with
-    engine "static_eager", from CUDA graphs with "static_graphs")."""
+    distributed as the full model's; decoded by speculative.py, each round's draft and verify phases under
+    TorchScript (eagerly with engine "static_eager", from CUDA graphs with "static_graphs")."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.max_new_tokens <= MAX_NEW_TOKENS, "generation.max_new_tokens", self.max_new_tokens,

@@ -134,8 +134,9 @@ def stop_token_ids(model: torch.nn.Module, eos_token_id: int | Sequence[int]) ->
 
 
 # `generate`'s engines, each static one with its layer-step mode (decode.STEP_MODES). "static" (decode.py) is the
-# default: its decode steps between two host reads run under TorchScript's interpreter; "static_eager" runs the same Python functions
-# eagerly (same floats, slower; for debugging the step and wherever TorchScript is unavailable);
+# default: its decode steps between two host reads run under TorchScript's interpreter; "static_eager" runs the
+# same Python functions eagerly (same floats, slower; for debugging the step and wherever TorchScript is
+# unavailable);
 # "static_compiled" runs its layer step under torch.compile and "static_graphs" replays CUDA graphs of it (both
 # opt-in: docs/results/decode_cpu.md has what compiling buys on the CPU; the graphs have not run on a GPU yet);
 # "reference" is the transformers-forward loop below, which every static decode is tested against and which also
