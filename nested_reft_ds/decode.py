@@ -407,9 +407,9 @@ def scripted(fn):
 
     A decode step at RL batch sizes is bound by per-operation overhead; TorchScript's interpreter dispatches the
     ~35 operations per layer and the step's sampling and bookkeeping without a Python frame each, with the same
-    kernels as the eager functions, so the same floats (docs/results/decode_cpu.md has what it buys). Call the result under
-    `torch.jit.optimized_execution(False)`: the optimising executor would re-profile at every new attention width
-    and, on CUDA, fuse elementwise ops into kernels with other floats than eager's."""
+    kernels as the eager functions, so the same floats (docs/results/decode_cpu.md has what it buys). Call the
+    result under `torch.jit.optimized_execution(False)`: the optimising executor would re-profile at every new
+    attention width and, on CUDA, fuse elementwise ops into kernels with other floats than eager's."""
     if fn not in _SCRIPTED:
         try:
             _SCRIPTED[fn] = torch.jit.script(fn)

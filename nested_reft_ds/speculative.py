@@ -30,9 +30,10 @@ speed-up over full decoding is (1 - a^(g+1)) / ((1 - a) (g c + v)) (`predicted_s
 This engine runs the functional layer step of decode.py (qwen2 / qwen3 / llama / mistral). Each round is two calls
 under TorchScript, like the static engine's decode steps (`rollout.engine=static_eager`: eagerly): `draft_phase`
 (the drafter's g forwards and samples) and `verify_phase` (the verify forward, the rule and the commit). With
-`rollout.engine=static_graphs` (CUDA) every forward replays CUDA graphs (`SpeculativeGraphs`): one per decoder layer, cache, batch bucket and
-tokens per row (the drafter's 2 and 1, the verify forward's g + 1), captured on first use and never for a new skip
-set; the batch is padded to its bucket and attention spans every cache column, the unseen ones masked.
+`rollout.engine=static_graphs` (CUDA) every forward replays CUDA graphs (`SpeculativeGraphs`): one per decoder
+layer, cache, batch bucket and tokens per row (the drafter's 2 and 1, the verify forward's g + 1), captured on
+first use and never for a new skip set; the batch is padded to its bucket and attention spans every cache column,
+the unseen ones masked.
 """
 from __future__ import annotations
 
