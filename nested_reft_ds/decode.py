@@ -450,7 +450,8 @@ class DecodeStats:
     verified_rows: int = 0
     drafted_tokens: int = 0
     accepted_drafts: int = 0
-    draft_s: float = 0.0          # host time in the drafter's steps and in the verify forwards (with the rule)
+    draft_s: float = 0.0          # host time in the drafter's steps and in the verify forwards (with the rule and
+                                  # the commit)
     verify_s: float = 0.0
     engine: str = ""              # the engine that decoded (rollout.ENGINES)
 

@@ -99,6 +99,8 @@ def speculative_verify(target_logprobs: torch.Tensor, draft_logprobs: torch.Tens
     position's token is then distributed as p's (Leviathan et al. 2023, Chen et al. 2023), whatever q is, as long
     as q is the distribution the draft was really sampled from. `greedy`: a draft is kept when it is p's argmax,
     and the next token is p's argmax (the full model's greedy decode)."""
+    if draft_logprobs.dim() != 3:
+        raise ValueError(f"speculative_verify: draft log-probs must be [B, g, V], got {list(draft_logprobs.shape)}")
     rows, g, vocab = draft_logprobs.shape[0], draft_logprobs.shape[1], draft_logprobs.shape[2]
     if list(target_logprobs.shape) != [rows, g + 1, vocab] or list(drafts.shape) != [rows, g]:
         raise ValueError(f"speculative_verify: target {list(target_logprobs.shape)}, draft "

@@ -143,6 +143,21 @@ def test_speculative_rule_by_hand():
     assert int(accepted) == 1 and int(token) == 1  # greedy: p's argmax at 0 is 0 (tie -> first), then p_2's is 1
 
 
+def test_speculative_rule_refuses_shapes_that_do_not_agree():
+    target = torch.zeros(2, 3, 5).log_softmax(-1)
+    draft = torch.zeros(2, 2, 5).log_softmax(-1)
+    drafts = torch.zeros(2, 2, dtype=torch.long)
+    uniforms = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"draft log-probs must be \[B, g, V\], got \[1, 2, 2, 5\]"):
+        speculative_verify(target, draft[None], drafts, uniforms[:, :2], uniforms, greedy=True)
+    with pytest.raises(ValueError, match=r"target \[2, 2, 5\], draft \[2, 2, 5\] and drafts \[2, 2\] do not agree"):
+        speculative_verify(target[:, :2], draft, drafts, uniforms[:, :2], uniforms)
+    # Scripted (as the engine's verify phase runs it), the check holds too.
+    scripted_rule = torch.jit.script(speculative_verify)
+    with pytest.raises(torch.jit.Error, match="do not agree"):
+        scripted_rule(target, draft, drafts[:, :1], uniforms[:, :2], uniforms, False)
+
+
 def test_predicted_speedup_formula():
     assert predicted_speedup(1.0, 4, 0.0, 1.0) == 5.0
     assert predicted_speedup(0.0, 4, 0.5, 1.0) == pytest.approx(1 / 3)

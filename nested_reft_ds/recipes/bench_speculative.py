@@ -16,8 +16,8 @@ ratio and draft length. Columns:
 - tokens/s and x full: completion tokens per second, and over `full`'s: the measured speed-up of speculative
   sampling over sampling the full model directly (the same distribution).
 - acceptance a: drafts kept / drafts proposed; tokens/verify: tokens committed per row per verify forward.
-- c, v: one drafter step and one verify forward (with the rule), each over one decode step of `full` (`full`'s
-  time / its forwards), from the engine's host timers (`DecodeStats.draft_s`, `verify_s`). On a GPU, which runs
+- c, v: one drafter step and one verify forward (with the rule and the commit), each over one decode step of
+  `full` (`full`'s time / its forwards), from the engine's host timers (`DecodeStats.draft_s`, `verify_s`). On a GPU, which runs
   ahead of the host, c and v are approximate (each phase ends at a host read, but the timers split at launch
   time); tokens/s and x full are exact (a rollout ends with a device read).
 - predicted: (1 - a^(g+1)) / ((1 - a) (g c + v)) with the measured a, c, v; predicted (ideal): the same with c the
