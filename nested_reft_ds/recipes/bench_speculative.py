@@ -17,9 +17,9 @@ ratio and draft length. Columns:
   sampling over sampling the full model directly (the same distribution).
 - acceptance a: drafts kept / drafts proposed; tokens/verify: tokens committed per row per verify forward.
 - c, v: one drafter step and one verify forward (with the rule and the commit), each over one decode step of
-  `full` (`full`'s time / its forwards), from the engine's host timers (`DecodeStats.draft_s`, `verify_s`). On a GPU, which runs
-  ahead of the host, c and v are approximate (each phase ends at a host read, but the timers split at launch
-  time); tokens/s and x full are exact (a rollout ends with a device read).
+  `full` (`full`'s time / its forwards), from the engine's host timers (`DecodeStats.draft_s`, `verify_s`). On a
+  GPU, which runs ahead of the host, c and v are approximate (each phase ends at a host read, but the timers
+  split at launch time); tokens/s and x full are exact (a rollout ends with a device read).
 - predicted: (1 - a^(g+1)) / ((1 - a) (g c + v)) with the measured a, c, v; predicted (ideal): the same with c the
   kept fraction of the layers and v = 1 (a memory-bound GPU's cost model: a step costs the weights it reads).
 """
