@@ -241,6 +241,35 @@ def fixed_shape_rollout(model, ids, mask, plan, step_mode, **kwargs):
     return static_generate(model, ids, mask.long(), plan, step_mode=step_mode, **arguments)
 
 
+@pytest.mark.parametrize("step_mode", ["scripted", "eager", "fixed"])
+def test_host_reads_every_k_steps_decode_the_reference_tokens(models, step_mode):
+    """The engine runs the steps between two host reads in one call (`decode_steps`) and compacts only at a read:
+    for any read interval, including one that does not divide the token budget and one read per step, the tokens
+    and log-probs are the reference engine's, with rows ending at EOS and compaction."""
+    model, tok = models["qwen3"]
+    ids, mask = encode_prompts(tok, [p for p in PROMPTS for _ in range(GROUP)], "cpu")
+    max_new = 13
+    kwargs = dict(max_new_tokens=max_new, temperature=1.2, eos_token_id=STOPS, pad_token_id=tok.pad_token_id,
+                  seed=5, compact_below=0.9, group_size=GROUP)
+    plan = SkipPlan(6, (1, 4))
+    reference = generate(model, ids, mask, plan, engine="reference", row_keys=torch.arange(len(ids)), **kwargs)
+    compactions = []
+    for sync_every in (1, 3, 8):
+        stats = DecodeStats()
+        tokens, completion_mask, logprobs = fixed_shape_rollout(model, ids, mask, plan, step_mode,
+                                                                sync_every=sync_every, stats=stats, **kwargs)
+        width = reference.completions.shape[1]
+        assert torch.equal(tokens[:, :width], reference.completions), sync_every
+        assert torch.equal(completion_mask[:, :width], reference.completion_mask), sync_every
+        assert not completion_mask[:, width:].any()
+        torch.testing.assert_close(logprobs[:, :width], reference.behavior_logprobs, atol=1e-5, rtol=0)
+        # One read per `sync_every` steps, plus the one that finds every row finished if the budget is not spent.
+        reads = -(-stats.steps // sync_every)
+        assert stats.host_reads in (reads, reads + 1), (sync_every, stats.host_reads, stats.steps)
+        compactions.append(stats.compactions)
+    assert compactions[0] > 0  # reading every step, finished rows do leave the batch
+
+
 def test_the_fixed_shape_step_graphs_capture_samples_the_eager_tokens(models):
     """`fixed_layer_step` (what torch.compile and the CUDA graphs run: the write column a tensor, attention over every
     cache column with the unfilled ones masked, the cache length rounded up to COLUMN_BUCKET) decodes what the
