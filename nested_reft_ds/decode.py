@@ -36,7 +36,9 @@ against the model's config: activation, rotary type, sliding window); any other 
 that names `rollout.engine=reference`.
 """
 
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
@@ -402,6 +404,23 @@ def decode_steps(first: int, stop: int, token: torch.Tensor, position: torch.Ten
 _SCRIPTED: dict = {}  # function -> its TorchScript compilation, in this process
 
 
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:  # not a plain file (a zipped install): nothing to compare
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+# TorchScript compiles a function from its source file as it is on disk when `scripted` runs, not from the code
+# this process imported: the files the scripted functions come from, stamped when this module is imported, so that
+# a package updated on disk under a running job (an editable install, a shared checkout) fails loudly instead of
+# compiling other code than the one running.
+_SCRIPTED_SOURCES = {path: _file_stamp(path) for path in
+                     (Path(__file__), Path(__file__).with_name("sampling.py"),
+                      Path(__file__).with_name("speculative.py"))}
+
+
 def scripted(fn):
     """`fn` compiled by TorchScript (once per process; no recompilation for any shape, skip set or dtype).
 
@@ -411,6 +430,12 @@ def scripted(fn):
     result under `torch.jit.optimized_execution(False)`: the optimising executor would re-profile at every new
     attention width and, on CUDA, fuse elementwise ops into kernels with other floats than eager's."""
     if fn not in _SCRIPTED:
+        changed = [path.name for path, stamp in _SCRIPTED_SOURCES.items() if _file_stamp(path) != stamp]
+        if changed:
+            raise RuntimeError(f"static decode engine: {', '.join(changed)} changed on disk since this process "
+                               "imported nested_reft_ds; TorchScript compiles from the files on disk, so it would "
+                               "compile other code than the one running. Restart the process (or decode with "
+                               "rollout.engine=static_eager)")
         try:
             _SCRIPTED[fn] = torch.jit.script(fn)
         except Exception as error:  # TorchScript missing or changed in this torch build

@@ -230,6 +230,25 @@ def test_the_scripted_layer_loop_decodes_the_eager_floats_and_compiles_once_per_
     assert compilations == [1] + [0] * 7, compilations
 
 
+def test_scripting_refuses_package_files_changed_since_import(monkeypatch):
+    """TorchScript reads a function's source from disk when it compiles: a package file rewritten under a running
+    process (an editable install being edited, a shared checkout pulled) must stop the compile with an error that
+    says so, not compile other code than the one running."""
+    from nested_reft_ds import decode
+
+    path = next(path for path in decode._SCRIPTED_SOURCES if path.name == "speculative.py")
+    monkeypatch.setitem(decode._SCRIPTED_SOURCES, path, (0, 0))  # as if the file changed after import
+
+    def not_compiled_yet(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    with pytest.raises(RuntimeError, match="speculative.py changed on disk since this process imported"):
+        decode.scripted(not_compiled_yet)
+    assert not_compiled_yet not in decode._SCRIPTED
+    monkeypatch.undo()
+    assert torch.equal(decode.scripted(not_compiled_yet)(torch.zeros(2)), torch.ones(2))
+
+
 def fixed_shape_rollout(model, ids, mask, plan, step_mode, **kwargs):
     """`decode.static_generate` in a given step mode, with generate's defaults for what `kwargs` leaves out."""
     from nested_reft_ds.decode import static_generate
