@@ -217,10 +217,12 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         raise ValueError(f"generate: row_keys must have shape ({batch_size},), got {tuple(row_keys.shape)}")
     stats = stats if stats is not None else DecodeStats()
     eos_ids = torch.tensor(stop_token_ids(model, eos_token_id), device=device)
-    if engine == "static_graphs" and device.type != "cuda" and batch_size and use_cache and all_ranks_done is None:
+    # The functional engines (static and speculative) run on whole weights with a KV cache, outside lockstep.
+    functional = bool(batch_size) and use_cache and all_ranks_done is None
+    if engine == "static_graphs" and device.type != "cuda" and functional:
         raise ValueError(f"generate: CUDA graphs (rollout.engine=static_graphs) need a CUDA device, not {device}")
     if settings.draft_length and batch_size:
-        if all_ranks_done is not None or not use_cache:
+        if not functional:
             raise ValueError("generate: speculative decoding (draft_length > 0) runs on whole weights with a KV cache; "
                              "it cannot decode in lockstep (streamed ZeRO-3) or with use_cache=False")
         tokens, completion_mask, behavior_logprobs = speculative_generate(
@@ -230,7 +232,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
             step_mode={"static_eager": "eager", "static_graphs": "graphs"}.get(engine, "scripted"), stats=stats)
         stats.engine = "speculative"
         steps_taken = max_new_tokens
-    elif engine in STATIC_ENGINES and use_cache and all_ranks_done is None and batch_size:
+    elif engine in STATIC_ENGINES and functional:
         tokens, completion_mask, behavior_logprobs = static_generate(
             model, input_ids, prompt_mask, plan, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, eos_ids=eos_ids, pad_token_id=pad_token_id, greedy=greedy, seed=seed, row_keys=row_keys,

@@ -588,7 +588,8 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
             draft_cache.compact(keep, draft_slots)
             slot_rows, padding, key_ok, draft_uniforms = (t.index_select(0, keep) for t in (slot_rows, padding, key_ok,
                                                                                         draft_uniforms))
-            state = RoundState(*(t.index_select(0, keep) for t in state[:-1]), state.counts)
+            state = state._replace(**{name: getattr(state, name).index_select(0, keep)  # counts stay: batch sums
+                                      for name in ("sequence", "out_tokens", "out_logprobs", "length", "alive")})
             rules = rules._replace(accept_uniforms=rules.accept_uniforms.index_select(0, keep),
                                    resample_uniforms=rules.resample_uniforms.index_select(0, keep))
             length_host, live = length_host[alive_slots], len(alive_slots)
