@@ -199,8 +199,9 @@ class RolloutConfig:
     rollout.adaptive_draft, the first step's)."""
     adaptive_draft: bool = False
     """With rollout.mode "speculative": each step's draft length is the g in [1, rollout.max_draft_length] that
-    maximises the predicted speed-up (1 - a^(g+1)) / ((1 - a) (g c + 1)), with a the draft acceptance of the earlier
-    steps (a moving average of their all-reduced rates, weight 0.3 on the newest) and c the kept share of the step's
+    maximises the predicted speed-up (1 - a^(g+1)) / ((1 - a) (g c + 1)), with a the per-token draft acceptance rate
+    of the earlier steps (drafts kept / drafts tested; a moving average of their all-reduced rates, weight 0.3 on the
+    newest) and c the kept share of the step's
     layers (the cost model of a memory-bound decode). Every rank chooses the same g; a resumed run continues the
     same sequence."""
     max_draft_length: int = 8

@@ -470,11 +470,13 @@ class DecodeStats:
                                   # and the speculative engine's two scripted phases)
     captures: int = 0             # CUDA graphs captured while decoding ("static_graphs", either engine)
     # Speculative decoding (speculative.py): verify forwards, the alive rows they scored, the drafts those rows
-    # proposed and the drafts kept.
+    # proposed, the drafts kept, and the drafts the rule tested (up to a row's first rejection: accepted / tested is
+    # the per-token acceptance rate, the a of `speculative.predicted_speedup`).
     verify_passes: int = 0
     verified_rows: int = 0
     drafted_tokens: int = 0
     accepted_drafts: int = 0
+    tested_drafts: int = 0
     draft_s: float = 0.0          # host time in the drafter's steps and in the verify forwards (with the rule and
                                   # the commit)
     verify_s: float = 0.0

@@ -193,7 +193,8 @@ def draft_phase(g: int, sequence: torch.Tensor, column: torch.Tensor, padding: t
 class RoundState(NamedTuple):
     """Per slot, what the rounds update in place: the token sequence by cache column [b, S], the completion's tokens
     and full-model log-probs by position [b, W], the committed length [b] and whether the row still decodes [b];
-    `counts` [2]: verified alive rows and the drafts they kept, summed over the rounds."""
+    `counts` [3]: verified alive rows, the drafts they kept and the drafts the rule tested (each kept one and the
+    first rejected one), summed over the rounds."""
     sequence: torch.Tensor
     out_tokens: torch.Tensor
     out_logprobs: torch.Tensor
@@ -240,7 +241,10 @@ def verify_and_commit(hidden: torch.Tensor, head_t: torch.Tensor, drafts: torch.
     state.out_logprobs.scatter_(1, positions, torch.where(valid, candidate_logprobs, torch.zeros_like(
         candidate_logprobs)))
     state.sequence.scatter_(1, rules.prompt_width + positions, torch.where(valid, candidates, rules.pad))
-    state.counts.add_(torch.stack([alive.sum(), torch.where(alive, accepted, torch.zeros_like(accepted)).sum()]))
+    none = torch.zeros_like(accepted)
+    tested = torch.clamp(accepted + 1, max=g)  # the test stops at the first rejection
+    state.counts.add_(torch.stack([alive.sum(), torch.where(alive, accepted, none).sum(),
+                                   torch.where(alive, tested, none).sum()]))
     length.add_(valid.sum(1))
     alive.logical_and_(torch.logical_not(is_eos.any(1)) & (length < rules.limit))
 
@@ -564,7 +568,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
     sequence[:, prompt_width] = token
     length = torch.ones(batch_size, dtype=torch.long, device=device)
     state = RoundState(sequence, out_tokens, out_logprobs, length, ~torch.isin(token, eos_ids) & (length < limit),
-                       torch.zeros(2, dtype=torch.long, device=device))
+                       torch.zeros(3, dtype=torch.long, device=device))
     rules = RoundRules(float(temperature), float(top_p), bool(greedy), uniforms[_ACCEPT], uniforms[_RESAMPLE],
                        eos_ids, torch.tensor(pad_token_id, device=device), limit, prompt_width)
     draft_uniforms = uniforms[_DRAFT]
@@ -625,9 +629,10 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, prompt
         stats.row_steps += (g + 1) * step_rows
         stats.verify_passes += 1
     flush()
-    verified_rows, accepted_drafts = state.counts.tolist()
+    verified_rows, accepted_drafts, tested_drafts = state.counts.tolist()
     stats.verified_rows += verified_rows
     stats.drafted_tokens += g * verified_rows
     stats.accepted_drafts += accepted_drafts
+    stats.tested_drafts += tested_drafts
     completion_mask = (torch.arange(limit, device=device) < final_lengths[:, None]).long()
     return final_tokens[:, :limit], completion_mask, final_logprobs[:, :limit] * completion_mask

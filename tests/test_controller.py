@@ -193,6 +193,11 @@ def test_tracker_ignores_uninformative_steps_and_resumes():
     feed(resumed, 10, seed=1)
     assert resumed.costs() == tracker.costs()
     assert set(tracker.metrics()) == {f"layer_cost/{i}" for i in range(8)}
+    # A checkpoint written before the tracker took any divergence (its sum saved as "kl_sum") resumes the same.
+    older = {("kl_sum" if key == "divergence_sum" else key): value for key, value in tracker.state_dict().items()}
+    from_older = LayerCostTracker(8)
+    from_older.load_state_dict(older)
+    assert from_older.costs() == tracker.costs()
     assert all(math.isfinite(v) for v in tracker.metrics().values())
     with pytest.raises(ValueError, match="layers"):
         LayerCostTracker(6).load_state_dict(tracker.state_dict())

@@ -129,7 +129,7 @@ def test_adaptive_scheduler_moves_ratio_and_resumes_identically():
         plans = []
         for step in steps:
             plan = scheduler.plan(step)
-            scheduler.observe(plan, ess=0.9, kl=kls[step])
+            scheduler.observe(plan, ess=0.9, kl=kls[step], divergence=kls[step])
             plans.append(plan)
         return plans
 

@@ -20,7 +20,7 @@ from nested_reft_ds.model import build_tiny_model, load_model_and_tokenizer
 from nested_reft_ds.nested import SkipPlan
 from nested_reft_ds.rollout import DecodeStats, Rollout, completion_logprobs, encode_prompts, generate
 from nested_reft_ds.sampling import sample_tokens, speculative_verify
-from nested_reft_ds.speculative import predicted_speedup
+from nested_reft_ds.speculative import RoundRules, RoundState, predicted_speedup, verify_and_commit
 
 # ---------------------------------------------------------------------------------------------- the rule alone
 
@@ -167,6 +167,28 @@ def test_predicted_speedup_formula():
         predicted_speedup(1.5, 3, 0.5)
 
 
+@pytest.mark.parametrize("a", [0.6, 0.9])
+def test_commit_counts_give_the_per_token_acceptance_of_the_formula(a):
+    """A drafter that always drafts token 0 (q = [1, 0]) against a target p = [a, 1 - a]: every tested draft is kept
+    with probability min(1, p/q) = a, whatever came before. Kept / tested estimates a (the formula's a, which
+    predicts tokens per verify); kept / drafted does not (drafts after a rejection are never tested)."""
+    rows, g = 40_000, 4
+    uniforms = torch.rand(2, rows, g + 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    state = RoundState(torch.zeros(rows, 8 + g + 1, dtype=torch.long), torch.zeros(rows, g + 1, dtype=torch.long),
+                       torch.zeros(rows, g + 1), torch.zeros(rows, dtype=torch.long),
+                       torch.ones(rows, dtype=torch.bool), torch.zeros(3, dtype=torch.long))
+    rules = RoundRules(1.0, 1.0, False, uniforms[0], uniforms[1], torch.tensor([7]), torch.tensor(0), 100, 8)
+    hidden = torch.tensor([math.log(a), math.log(1 - a)]).expand(rows, g + 1, 2)
+    draft_logprobs = torch.tensor([0.0, -math.inf]).expand(rows, g, 2)
+    verify_and_commit(hidden, torch.eye(2), torch.zeros(rows, g, dtype=torch.long), draft_logprobs, state, rules)
+    verified, kept, tested = state.counts.tolist()
+    assert verified == rows
+    tolerance = 4 * math.sqrt(a * (1 - a) / tested)
+    assert kept / tested == pytest.approx(a, abs=tolerance)
+    assert state.length.float().mean().item() == pytest.approx((1 - a ** (g + 1)) / (1 - a), rel=0.02)  # per verify
+    assert kept / (g * rows) < a - 10 * tolerance  # what the acceptance used to be: not the formula's a
+
+
 # ------------------------------------------------------------------------------------------ the engine, real model
 
 PROMPTS = ["Question: 1+2?", "Q: 33 + 44 - 5 = ?", "Tom has 7 apples.", "x"]
@@ -302,7 +324,7 @@ def test_speculative_graph_path_replays_the_rounds_and_a_new_skip_set_captures_n
 def test_a_drafter_that_skips_nothing_is_always_accepted(model_and_tokenizer):
     model, tok = model_and_tokenizer
     _, stats = decode(model, tok, PROMPTS, SkipPlan(6), draft_length=3)
-    assert stats.drafted_tokens > 0 and stats.accepted_drafts == stats.drafted_tokens
+    assert stats.drafted_tokens > 0 and stats.accepted_drafts == stats.tested_drafts == stats.drafted_tokens
 
 
 def enumerate_likely(model, tok, prompt: str, length: int, floor: float) -> dict[tuple[int, ...], float]:
@@ -451,9 +473,12 @@ def test_draft_lengths_fixed_adaptive_and_resumed():
 def test_speculative_train_run_single_process_and_its_resume(tmp_path):
     """rollout.mode=speculative through `nested-reft train` (one process, ZeRO-0; subprocesses, so this test's
     process never joins a process group): the logged ratios are 1 (on-policy), the acceptance and tokens per
-    verify are logged, the adaptive draft length follows the logged acceptance, held-out evaluation decodes
-    plainly (no drafting), and a run resumed from the step-1 checkpoint drafts the lengths of the uninterrupted run
-    (the smoothed acceptance travels in the checkpoint) and samples the same completions."""
+    verify are logged, the adaptive draft length follows the logged acceptance, the learned skip strategy charges
+    the drafter's rejection rate 1 - a to the skipped layers (KL is 0 on-policy), held-out evaluation decodes
+    plainly (no drafting), and a run resumed from the step-1 checkpoint drafts the lengths and skips the layers of
+    the uninterrupted run (the smoothed acceptance and the layer costs travel in the checkpoint) and samples the same
+    completions."""
+    from nested_reft_ds.nested.controller import LayerCostTracker
     from nested_reft_ds.speculative import DraftLengths
     import json
     import shutil
@@ -468,7 +493,7 @@ def test_speculative_train_run_single_process_and_its_resume(tmp_path):
             "rollout.group_size=2", "rollout.max_new_tokens=16", "train.sft_steps=10", "train.steps=3",
             "train.micro_batch_size=2", "rollout.draft_length=6", "rollout.adaptive_draft=true",
             "rollout.max_draft_length=6", "data.eval_problems=3", "logging.tensorboard=false",
-            "logging.progress_bar=false", "train.save_every=1"]
+            "logging.progress_bar=false", "train.save_every=1", "skip.ratio=0.25", "skip.strategy=learned"]
         proc = subprocess.run([sys.executable, "-m", "nested_reft_ds.cli", "train",
                                *[arg for override in overrides for arg in ("--set", override)]],
                               capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
@@ -479,10 +504,14 @@ def test_speculative_train_run_single_process_and_its_resume(tmp_path):
     rl = [r for r in records if r["phase"] == "rl"]
     assert len(rl) == 3
     expected = DraftLengths(6, adaptive=True, longest=6)  # replayed from the logged global acceptances
+    costs = LayerCostTracker(4)
     for record in rl:
         kept = SkipPlan(4, tuple(record["skipped_layers"]))
         assert record["spec_draft_length"] == expected.length(kept)
         expected.observe(record["spec_acceptance"])
+        costs.update(record["skipped_layers"], 1 - record["spec_acceptance"])
+        assert [record[f"layer_cost/{layer}"] for layer in range(4)] == pytest.approx(costs.costs(), abs=1e-12)
+    assert max(costs.costs()) > 0
     for record in rl:
         assert 0 < record["spec_acceptance"] <= 1 and record["spec_tokens_per_verify"] >= 1
         assert record["spec_predicted_speedup"] > 0
@@ -504,7 +533,8 @@ def test_speculative_train_run_single_process_and_its_resume(tmp_path):
     # A run that lost the smoothed acceptance would draft rollout.draft_length (6) again at its first step.
     assert rl[1]["spec_draft_length"] != 6
     for replayed, uninterrupted in zip(resumed, rl[1:]):
-        for key in ("spec_draft_length", "spec_drafted_tokens", "spec_acceptance", "reward_mean", "loss"):
+        for key in ("spec_draft_length", "spec_drafted_tokens", "spec_acceptance", "reward_mean", "loss",
+                    "skipped_layers", "layer_cost/1"):
             assert replayed[key] == uninterrupted[key], key
 
 

@@ -1,7 +1,7 @@
 """Adaptive skip ratio (`skip.schedule: adaptive`) and learned layer selection (`skip.strategy: learned`).
 
 Both are pure and deterministic in their inputs. The training loop all-reduces the statistics it feeds them
-(ESS, KL) before calling, so every rank computes the same ratio and the same layer weights with no
+(ESS, KL, the drafter's rejection rate) before calling, so every rank computes the same ratio and the same layer weights with no
 communication here; both round-trip through `state_dict()` so a resumed run continues the same sequence.
 """
 from __future__ import annotations
@@ -105,10 +105,14 @@ class AdaptiveSkipController:
 
 
 class LayerCostTracker:
-    """Running per-layer estimates of the KL that skipping each layer costs, from per-step (skipped set, KL).
+    """Running per-layer estimates of the divergence that skipping each layer costs, from per-step (skipped set,
+    divergence). The training loop feeds the per-token KL(beta || pi) of nested rollouts, and for speculative ones
+    (whose samples are the full model's, KL 0) the drafter's per-token rejection rate 1 - a, the mean total variation
+    distance between the drafter's and the full model's next-token distributions: the layers whose skipping makes
+    the drafter disagree most are then kept most often.
 
-    A step only reveals the KL of its whole skipped set, so costs are attributed by discounted ridge
-    regression on the additive model KL ~ sum_{l in skipped} c_l: each step adds its indicator row with
+    A step only reveals the divergence of its whole skipped set, so costs are attributed by discounted ridge
+    regression on the additive model divergence ~ sum_{l in skipped} c_l: each step adds its indicator row with
     weight 1 and every older step is discounted by `decay`. The ridge (`prior_strength` pseudo-observations
     per layer) shrinks toward the average cost per skipped layer, so an unseen layer costs the average.
     """
@@ -123,32 +127,32 @@ class LayerCostTracker:
         self.num_layers, self.decay, self.prior_strength = num_layers, decay, prior_strength
         # float64 sums on CPU: identical arithmetic on every rank.
         self.gram = torch.zeros(num_layers, num_layers, dtype=torch.float64)  # [L, L] sum d^k x x^T
-        self.moment = torch.zeros(num_layers, dtype=torch.float64)            # [L] sum d^k x kl
-        self.kl_sum = 0.0    # sum d^k kl
+        self.moment = torch.zeros(num_layers, dtype=torch.float64)            # [L] sum d^k x divergence
+        self.divergence_sum = 0.0  # sum d^k divergence
         self.size_sum = 0.0  # sum d^k |skipped|
         self.updates = 0
 
-    def update(self, skipped_layers: Iterable[int], kl: float) -> None:
-        """Record that skipping `skipped_layers` cost `kl` (all-reduced KL(beta || pi) per token) this step.
+    def update(self, skipped_layers: Iterable[int], divergence: float) -> None:
+        """Record that skipping `skipped_layers` cost `divergence` (all-reduced, per token) this step.
 
-        Steps that skipped nothing or measured a non-finite KL carry no information and are ignored.
+        Steps that skipped nothing or measured a non-finite divergence carry no information and are ignored.
         """
         layers = sorted(set(skipped_layers))
         if any(not 0 <= layer < self.num_layers for layer in layers):
             raise ValueError(f"skipped layers {layers} out of range for {self.num_layers} layers")
-        if not layers or not math.isfinite(kl):
+        if not layers or not math.isfinite(divergence):
             return
         x = torch.zeros(self.num_layers, dtype=torch.float64)
         x[layers] = 1.0
         self.gram = self.decay * self.gram + torch.outer(x, x)
-        self.moment = self.decay * self.moment + x * kl
-        self.kl_sum = self.decay * self.kl_sum + kl
+        self.moment = self.decay * self.moment + x * divergence
+        self.divergence_sum = self.decay * self.divergence_sum + divergence
         self.size_sum = self.decay * self.size_sum + len(layers)
         self.updates += 1
 
     def costs(self) -> list[float]:
-        """Estimated KL cost of skipping each layer, [L]."""
-        prior = self.kl_sum / self.size_sum if self.size_sum > 0 else 0.0
+        """Estimated divergence cost of skipping each layer, [L]."""
+        prior = self.divergence_sum / self.size_sum if self.size_sum > 0 else 0.0
         ones = torch.ones(self.num_layers, dtype=torch.float64)
         system = self.gram + self.prior_strength * torch.eye(self.num_layers, dtype=torch.float64)
         deviation = torch.linalg.solve(system, self.moment - self.gram @ ones * prior)
@@ -159,7 +163,7 @@ class LayerCostTracker:
         """One weight per layer for `sample_skip_plan(strategy="learned")`: 0 for protected layers, and for
         the others softmax(-(c_l / mean c - 1) / temperature) mixed with `explore` of the uniform distribution,
         so cheap layers are preferred, every unprotected layer keeps a positive chance and the estimates of
-        the others keep being refreshed. Uniform until some KL has been recorded.
+        the others keep being refreshed. Uniform until some divergence has been recorded.
         """
         if not temperature > 0.0 or not 0.0 < explore <= 1.0:
             raise ValueError(f"need temperature > 0 and explore in (0, 1], got {temperature}, {explore}")
@@ -184,7 +188,7 @@ class LayerCostTracker:
         return {f"layer_cost/{layer}": cost for layer, cost in enumerate(self.costs())}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"gram": self.gram.tolist(), "moment": self.moment.tolist(), "kl_sum": self.kl_sum,
+        return {"gram": self.gram.tolist(), "moment": self.moment.tolist(), "divergence_sum": self.divergence_sum,
                 "size_sum": self.size_sum, "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -192,4 +196,6 @@ class LayerCostTracker:
         if gram.shape != (self.num_layers, self.num_layers):
             raise ValueError(f"saved layer-cost state is for {gram.shape[0]} layers, this model has {self.num_layers}")
         self.gram, self.moment = gram, torch.tensor(state["moment"], dtype=torch.float64)
-        self.kl_sum, self.size_sum, self.updates = float(state["kl_sum"]), float(state["size_sum"]), int(state["updates"])
+        divergence_sum = state["divergence_sum"] if "divergence_sum" in state else state["kl_sum"]  # older checkpoints
+        self.divergence_sum, self.size_sum = float(divergence_sum), float(state["size_sum"])
+        self.updates = int(state["updates"])

@@ -1,5 +1,5 @@
 """The skip plan for each step, per the `skip` config: how many layers (fixed, linear warm-up, or adaptive ratio)
-and which ones (random, contiguous, or learned from measured per-layer KL cost).
+and which ones (random, contiguous, or learned from the measured divergence each layer's skipping costs).
 
 Deterministic given (seed, step) and the statistics fed to `observe`; the training loop feeds statistics that
 were already all-reduced, so every rank holds the same scheduler state and derives the same plan.
@@ -39,13 +39,14 @@ class SkipScheduler:
         return sample_skip_plan(self.num_layers, self.ratio(step), step, self.seed, cfg.protect_first,
                                 cfg.protect_last, cfg.strategy, weights)
 
-    def observe(self, plan: SkipPlan, ess: float, kl: float) -> None:
-        """Feed one step's (rank-reduced) off-policy statistics: the raw token ESS/N of pi_prox / beta and the
-        per-token KL(behaviour || target)."""
+    def observe(self, plan: SkipPlan, ess: float, kl: float, divergence: float) -> None:
+        """Feed one step's (rank-reduced) statistics: the raw token ESS/N of pi_prox / beta and the per-token
+        KL(behaviour || target), which the adaptive ratio reads, and the per-token divergence the skip set caused,
+        which the learned strategy charges to its layers (`LayerCostTracker`)."""
         if self.controller is not None:
             self.controller.update(ess=ess, kl=kl)
         if self.tracker is not None and plan.skipped:
-            self.tracker.update(plan.skipped, kl)
+            self.tracker.update(plan.skipped, divergence)
 
     def metrics(self) -> dict[str, float]:
         out = self.controller.metrics() if self.controller is not None else {}

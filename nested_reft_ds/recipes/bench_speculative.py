@@ -15,7 +15,8 @@ Rows, interleaved within each repeat after an untimed warm-up repeat, every one 
 ratio and draft length. Columns:
 - tokens/s and x full: completion tokens per second, and over `full`'s: the measured speed-up of speculative
   sampling over sampling the full model directly (the same distribution).
-- acceptance a: drafts kept / drafts proposed; tokens/verify: tokens committed per row per verify forward.
+- acceptance a: drafts kept / drafts tested (a row's test stops at its first rejection), the per-token acceptance
+  rate of the cost model; tokens/verify: tokens committed per row per verify forward.
 - c, v: one drafter step and one verify forward (with the rule and the commit), each over one decode step of
   `full` (`full`'s time / its forwards), from the engine's host timers (`DecodeStats.draft_s`, `verify_s`). On a
   GPU, which runs ahead of the host, c and v are approximate (each phase ends at a host read, but the timers
@@ -140,7 +141,7 @@ def run_speculative_bench(args: argparse.Namespace) -> int:
         line = f"{mode:<12} {ratio:>4.2f} {g or '-':>2} {layers:>6} {rate(row):>9.0f} {rate(row) / rate(('full', 0.0, 0)):>6.2f}"
         stats = totals[row]["stats"]
         if mode == "speculative" and stats.verify_passes:
-            acceptance = stats.accepted_drafts / stats.drafted_tokens
+            acceptance = stats.accepted_drafts / stats.tested_drafts  # per token: the formula's a
             committed = totals[row]["tokens"] - args.repeats * args.prompts * args.group_size  # first tokens: prefill
             draft_cost = stats.draft_s / (stats.steps - stats.verify_passes) / full_step_s
             verify_cost = stats.verify_s / stats.verify_passes / full_step_s

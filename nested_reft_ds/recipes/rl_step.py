@@ -14,6 +14,7 @@ Log-probs of every policy are taken at the rollout temperature, the distribution
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -92,10 +93,21 @@ def rl_step(ctx: StepContext, step: int) -> dict[str, float]:
     batch = collect(ctx, plan, step)                     # 2-5. rollout, reward, advantages
     result = update(ctx, batch)                          # 6. loss, backward, optimizer step
     metrics = step_metrics(ctx, batch, result)           # 7. metrics over the global batch
-    ctx.skip.observe(plan, ess=metrics["ess_tok_raw"], kl=metrics["kl_behavior_k3"])  # the adaptive feedback
+    ctx.skip.observe(plan, ess=metrics["ess_tok_raw"], kl=metrics["kl_behavior_k3"],  # the adaptive feedback
+                     divergence=skip_divergence(ctx.cfg.rollout.mode, metrics))
     if ctx.draft is not None and metrics.get("spec_drafted_tokens"):  # the adaptive draft length's feedback
         ctx.draft.observe(metrics["spec_acceptance"])
     return {**metrics, **ctx.skip.metrics(), "skipped_layers": list(plan.skipped)}
+
+
+def skip_divergence(mode: str, metrics: dict[str, float]) -> float:
+    """What skipping the plan's layers cost this step, per token, for the learned skip strategy: KL(beta || pi) of
+    nested rollouts; for speculative ones, whose samples are the full model's (KL 0), the drafter's rejection rate
+    1 - a, the mean total-variation distance between its and the full model's next-token distributions (NaN, which
+    the tracker ignores, when nothing was drafted)."""
+    if mode == "speculative":
+        return 1.0 - metrics["spec_acceptance"] if metrics.get("spec_drafted_tokens") else math.nan
+    return metrics["kl_behavior_k3"]
 
 
 # --------------------------------------------------------------------------------------------------- collect
@@ -329,17 +341,18 @@ def step_metrics(ctx: StepContext, batch: RolloutBatch, result: UpdateResult) ->
 
 
 def speculative_metrics(ctx: StepContext, batch: RolloutBatch) -> dict[str, float]:
-    """rollout.mode speculative: the step's draft length, the global draft acceptance, tokens committed per verify
-    forward (a row's first token comes from the prefill) and the speed-up the cost model predicts from them, with
-    the drafter's cost per token taken as its share of the layers and a verify forward as one decode step (a
-    memory-bound decode). Collective (one all-reduce of sums); {} in nested mode."""
+    """rollout.mode speculative: the step's draft length, the global per-token acceptance rate (drafts kept over
+    drafts tested: a row's test stops at its first rejection), tokens committed per verify forward (a row's first
+    token comes from the prefill) and the speed-up the cost model predicts from them, with the drafter's cost per
+    token taken as its share of the layers and a verify forward as one decode step (a memory-bound decode).
+    Collective (one all-reduce of sums); {} in nested mode."""
     if ctx.cfg.rollout.mode != "speculative":
         return {}
     decode, rollout = batch.decode, batch.rollout
-    verified, drafted, accepted, committed = ds.all_reduce_sum([
-        decode.verified_rows, decode.drafted_tokens, decode.accepted_drafts,
+    verified, drafted, accepted, tested, committed = ds.all_reduce_sum([
+        decode.verified_rows, decode.drafted_tokens, decode.accepted_drafts, decode.tested_drafts,
         rollout.num_completion_tokens - rollout.completion_mask.shape[0]])
-    acceptance = accepted / max(drafted, 1)
+    acceptance = accepted / max(tested, 1)
     draft_length = batch.draft_length
     draft_cost = len(batch.plan.kept) / batch.plan.num_layers
     return {"spec_draft_length": draft_length, "spec_drafted_tokens": drafted, "spec_acceptance": acceptance,
