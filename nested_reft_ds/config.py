@@ -255,7 +255,9 @@ class SkipConfig:
     the adaptive schedule."""
     strategy: Literal["random", "contiguous", "learned"] = "random"
     """Which layers: uniform subset, one contiguous block, or weighted toward layers whose skipping cost the least
-    measured KL so far ("learned")."""
+    measured divergence so far ("learned": per-token KL(beta || pi) of nested rollouts; with rollout.mode
+    "speculative", whose samples are the full model's, the drafter's rejection rate, so the drafter keeps the
+    layers it agrees best with)."""
     schedule: Literal["fixed", "linear", "adaptive"] = "fixed"
     """How the ratio evolves: "fixed", `ratio` every step; "linear", ramped from 0 to `ratio` over `ramp_steps`;
     "adaptive", moved toward the largest ratio whose raw token ESS/N stays near target_ess and KL(beta || pi) near

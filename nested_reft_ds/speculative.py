@@ -194,7 +194,7 @@ class RoundState(NamedTuple):
     """Per slot, what the rounds update in place: the token sequence by cache column [b, S], the completion's tokens
     and full-model log-probs by position [b, W], the committed length [b] and whether the row still decodes [b];
     `counts` [3]: verified alive rows, the drafts they kept and the drafts the rule tested (each kept one and the
-    first rejected one), summed over the rounds."""
+    first rejected one, up to the row's EOS and length limit), summed over the rounds."""
     sequence: torch.Tensor
     out_tokens: torch.Tensor
     out_logprobs: torch.Tensor
@@ -241,10 +241,10 @@ def verify_and_commit(hidden: torch.Tensor, head_t: torch.Tensor, drafts: torch.
     state.out_logprobs.scatter_(1, positions, torch.where(valid, candidate_logprobs, torch.zeros_like(
         candidate_logprobs)))
     state.sequence.scatter_(1, rules.prompt_width + positions, torch.where(valid, candidates, rules.pad))
-    none = torch.zeros_like(accepted)
-    tested = torch.clamp(accepted + 1, max=g)  # the test stops at the first rejection
-    state.counts.add_(torch.stack([alive.sum(), torch.where(alive, accepted, none).sum(),
-                                   torch.where(alive, tested, none).sum()]))
+    # The rule tested each committed draft position (the kept ones and the first rejected one); positions after an
+    # EOS or past the limit are left out: their drafts followed a context the full model never continues.
+    tested = valid[:, :g]
+    state.counts.add_(torch.stack([alive.sum(), (tested & (offsets[:g] < accepted[:, None])).sum(), tested.sum()]))
     length.add_(valid.sum(1))
     alive.logical_and_(torch.logical_not(is_eos.any(1)) & (length < rules.limit))
 

@@ -188,6 +188,19 @@ def test_commit_counts_give_the_per_token_acceptance_of_the_formula(a):
     assert state.length.float().mean().item() == pytest.approx((1 - a ** (g + 1)) / (1 - a), rel=0.02)  # per verify
     assert kept / (g * rows) < a - 10 * tolerance  # what the acceptance used to be: not the formula's a
 
+    # Drafts after an EOS or past the length limit are not counted. With token 0 the EOS, a row's round ends at its
+    # first draft, kept or not: one test per row. With a limit of 2 tokens, a row's second draft is tested only when
+    # its first was kept.
+    for eos, limit in (([0], 100), ([7], 2)):
+        state = state._replace(out_tokens=torch.full((rows, g + 1), 9), length=torch.zeros(rows, dtype=torch.long),
+                               alive=torch.ones(rows, dtype=torch.bool), counts=torch.zeros(3, dtype=torch.long))
+        verify_and_commit(hidden, torch.eye(2), torch.zeros(rows, g, dtype=torch.long), draft_logprobs, state,
+                          rules._replace(eos_ids=torch.tensor(eos), pad=torch.tensor(9), limit=limit))
+        _, kept, tested = state.counts.tolist()
+        kept_at = (state.out_tokens == 0).long()  # a kept draft (token 0) per position; the resampled token is 1
+        second_tested = kept_at[:, 0].sum().item() if limit == 2 else 0
+        assert kept == kept_at.sum().item() > 0 and tested == rows + second_tested
+
 
 # ------------------------------------------------------------------------------------------ the engine, real model
 
@@ -382,7 +395,7 @@ def test_speculative_completions_follow_the_full_model_not_the_drafter(sharper):
 
     kwargs = dict(max_new_tokens=length, eos_token_id=[], row_keys=torch.arange(samples), seed=3)
     spec, stats = decode(model, tok, [prompt] * samples, plan, draft_length=2, group_size=samples, **kwargs)
-    acceptance = stats.accepted_drafts / stats.drafted_tokens
+    acceptance = stats.accepted_drafts / stats.tested_drafts
     assert 0.2 < acceptance < 0.95  # the drafter differs from the target: a test with something to catch
     assert chi_square_pvalue(merge(completion_counts(spec, categories, length)), expected) > 1e-3
     nested, _ = decode(model, tok, [prompt] * samples, plan, **kwargs)  # the drafter's own samples

@@ -1,8 +1,9 @@
 """Adaptive skip ratio (`skip.schedule: adaptive`) and learned layer selection (`skip.strategy: learned`).
 
 Both are pure and deterministic in their inputs. The training loop all-reduces the statistics it feeds them
-(ESS, KL, the drafter's rejection rate) before calling, so every rank computes the same ratio and the same layer weights with no
-communication here; both round-trip through `state_dict()` so a resumed run continues the same sequence.
+(ESS, KL, the drafter's rejection rate) before calling, so every rank computes the same ratio and the same layer
+weights with no communication here; both round-trip through `state_dict()` so a resumed run continues the same
+sequence.
 """
 from __future__ import annotations
 
@@ -196,6 +197,8 @@ class LayerCostTracker:
         if gram.shape != (self.num_layers, self.num_layers):
             raise ValueError(f"saved layer-cost state is for {gram.shape[0]} layers, this model has {self.num_layers}")
         self.gram, self.moment = gram, torch.tensor(state["moment"], dtype=torch.float64)
-        divergence_sum = state["divergence_sum"] if "divergence_sum" in state else state["kl_sum"]  # older checkpoints
+        # Checkpoints written before speculative steps fed the rejection rate saved the sum as "kl_sum" (a
+        # speculative run's sums there are of its zero KL: the decay forgets them within a few tens of steps).
+        divergence_sum = state["divergence_sum"] if "divergence_sum" in state else state["kl_sum"]
         self.divergence_sum, self.size_sum = float(divergence_sum), float(state["size_sum"])
         self.updates = int(state["updates"])
