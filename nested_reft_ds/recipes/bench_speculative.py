@@ -25,7 +25,7 @@ ratio and draft length. Columns:
   kept fraction of the layers and v = 1 (a memory-bound GPU's cost model: a step costs the weights it reads).
 - in phases: the share of the speculative rollouts' time spent in the draft and verify phases, which is all the
   formula counts. The rest (the drafter's prefill besides the full model's, the per-round host read, compaction,
-  set-up) is what separates x full from predicted.
+  set-up) is part of what separates x full from predicted.
 """
 from __future__ import annotations
 
