@@ -23,9 +23,11 @@ ratio and draft length. Columns:
   split at launch time); tokens/s and x full are exact (a rollout ends with a device read).
 - predicted: (1 - a^(g+1)) / ((1 - a) (g c + v)) with the measured a, c, v; predicted (ideal): the same with c the
   kept fraction of the layers and v = 1 (a memory-bound GPU's cost model: a step costs the weights it reads).
+- rows/fwd: the batch rows a decode forward (speculative: a round) ran, on average.
 - in phases: the share of the speculative rollouts' time spent in the draft and verify phases, which is all the
   formula counts. The rest (the drafter's prefill besides the full model's, the per-round host read, compaction,
-  set-up) is part of what separates x full from predicted.
+  set-up) and fewer rows per round than per full step (long drafts end a rollout in few rounds, more of them in
+  its tail where few rows remain) separate x full from predicted.
 """
 from __future__ import annotations
 
@@ -134,16 +136,17 @@ def run_speculative_bench(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - began:.0f} s; compilations / graph captures inside the timed repeats: "
           f"{sum(total['stats'].compilations for total in totals.values())} / "
           f"{sum(total['stats'].captures for total in totals.values())} (the warm-up repeat takes the first ones)")
-    header = (f"{'mode':<12} {'skip':>4} {'g':>2} {'layers':>6} {'tokens/s':>9} {'x full':>6} {'accept':>6} "
+    header = (f"{'mode':<12} {'skip':>4} {'g':>2} {'layers':>6} {'tokens/s':>9} {'x full':>6} {'rows/fwd':>8} "
+              f"{'accept':>6} "
               f"{'tok/verify':>10} {'c':>5} {'v':>5} {'predicted':>9} {'pred.ideal':>10} {'in phases':>9}")
     print(header)
     print("-" * len(header))
     for row in rows:
         mode, ratio, g = row
         layers = num_layers if mode == "full" else len(plans[ratio].kept)
-        line = (f"{mode:<12} {ratio:>4.2f} {g or '-':>2} {layers:>6} {rate(row):>9.0f} "
-                f"{rate(row) / rate(('full', 0.0, 0)):>6.2f}")
         stats = totals[row]["stats"]
+        line = (f"{mode:<12} {ratio:>4.2f} {g or '-':>2} {layers:>6} {rate(row):>9.0f} "
+                f"{rate(row) / rate(('full', 0.0, 0)):>6.2f} {stats.row_steps / stats.steps:>8.2f}")
         if mode == "speculative" and stats.verify_passes:
             acceptance = stats.accepted_drafts / stats.tested_drafts  # per token: the formula's a
             committed = totals[row]["tokens"] - args.repeats * args.prompts * args.group_size  # first tokens: prefill
