@@ -470,8 +470,8 @@ class DecodeStats:
                                   # and the speculative engine's two scripted phases)
     captures: int = 0             # CUDA graphs captured while decoding ("static_graphs", either engine)
     # Speculative decoding (speculative.py): verify forwards, the alive rows they scored, the drafts those rows
-    # proposed, the drafts kept, and the drafts the rule tested (up to a row's first rejection: accepted / tested is
-    # the per-token acceptance rate, the a of `speculative.predicted_speedup`).
+    # proposed, the drafts kept, and the drafts the rule tested (up to a row's first rejection, EOS or length limit:
+    # accepted / tested is the per-token acceptance rate, the a of `speculative.predicted_speedup`).
     verify_passes: int = 0
     verified_rows: int = 0
     drafted_tokens: int = 0

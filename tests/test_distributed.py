@@ -274,7 +274,9 @@ def test_speculative_rollouts_under_zero3_are_on_policy(ranks):
     """rollout.mode=speculative through train.run on 2 ranks, ZeRO-3 gather-once, every parameter partitioned: the
     behaviour log-probs are the full model's (ratios 1, KL 0: the verifier ran every gathered layer), the step's
     metrics are global (equal on both ranks) and the nested drafter was sometimes rejected. With
-    rollout.adaptive_draft both ranks draft step 1 at the length chosen from step 0's global acceptance."""
+    rollout.adaptive_draft both ranks draft step 1 at the length chosen from step 0's global acceptance, and the
+    learned skip strategy (TINY's) charges the global rejection rate 1 - a to the skipped layers on both ranks."""
+    from nested_reft_ds.nested.controller import LayerCostTracker
     from nested_reft_ds.speculative import best_draft_length
 
     _, (r0, r1) = ranks
@@ -291,3 +293,9 @@ def test_speculative_rollouts_under_zero3_are_on_policy(ranks):
         assert abs(step["ratio_tok_max"] - 1) < 1e-3 and abs(step["ratio_tok_min"] - 1) < 1e-3
         assert abs(step["kl_behavior_k3"]) < 1e-6
     assert any(step["spec_acceptance"] < 1 for step in steps0)
+    costs = LayerCostTracker(6)  # replayed from the logged global acceptances
+    for a, b in zip(steps0, steps1):
+        costs.update(a["skipped_layers"], 1 - a["spec_acceptance"])
+        for layer, cost in enumerate(costs.costs()):
+            assert a[f"layer_cost/{layer}"] == pytest.approx(cost, abs=1e-9) == b[f"layer_cost/{layer}"]
+    assert max(costs.costs()) > 0

@@ -137,8 +137,8 @@ def run_speculative_bench(args: argparse.Namespace) -> int:
           f"{sum(total['stats'].compilations for total in totals.values())} / "
           f"{sum(total['stats'].captures for total in totals.values())} (the warm-up repeat takes the first ones)")
     header = (f"{'mode':<12} {'skip':>4} {'g':>2} {'layers':>6} {'tokens/s':>9} {'x full':>6} {'rows/fwd':>8} "
-              f"{'accept':>6} "
-              f"{'tok/verify':>10} {'c':>5} {'v':>5} {'predicted':>9} {'pred.ideal':>10} {'in phases':>9}")
+              f"{'accept':>6} {'tok/verify':>10} {'c':>5} {'v':>5} {'predicted':>9} {'pred.ideal':>10} "
+              f"{'in phases':>9}")
     print(header)
     print("-" * len(header))
     for row in rows:
