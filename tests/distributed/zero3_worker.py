@@ -47,6 +47,7 @@ RECORDED = ("skipped_layers", "loss", "train_packed_micro_batches", "longest_com
             "ess_seq_raw", "ess_tok_raw", "frac_truncated", "frac_masked", "kl_behavior_k1", "kl_behavior_k3",
             "accept", "weight_mean", "nonfinite_count", "kl_ref", "kl_penalty_mean", "spec_acceptance",
             "spec_tokens_per_verify", "spec_predicted_speedup", "spec_draft_length",
+            *(f"layer_cost/{layer}" for layer in range(6)),  # the learned strategy's per-layer costs (TINY: 6 layers)
             *(f"ratio_{unit}_{stat}" for unit in ("tok", "seq") for stat in ("mean", "min", "max", "p10", "p50", "p90")))
 
 
